@@ -1,0 +1,225 @@
+"""The job manager: the one owner of job state transitions and of the running job tasks.
+
+queued → running → succeeded | failed | canceled; a job running when the daemon died becomes
+``interrupted`` at the next start and, if its kind can resume, goes back to the queue by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from daemon.events import EventBus
+from daemon.jobs.base import Caller, JobContext, JobEndHook, JobFailed, JobKind, Resources, SpecError
+from daemon.store import Store
+from shared.config import Settings
+from shared.protocol import TERMINAL_STATES, JobChanged, JobInfo, QueueChanged
+
+log = logging.getLogger(__name__)
+
+
+class RequestDenied(Exception):
+    """A request refused for a reason the caller can act on; ``code`` is the protocol ErrorCode."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+# admit(job, resources, running) -> the GPU indices to give the job, or None to leave it queued for now
+Admission = Callable[[JobInfo, Resources, dict[int, "RunningJob"]], "list[int] | None"]
+
+
+@dataclass
+class RunningJob:
+    job: JobInfo
+    resources: Resources
+    task: asyncio.Task[None]
+    gpus: list[int] = field(default_factory=list)
+    cancel_reason: str = ""  # set when a user cancels; "" while it runs on its own
+
+
+class JobManager:
+    def __init__(self, settings: Settings, store: Store, bus: EventBus, kinds: dict[str, JobKind]) -> None:
+        self.settings = settings
+        self.store = store
+        self.bus = bus
+        self.kinds = kinds
+        self.running: dict[int, RunningJob] = {}
+        self.lane_limits: dict[str, int] = {
+            "ocr": settings.config.ocr.max_concurrent_jobs,
+            "train": 1,
+            "selftest": 64,
+        }
+        self.admission: Admission | None = None
+        self.end_hooks: list[JobEndHook] = []
+        self._wake = asyncio.Event()
+        self._stopping = False
+
+    # -------------------------------------------------------------------------------------- state
+
+    @property
+    def paused(self) -> bool:
+        return self.store.get_meta("queue_paused") == "1"
+
+    def _update(self, job_id: int, what: str, **changes: Any) -> JobInfo:
+        seq, job = self.store.update_job(job_id, what, **changes)
+        self.bus.durable(seq, JobChanged(job=job, what=what))
+        return job
+
+    def job_dir(self, job_id: int) -> Any:
+        d = self.settings.paths.state_dir / "jobs" / str(job_id)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    # ----------------------------------------------------------------------------------- requests
+
+    async def submit(self, kind: str, spec: dict[str, Any], name: str, caller: Caller) -> JobInfo:
+        handler = self.kinds.get(kind)
+        if handler is None:
+            raise SpecError(f"unknown job kind '{kind}'; use one of: {', '.join(sorted(self.kinds))}")
+        checked = handler.validate(spec, caller)
+        display, frozen = await checked if inspect.isawaitable(checked) else checked
+        seq, job, what = self.store.create_job(kind, caller.user, name or display, frozen)
+        self.bus.durable(seq, JobChanged(job=job, what=what))
+        log.info("job %d (%s) %s", job.id, kind, what)
+        self.kick()
+        return job
+
+    def _check_owner(self, job: JobInfo, caller: Caller, verb: str) -> None:
+        if caller.is_admin or caller.user == job.owner:
+            return
+        admin = self.settings.config.daemon.admin_group
+        how = f"ask {job.owner} or a member of group '{admin}'" if admin else f"ask {job.owner} or root"
+        raise RequestDenied("forbidden", f"job {job.id} belongs to {job.owner}, not {caller.user}: only its "
+                                         f"owner or an admin may {verb} it; {how}")
+
+    def cancel(self, job_id: int, caller: Caller) -> JobInfo:
+        job = self.store.get_job(job_id)
+        self._check_owner(job, caller, "cancel")
+        if job.state in TERMINAL_STATES:
+            raise RequestDenied("invalid_state", f"job {job_id} already {job.state}; nothing to cancel")
+        run = self.running.get(job_id)
+        if run is not None:
+            run.cancel_reason = f"canceled by {caller.user}"
+            run.task.cancel()
+            return job
+        return self._update(job_id, f"canceled by {caller.user}", state="canceled", finished=time.time())
+
+    def retry(self, job_id: int, caller: Caller) -> JobInfo:
+        job = self.store.get_job(job_id)
+        self._check_owner(job, caller, "retry")
+        if job.state not in ("failed", "canceled", "interrupted"):
+            raise RequestDenied("invalid_state", f"job {job_id} is {job.state}; only failed, canceled or "
+                                                 "interrupted jobs can be retried")
+        job = self._update(job_id, f"retried by {caller.user}", state="queued", error="", finished=None)
+        self.kick()
+        return job
+
+    def set_paused(self, paused: bool, caller: Caller) -> None:
+        self.store.set_meta("queue_paused", "1" if paused else "0")
+        what = f"queue {'paused' if paused else 'resumed'} by {caller.user}"
+        self.bus.durable(self.store.record(QueueChanged(paused=paused), what=what), QueueChanged(paused=paused))
+        log.info(what)
+        self.kick()
+
+    # --------------------------------------------------------------------------------- lifecycle
+
+    def recover(self) -> None:
+        """At start: jobs that were running when the daemon died are interrupted; resumable ones requeue."""
+        for job in self.store.jobs_in_state("running"):
+            self._update(job.id, "interrupted: the daemon stopped while this job ran", state="interrupted")
+        for job in self.store.jobs_in_state("interrupted"):
+            handler = self.kinds.get(job.kind)
+            if handler is not None and handler.resumable(job):
+                self._update(job.id, "resuming by itself after the daemon restart", state="queued")
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Start queued jobs whenever something changes (submit, a job ends, resume, GPUs free up)."""
+        while not self._stopping:
+            await self._wake.wait()
+            self._wake.clear()
+            if self._stopping:
+                break
+            if not self.paused:
+                self._start_ready()
+
+    def _start_ready(self) -> None:
+        for job in self.store.jobs_in_state("queued"):
+            handler = self.kinds.get(job.kind)
+            if handler is None:
+                self._update(job.id, f"failed: this daemon has no job kind '{job.kind}'", state="failed",
+                             error=f"this daemon has no job kind '{job.kind}'; upgrade ftmllm")
+                continue
+            res = handler.resources(job)
+            lane_busy = sum(1 for r in self.running.values() if r.resources.lane == res.lane)
+            if lane_busy >= self.lane_limits.get(res.lane, 1):
+                continue
+            gpus: list[int] | None = []
+            if self.admission is not None:
+                gpus = self.admission(job, res, self.running)
+            if gpus is None:
+                continue
+            self._launch(job, handler, res, gpus)
+
+    def _launch(self, job: JobInfo, handler: JobKind, res: Resources, gpus: list[int]) -> None:
+        resumed = job.attempts > 0  # it ran before: kinds continue from what they stored
+        job = self._update(job.id, f"started on {'GPUs ' + ','.join(map(str, gpus)) if gpus else 'CPU'}",
+                           state="running", started=time.time(), attempts=job.attempts + 1, gpus=gpus,
+                           error="")
+        ctx = JobContext(job=job, dir=self.job_dir(job.id), settings=self.settings, store=self.store,
+                         bus=self.bus, gpus=gpus, resumed=resumed)
+        task = asyncio.get_running_loop().create_task(self._run_one(handler, ctx), name=f"job-{job.id}")
+        self.running[job.id] = RunningJob(job=job, resources=res, task=task, gpus=gpus)
+
+    async def _run_one(self, handler: JobKind, ctx: JobContext) -> None:
+        job_id = ctx.job.id
+        try:
+            summary = await handler.run(ctx)
+        except asyncio.CancelledError:
+            run = self.running.get(job_id)
+            if run is not None and run.cancel_reason:
+                self._finish(job_id, "canceled", run.cancel_reason, "")
+            else:
+                self._finish(job_id, "interrupted", "interrupted: the daemon is stopping; it resumes at the "
+                                                    "next start", "")
+        except JobFailed as exc:
+            self._finish(job_id, "failed", f"failed: {exc}", str(exc))
+        except Exception as exc:  # a bug in a kind must fail its job, never the daemon
+            log.exception("job %d crashed", job_id)
+            msg = f"internal error ({type(exc).__name__}: {exc}); see the daemon log (journalctl -u ftmllmd)"
+            self._finish(job_id, "failed", f"failed: {msg}", msg)
+        else:
+            self._finish(job_id, "succeeded", summary or "succeeded", "")
+
+    def _finish(self, job_id: int, state: str, what: str, error: str) -> None:
+        self.running.pop(job_id, None)
+        job = self._update(job_id, what, state=state, finished=time.time(), error=error)
+        log.info("job %d %s", job_id, what)
+        for hook in self.end_hooks:
+            try:
+                hook(job)
+            except Exception:
+                log.exception("job end hook failed")
+        self.kick()
+
+    async def stop(self, timeout: float) -> None:
+        """Stop running jobs so they can resume later (they become interrupted), within ``timeout``."""
+        self._stopping = True
+        self._wake.set()
+        tasks = [r.task for r in self.running.values()]
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            done, pending = await asyncio.wait(tasks, timeout=timeout)
+            for t in pending:
+                log.warning("job task %s did not stop within %.0fs", t.get_name(), timeout)

@@ -1,0 +1,94 @@
+"""``ftmllmd``: the daemon's entry point (argument parsing, lock, signals, the event loop)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+
+from daemon import __version__
+from daemon.lock import AlreadyRunning, StateLock
+from daemon.logsetup import setup_logging
+from shared.config import ConfigError, Settings, load_settings
+
+log = logging.getLogger("ftmllmd")
+
+EXIT_CONFIG = 2
+EXIT_RUNNING = 4
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ftmllmd",
+        description="The ftmllm daemon: owns the GPUs, the vLLM engine, the job queue and the hot folder. "
+        "Clients: ftctl (CLI) and ftui (terminal UI).",
+        epilog="Without --config or --home it uses XDG dirs: state ~/.local/state/ftmllm, sockets "
+        "$XDG_RUNTIME_DIR/ftmllm, hot folder ~/ftmllm/inbox. Every config key and its default: "
+        "configs/ftmllm.toml (or `ftmllmd --print-config`).",
+    )
+    p.add_argument("--config", help="TOML config file (default: $FTMLLM_CONFIG, else built-in defaults)")
+    p.add_argument("--home", help="keep everything (state, sockets, hot folder) under this dir "
+                                  "(default: $FTMLLM_HOME)")
+    p.add_argument("--print-config", action="store_true", help="print every key with its default and exit")
+    p.add_argument("--check-config", action="store_true", help="validate the config and exit")
+    p.add_argument("--version", action="version", version=f"ftmllmd {__version__}")
+    return p
+
+
+async def run_daemon(settings: Settings, ready_t0: float) -> int:
+    from daemon.assemble import assemble
+
+    daemon = assemble(settings)
+    daemon.bind()
+    await daemon.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, daemon.reload)
+    daemon.notify_ready()
+    log.info("ready in %.2fs: sockets in %s, state in %s, hot folder %s (engine: %s)",
+             time.monotonic() - ready_t0, settings.paths.runtime_dir, settings.paths.state_dir,
+             settings.paths.inbox, daemon.engine.kind)
+    await stop.wait()
+    log.info("stopping: no new work; running jobs will resume at the next start")
+    daemon.notify_stopping()
+    await daemon.stop(timeout=settings.config.train.graceful_stop_s)
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    t0 = time.monotonic()
+    args = build_parser().parse_args(argv)
+    if args.print_config:
+        from shared.config import default_config_toml
+
+        print(default_config_toml())
+        return 0
+    try:
+        settings = load_settings(args.config, args.home)
+    except ConfigError as exc:
+        print(f"ftmllmd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.check_config:
+        print(f"ftmllmd: {settings.source}: config OK")
+        return 0
+    setup_logging(settings.config.daemon.log_level)
+    lock = StateLock(settings.paths.state_dir)
+    try:
+        lock.acquire()
+    except AlreadyRunning as exc:
+        print(f"ftmllmd: {exc}", file=sys.stderr)
+        return EXIT_RUNNING
+    try:
+        return asyncio.run(run_daemon(settings, t0))
+    finally:
+        lock.release()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""The daemon's assembly: sockets, store, bus, job manager, and the request handlers.
+
+:class:`Daemon` wires the parts and answers requests; each part owns its own state (the store owns rows,
+the job manager owns transitions and tasks, the engine owns its child process).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import zmq
+import zmq.asyncio
+
+from daemon import __version__
+from daemon.auth import ZAP_DOMAIN, Identities, serve_zap
+from daemon.events import EventBus
+from daemon.jobs.base import Caller, JobKind
+from daemon.jobs.manager import JobManager
+from daemon.jobs.selftest import SelftestKind
+from daemon.server import CtlServer, Handler
+from daemon.store import Store
+from shared.config import Settings
+from shared.protocol import (
+    Cancel,
+    Done,
+    EngineInfo,
+    GetSnapshot,
+    GpuInfo,
+    Hello,
+    HelloReply,
+    JobDetail,
+    JobList,
+    JobLogs,
+    JobPages,
+    ListJobs,
+    LogChunk,
+    PagesReply,
+    PageText,
+    PageTextReply,
+    PauseQueue,
+    Ping,
+    Pong,
+    PROTOCOL_VERSION,
+    ResumeQueue,
+    Retry,
+    ShowJob,
+    Snapshot,
+    Status,
+    StatusReply,
+    Submit,
+    TERMINAL_STATES,
+    TrainPoints,
+    TrainPointsReply,
+)
+
+log = logging.getLogger(__name__)
+
+# Enough for 10 subscribers to absorb a burst of ~20 s at 5,000 events/s without a drop.
+EVENT_HWM = 100_000
+
+
+class Daemon:
+    def __init__(self, settings: Settings, kinds: dict[str, JobKind] | None = None) -> None:
+        self.settings = settings
+        self.paths = settings.paths
+        self.session = uuid.uuid4().hex[:12]
+        self.started = time.monotonic()
+        self.ctx = zmq.asyncio.Context()
+        self.store = Store(self.paths.state_dir / "ftmllm.sqlite")
+        self.store.set_meta("session", self.session)
+        self.identities = Identities(admin_group=settings.config.daemon.admin_group,
+                                     allowed_group=settings.config.daemon.socket_group)
+        self.pub = self.ctx.socket(zmq.PUB)
+        self.pub.sndhwm = EVENT_HWM
+        self.pub.linger = 0
+        self.bus = EventBus(self.pub, self.session, self.store.seq)
+        self.kinds: dict[str, JobKind] = {"selftest": SelftestKind()}
+        if kinds:
+            self.kinds.update(kinds)
+        self.jobs = JobManager(settings, self.store, self.bus, self.kinds)
+        self.engine = EngineInfo(kind="cpu", state="stopped", reason="no engine configured yet")
+        self.gpus: list[GpuInfo] = []
+        self.gpu_note = "no GPUs found"
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.linger = 0
+        self.router.rcvhwm = 10_000
+        self.router.sndhwm = 10_000
+        self.router.setsockopt(zmq.MAXMSGSIZE, 8 * 1024 * 1024)
+        self.ctl = CtlServer(self.router, self.identities, self._handlers())
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.extra_handlers: dict[type, Handler] = {}
+        self.stop_callbacks: list[Callable[[], Awaitable[None]]] = []
+
+    # ------------------------------------------------------------------------------------ startup
+
+    def bind(self) -> None:
+        """Bind both sockets (called once the single-instance lock is held)."""
+        run = self.paths.runtime_dir
+        run.mkdir(parents=True, exist_ok=True, mode=0o770)
+        for name in ("ctl.sock", "events.sock"):
+            # a socket file left by a killed daemon: we hold the lock, so nobody else owns it
+            (run / name).unlink(missing_ok=True)
+        self.router.zap_domain = ZAP_DOMAIN.encode()
+        self.router.bind(self.paths.ctl_endpoint)
+        self.pub.bind(self.paths.events_endpoint)
+        for name in ("ctl.sock", "events.sock"):
+            os.chmod(run / name, 0o660)
+        self.ctl.handlers.update(self.extra_handlers)
+
+    async def start(self) -> None:
+        self.jobs.recover()
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(serve_zap(self.ctx, self.identities), name="zap"),
+            loop.create_task(self.ctl.serve(), name="ctl"),
+            loop.create_task(self.bus.run_heartbeat(self.settings.config.daemon.heartbeat_s), name="hb"),
+            loop.create_task(self.jobs.run(), name="jobs"),
+        ]
+        self.jobs.kick()
+
+    def add_task(self, coro: Awaitable[Any], name: str) -> None:
+        self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))  # type: ignore[arg-type]
+
+    async def stop(self, timeout: float = 60.0) -> None:
+        await self.jobs.stop(timeout)
+        for cb in self.stop_callbacks:
+            try:
+                await cb()
+            except Exception:
+                log.exception("error while stopping")
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.bus.flush()
+        self.router.close()
+        self.pub.close()
+        for name in ("ctl.sock", "events.sock"):
+            # gone socket files tell clients at once that no daemon runs here
+            (self.paths.runtime_dir / name).unlink(missing_ok=True)
+        self.ctx.term()
+        self.store.close()
+
+    def notify_ready(self) -> None:
+        """Tell systemd we are ready (sockets bound, store open, watchers running)."""
+
+    def notify_stopping(self) -> None:
+        pass
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the config file; parts that can change live pick it up."""
+        log.info("SIGHUP: reloading the config from %s", self.settings.source)
+
+    # ----------------------------------------------------------------------------------- handlers
+
+    def _handlers(self) -> dict[type, Handler]:
+        return {
+            Hello: self.on_hello,
+            Ping: lambda _b, _c: Pong(ts=time.time()),
+            GetSnapshot: lambda _b, _c: self.snapshot(),
+            Status: self.on_status,
+            ListJobs: lambda b, _c: JobList(jobs=self.store.list_jobs(include_finished=b.all, limit=b.limit)),
+            ShowJob: self.on_show,
+            Submit: self.on_submit,
+            Cancel: self.on_cancel,
+            Retry: lambda b, c: Done(message=f"job {self.jobs.retry(b.job_id, c).id} queued again"),
+            JobLogs: self.on_logs,
+            PauseQueue: lambda _b, c: self._pause(True, c),
+            ResumeQueue: lambda _b, c: self._pause(False, c),
+            JobPages: lambda b, _c: PagesReply(pages=self.store.pages(b.job_id)),
+            PageText: self.on_page_text,
+            TrainPoints: lambda b, _c: TrainPointsReply(points=self.store.train_points(b.job_id, b.since_step)),
+        }
+
+    async def on_submit(self, body: Submit, caller: Caller) -> JobDetail:
+        job = await self.jobs.submit(body.kind, body.spec, body.name, caller)
+        return JobDetail(job=job, history=self.store.history(job.id),
+                         log_path=str(self.jobs.job_dir(job.id) / "job.log"))
+
+    def on_hello(self, body: Hello, caller: Caller) -> HelloReply:
+        return HelloReply(version=PROTOCOL_VERSION, session=self.session, daemon_version=__version__,
+                          pid=os.getpid(), user=caller.user, seq=self.bus.seq)
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(session=self.session, seq=self.bus.seq, jobs=self.store.list_jobs(),
+                        engine=self.engine, gpus=self.gpus, gpu_note=self.gpu_note,
+                        queue_paused=self.jobs.paused)
+
+    def on_status(self, body: Status, caller: Caller) -> StatusReply:
+        return StatusReply(session=self.session, pid=os.getpid(), version=__version__,
+                           uptime_s=time.monotonic() - self.started, seq=self.bus.seq,
+                           state_dir=str(self.paths.state_dir), runtime_dir=str(self.paths.runtime_dir),
+                           hotfolder=str(self.paths.inbox), counts=self.store.counts(),
+                           queue_paused=self.jobs.paused, engine=self.engine, gpus=self.gpus,
+                           gpu_note=self.gpu_note)
+
+    def on_show(self, body: ShowJob, caller: Caller) -> JobDetail:
+        job = self.store.get_job(body.job_id)
+        return JobDetail(job=job, history=self.store.history(job.id),
+                         log_path=str(self.jobs.job_dir(job.id) / "job.log"))
+
+    def on_cancel(self, body: Cancel, caller: Caller) -> Done:
+        job = self.jobs.cancel(body.job_id, caller)
+        return Done(message=f"job {job.id} ({job.name}) is being canceled")
+
+    def on_logs(self, body: JobLogs, caller: Caller) -> LogChunk:
+        job = self.store.get_job(body.job_id)
+        return read_log(self.jobs.job_dir(job.id), body, job.state in TERMINAL_STATES)
+
+    def on_page_text(self, body: PageText, caller: Caller) -> PageTextReply:
+        page, text = self.store.page_text(body.job_id, body.page_no)
+        return PageTextReply(page=page, text=text)
+
+    def _pause(self, paused: bool, caller: Caller) -> Done:
+        self.jobs.set_paused(paused, caller)
+        return Done(message="queue paused: running jobs go on, queued ones wait for `ftctl resume`"
+                    if paused else "queue resumed")
+
+
+def read_log(job_dir: Path, req: JobLogs, finished: bool) -> LogChunk:
+    """The job's log (its own lines and its child's output, one file), read by byte offset."""
+    path = job_dir / "job.log"
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return LogChunk(text="", offset=0, size=0, finished=finished)
+    with path.open("rb") as fh:
+        if req.offset is None:
+            # the last `tail` lines: read a window from the end, big enough for long lines
+            start = max(0, size - req.max_bytes)
+            fh.seek(start)
+            lines = fh.read().splitlines(keepends=True)
+            chunk = b"".join(lines[-req.tail:]) if req.tail > 0 else b""
+            offset = size
+        else:
+            start = min(max(req.offset, 0), size)
+            fh.seek(start)
+            chunk = fh.read(req.max_bytes)
+            offset = start + len(chunk)
+    return LogChunk(text=chunk.decode("utf-8", errors="replace"), offset=offset, size=size, finished=finished)

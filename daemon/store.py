@@ -1,0 +1,338 @@
+"""The SQLite store: the single source of truth for jobs, pages, loss points and the event log.
+
+Every state change is one transaction that updates its row *and* appends an event row; the event's
+``seq`` is the row's AUTOINCREMENT key, so it is global, never reused and never goes backwards, even after
+``kill -9``. The store owns no sockets: :class:`daemon.events.EventBus` publishes what the store returns.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from shared.protocol import (
+    TERMINAL_STATES,
+    EventBody,
+    HistoryEntry,
+    JobChanged,
+    JobInfo,
+    JobState,
+    PageChanged,
+    PageInfo,
+    Progress,
+    TrainPoint,
+    TrainProgress,
+)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    state TEXT NOT NULL,
+    name TEXT NOT NULL,
+    spec TEXT NOT NULL,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    error TEXT NOT NULL DEFAULT '',
+    artifacts TEXT NOT NULL DEFAULT '{}',
+    progress TEXT NOT NULL DEFAULT '{}',
+    attempts INTEGER NOT NULL DEFAULT 0,
+    gpus TEXT NOT NULL DEFAULT '[]'
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    ts REAL NOT NULL,
+    job_id INTEGER,
+    what TEXT NOT NULL,
+    body BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_job ON events(job_id);
+CREATE TABLE IF NOT EXISTS pages (
+    job_id INTEGER NOT NULL,
+    page_no INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    method TEXT NOT NULL DEFAULT '',
+    text TEXT NOT NULL DEFAULT '',
+    timings TEXT NOT NULL DEFAULT '{}',
+    error TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (job_id, page_no)
+);
+CREATE TABLE IF NOT EXISTS train_points (
+    job_id INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (job_id, step)
+);
+CREATE TABLE IF NOT EXISTS sources (
+    sha256 TEXT PRIMARY KEY,
+    job_id INTEGER NOT NULL
+);
+"""
+
+_JOB_COLUMNS = "id, kind, owner, state, name, spec, created, started, finished, error, artifacts, progress, " \
+    "attempts, gpus"
+_event_encoder = msgspec.msgpack.Encoder()
+_event_decoder = msgspec.msgpack.Decoder(EventBody)
+
+
+class StoreError(Exception):
+    pass
+
+
+class UnknownJob(StoreError):
+    def __init__(self, job_id: int) -> None:
+        super().__init__(f"no job {job_id}; list jobs with `ftctl jobs --all`")
+        self.job_id = job_id
+
+
+def _job_from_row(row: sqlite3.Row | tuple[Any, ...]) -> JobInfo:
+    (jid, kind, owner, state, name, spec, created, started, finished, error, artifacts, progress, attempts,
+     gpus) = row
+    return JobInfo(
+        id=jid,
+        kind=kind,
+        owner=owner,
+        state=state,
+        name=name,
+        spec=json.loads(spec),
+        created=created,
+        started=started,
+        finished=finished,
+        error=error,
+        artifacts=json.loads(artifacts),
+        progress=msgspec.convert(json.loads(progress), Progress),
+        attempts=attempts,
+        gpus=json.loads(gpus),
+    )
+
+
+class Store:
+    """One connection, used from the daemon's event loop thread only (one owner, no locks needed)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a committed transaction survives a process crash (kill -9); only a power
+        # loss may lose the last few, and never corrupts the file.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.executescript(_SCHEMA)
+        row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
+        if row is None:
+            self._db.execute("INSERT INTO meta VALUES ('schema', ?)", (str(SCHEMA_VERSION),))
+        elif int(row[0]) > SCHEMA_VERSION:
+            raise StoreError(
+                f"{path}: store schema {row[0]} is newer than this ftmllmd understands ({SCHEMA_VERSION}); "
+                "upgrade ftmllm"
+            )
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def _append_event(self, db: sqlite3.Connection, ts: float, job_id: int | None, what: str,
+                      body: EventBody) -> int:
+        cur = db.execute(
+            "INSERT INTO events (ts, job_id, what, body) VALUES (?, ?, ?, ?)",
+            (ts, job_id, what, _event_encoder.encode(body)),
+        )
+        assert cur.lastrowid is not None
+        return cur.lastrowid
+
+    # ------------------------------------------------------------------------------------------ meta
+
+    @property
+    def seq(self) -> int:
+        row = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name='events'").fetchone()
+        return int(row[0]) if row else 0
+
+    def get_meta(self, key: str, default: str = "") -> str:
+        row = self._db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return str(row[0]) if row else default
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    def record(self, body: EventBody, job_id: int | None = None, what: str = "") -> int:
+        """Append an event that is not tied to a row change here (engine state, queue pause)."""
+        with self._tx() as db:
+            return self._append_event(db, time.time(), job_id, what, body)
+
+    # ------------------------------------------------------------------------------------------ jobs
+
+    def create_job(self, kind: str, owner: str, name: str, spec: dict[str, Any]) -> tuple[int, JobInfo, str]:
+        now = time.time()
+        with self._tx() as db:
+            cur = db.execute(
+                "INSERT INTO jobs (kind, owner, state, name, spec, created) VALUES (?, ?, 'queued', ?, ?, ?)",
+                (kind, owner, name, json.dumps(spec), now),
+            )
+            assert cur.lastrowid is not None
+            job = JobInfo(id=cur.lastrowid, kind=kind, owner=owner, state="queued", name=name, spec=spec,
+                          created=now)
+            what = f"queued by {owner}"
+            seq = self._append_event(db, now, job.id, what, JobChanged(job=job, what=what))
+        return seq, job, what
+
+    def get_job(self, job_id: int) -> JobInfo:
+        row = self._db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
+        if row is None:
+            raise UnknownJob(job_id)
+        return _job_from_row(row)
+
+    def list_jobs(self, include_finished: bool = True, limit: int | None = None) -> list[JobInfo]:
+        sql = f"SELECT {_JOB_COLUMNS} FROM jobs"
+        if not include_finished:
+            states = ",".join(f"'{s}'" for s in TERMINAL_STATES)
+            sql += f" WHERE state NOT IN ({states})"
+        sql += " ORDER BY id DESC"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        rows = self._db.execute(sql).fetchall()
+        return [_job_from_row(r) for r in reversed(rows)]
+
+    def jobs_in_state(self, *states: JobState) -> list[JobInfo]:
+        marks = ",".join("?" for _ in states)
+        rows = self._db.execute(
+            f"SELECT {_JOB_COLUMNS} FROM jobs WHERE state IN ({marks}) ORDER BY id", states
+        ).fetchall()
+        return [_job_from_row(r) for r in rows]
+
+    def update_job(self, job_id: int, what: str, **changes: Any) -> tuple[int, JobInfo]:
+        """Change fields of a job and log ``what`` in its history, in one transaction."""
+        now = time.time()
+        sets: list[str] = []
+        values: list[Any] = []
+        for key, value in changes.items():
+            if key in ("spec", "artifacts", "gpus"):
+                value = json.dumps(value)
+            elif key == "progress":
+                value = json.dumps(msgspec.to_builtins(value))
+            elif key not in ("state", "started", "finished", "error", "attempts", "name"):
+                raise StoreError(f"job field {key} cannot be updated")
+            sets.append(f"{key}=?")
+            values.append(value)
+        with self._tx() as db:
+            if sets:
+                cur = db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id=?", (*values, job_id))
+                if cur.rowcount == 0:
+                    raise UnknownJob(job_id)
+            row = db.execute(f"SELECT {_JOB_COLUMNS} FROM jobs WHERE id=?", (job_id,)).fetchone()
+            if row is None:
+                raise UnknownJob(job_id)
+            job = _job_from_row(row)
+            seq = self._append_event(db, now, job_id, what, JobChanged(job=job, what=what))
+        return seq, job
+
+    def history(self, job_id: int, limit: int = 200) -> list[HistoryEntry]:
+        rows = self._db.execute(
+            "SELECT seq, ts, what FROM events WHERE job_id=? AND what != '' ORDER BY seq DESC LIMIT ?",
+            (job_id, limit),
+        ).fetchall()
+        return [HistoryEntry(seq=s, ts=t, what=w) for s, t, w in reversed(rows)]
+
+    def events_since(self, seq: int, limit: int = 10000) -> list[tuple[int, float, EventBody]]:
+        rows = self._db.execute(
+            "SELECT seq, ts, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
+        ).fetchall()
+        return [(s, t, _event_decoder.decode(b)) for s, t, b in rows]
+
+    def counts(self) -> dict[str, int]:
+        return dict(self._db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
+
+    # ----------------------------------------------------------------------------------------- pages
+
+    def set_page(self, page: PageInfo, text: str | None = None) -> int:
+        """Store a page's state (and its text once done); returns the event's seq."""
+        now = time.time()
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO pages (job_id, page_no, state, method, text, timings, error) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT(job_id, page_no) DO UPDATE SET "
+                "state=excluded.state, method=excluded.method, text=excluded.text, timings=excluded.timings, "
+                "error=excluded.error",
+                (page.job_id, page.page_no, page.state, page.method, text or "", json.dumps(page.timings),
+                 page.error),
+            )
+            return self._append_event(db, now, page.job_id, "", PageChanged(page=page))
+
+    def pages(self, job_id: int) -> list[PageInfo]:
+        rows = self._db.execute(
+            "SELECT page_no, state, method, timings, error, length(text) FROM pages WHERE job_id=? "
+            "ORDER BY page_no",
+            (job_id,),
+        ).fetchall()
+        return [
+            PageInfo(job_id=job_id, page_no=n, state=s, method=m, timings=json.loads(t), error=e, chars=c)
+            for n, s, m, t, e, c in rows
+        ]
+
+    def page_text(self, job_id: int, page_no: int) -> tuple[PageInfo, str]:
+        row = self._db.execute(
+            "SELECT state, method, timings, error, text FROM pages WHERE job_id=? AND page_no=?",
+            (job_id, page_no),
+        ).fetchone()
+        if row is None:
+            raise StoreError(f"job {job_id} has no page {page_no}; see `ftctl show {job_id}`")
+        s, m, t, e, text = row
+        return PageInfo(job_id=job_id, page_no=page_no, state=s, method=m, timings=json.loads(t), error=e,
+                        chars=len(text)), text
+
+    def clear_pages(self, job_id: int) -> None:
+        self._db.execute("DELETE FROM pages WHERE job_id=?", (job_id,))
+
+    # ---------------------------------------------------------------------------------- train points
+
+    def add_train_points(self, points: Iterable[TrainPoint]) -> list[tuple[int, TrainPoint]]:
+        """Store new loss points (a step already stored is skipped: logs repeat after a resume)."""
+        out: list[tuple[int, TrainPoint]] = []
+        now = time.time()
+        with self._tx() as db:
+            for p in points:
+                cur = db.execute(
+                    "INSERT OR IGNORE INTO train_points (job_id, step, data) VALUES (?, ?, ?)",
+                    (p.job_id, p.step, _event_encoder.encode(p)),
+                )
+                if cur.rowcount:
+                    out.append((self._append_event(db, now, p.job_id, "", TrainProgress(point=p)), p))
+        return out
+
+    def train_points(self, job_id: int, since_step: int = -1) -> list[TrainPoint]:
+        rows = self._db.execute(
+            "SELECT data FROM train_points WHERE job_id=? AND step>? ORDER BY step", (job_id, since_step)
+        ).fetchall()
+        return [msgspec.msgpack.decode(r[0], type=TrainPoint) for r in rows]
+
+    # ------------------------------------------------------------------------------- source dedupe
+
+    def job_for_source(self, sha256: str) -> int | None:
+        row = self._db.execute("SELECT job_id FROM sources WHERE sha256=?", (sha256,)).fetchone()
+        return int(row[0]) if row else None
+
+    def remember_source(self, sha256: str, job_id: int) -> None:
+        self._db.execute("INSERT OR REPLACE INTO sources VALUES (?, ?)", (sha256, job_id))

@@ -1,0 +1,367 @@
+"""The daemon's LLaMA-Factory datasets: ``ftctl dataset add NAME FILE.json [--images DIR]``.
+
+A dataset is checked record by record before it is registered, because LLaMA-Factory either drops a bad
+record with a warning nobody reads ("Invalid role tag", "Invalid message count") or dies on it hours into
+preprocessing ("The number of images does not match the number of <image> tokens"). What is checked:
+sharegpt records (``messages`` with role/content, or ``conversations`` with from/value), turns that
+alternate user/assistant after an optional system turn, the number of ``<image>`` tags against the number
+of images, every image file present and readable (images.py), and ranking data (for DPO/RM) with a
+``chosen`` and a ``rejected`` answer.
+
+Registering copies the records into the daemon's dataset dir with image paths made absolute (the user's
+``--images`` dir stays where it is), then adds the entry to ``dataset_info.json``. Both writes are atomic
+and the read-modify-write of dataset_info.json holds a lock, so two adds never lose each other's entry.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daemon.train.images import ImageProblem, probe_image
+from daemon.train.spec import atomic_write_text
+
+DATASET_INFO = "dataset_info.json"
+IMAGE_TAG = "<image>"
+VIDEO_TAG = "<video>"
+MAX_LISTED_PROBLEMS = 10
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a sharegpt file names its fields; what dataset_info.json's ``columns``/``tags`` say."""
+
+    messages: str
+    role: str
+    content: str
+    user: str
+    assistant: str
+    system: str
+    observation: str
+    function: str
+
+    @property
+    def odd(self) -> tuple[str, str]:  # turns 1, 3, 5 … (counting from 1, after the system turn)
+        return (self.user, self.observation)
+
+    @property
+    def even(self) -> tuple[str, str]:
+        return (self.assistant, self.function)
+
+
+# The two layouts LLaMA-Factory's own examples use: mllm_demo.json and the original ShareGPT.
+OPENAI_STYLE = Layout("messages", "role", "content", "user", "assistant", "system", "observation", "function")
+SHAREGPT_STYLE = Layout("conversations", "from", "value", "human", "gpt", "system", "observation",
+                        "function_call")
+
+
+class DatasetProblem(ValueError):
+    """Why a dataset cannot be added: one line per problem, each naming the file, record and fix."""
+
+    def __init__(self, problems: Sequence[str], total: int | None = None) -> None:
+        self.problems = list(problems)
+        more = (total or len(self.problems)) - len(self.problems)
+        text = "; ".join(self.problems) + (f"; and {more} more problems" if more > 0 else "")
+        super().__init__(text)
+
+
+@dataclass(frozen=True)
+class DatasetSummary:
+    name: str
+    file: Path  # the registered copy under the daemon's dataset dir
+    records: int
+    images: int
+    ranking: bool
+    layout: str  # "messages" or "conversations"
+    formats: dict[str, int] = field(default_factory=dict)  # image format -> count
+
+    @property
+    def message(self) -> str:
+        kind = "ranking (for dpo/rm)" if self.ranking else "sft"
+        return (f"dataset '{self.name}' added: {self.records} records, {self.images} images, {kind}; "
+                f"train with --dataset {self.name}")
+
+
+def load_records(path: Path) -> list[Any]:
+    """A .json array or a .jsonl file of records; DatasetProblem names the file and the fix."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DatasetProblem([f"{path}: file not found; give the path of a sharegpt .json file"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetProblem([f"{path}: cannot be read as UTF-8 text ({exc}); save it as UTF-8 JSON"]) from None
+    if path.suffix == ".jsonl":
+        records = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise DatasetProblem([f"{path}: line {lineno} is not JSON ({exc.msg}); fix that line"]) from None
+        return records
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DatasetProblem([f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+                              "fix the syntax"]) from None
+    if not isinstance(data, list):
+        raise DatasetProblem([f"{path}: the top level must be a JSON array of records, not a "
+                              f"{type(data).__name__}; wrap the records in [ … ]"])
+    return data
+
+
+def detect_layout(records: Sequence[Any]) -> Layout:
+    for record in records[:1]:
+        if isinstance(record, dict) and "messages" in record:
+            return OPENAI_STYLE
+        if isinstance(record, dict) and "conversations" in record:
+            return SHAREGPT_STYLE
+    raise DatasetProblem(["record 0: no 'messages' (role/content) or 'conversations' (from/value) list; "
+                          "write records in LLaMA-Factory's sharegpt format (see data/mllm_demo.json)"])
+
+
+@dataclass
+class _Checker:
+    source: Path
+    media_root: Path
+    layout: Layout
+    ranking: bool
+    problems: list[str] = field(default_factory=list)
+    count: int = 0
+    images: int = 0
+    formats: dict[str, int] = field(default_factory=dict)
+    _probed: dict[Path, str | None] = field(default_factory=dict)  # path -> problem (None = fine)
+
+    def problem(self, index: int, text: str) -> None:
+        self.count += 1
+        if len(self.problems) < MAX_LISTED_PROBLEMS:
+            self.problems.append(f"{self.source.name}: record {index}: {text}")
+
+    def check(self, index: int, record: Any) -> dict[str, Any] | None:
+        """Check one record; return it with absolute media paths, or None if it has problems."""
+        lay = self.layout
+        if not isinstance(record, dict):
+            self.problem(index, f"is a {type(record).__name__}, not an object; each record is {{...}}")
+            return None
+        before = self.count
+        turns = record.get(lay.messages)
+        if not isinstance(turns, list) or not turns:
+            self.problem(index, f"'{lay.messages}' must be a non-empty list of turns")
+            return None
+        texts: list[str] = []
+        roles: list[str] = []
+        for t, turn in enumerate(turns):
+            if not isinstance(turn, dict) or not isinstance(turn.get(lay.role), str) \
+                    or not isinstance(turn.get(lay.content), str):
+                self.problem(index, f"turn {t} needs string fields '{lay.role}' and '{lay.content}'")
+                return None
+            roles.append(turn[lay.role])
+            texts.append(turn[lay.content])
+        if roles[0] == lay.system:
+            if IMAGE_TAG in texts[0]:
+                self.problem(index, f"the system turn holds {IMAGE_TAG}, which LLaMA-Factory does not count; "
+                                    "move the tag into the first user turn")
+            roles, texts = roles[1:], texts[1:]
+        for t, role in enumerate(roles):
+            expected = lay.odd if t % 2 == 0 else lay.even
+            if role not in expected:
+                self.problem(index, f"turn {t} has role '{role}' where '{expected[0]}' is expected: roles must "
+                                    f"alternate {lay.user}/{lay.assistant} (after an optional {lay.system})")
+                return None
+        if self.ranking:
+            if len(roles) % 2 == 0:
+                self.problem(index, f"a ranking record's '{lay.messages}' must end with a {lay.user} turn "
+                                    "(the answers go in 'chosen' and 'rejected')")
+            answers = []
+            for key in ("chosen", "rejected"):
+                answer = record.get(key)
+                if not isinstance(answer, dict) or answer.get(lay.role) not in lay.even \
+                        or not isinstance(answer.get(lay.content), str):
+                    self.problem(index, f"ranking data needs '{key}': {{\"{lay.role}\": \"{lay.assistant}\", "
+                                        f"\"{lay.content}\": \"...\"}}")
+                    return None
+                answers.append(answer[lay.content])
+            prompt_tags = sum(x.count(IMAGE_TAG) for x in texts)
+            tag_counts = [prompt_tags + a.count(IMAGE_TAG) for a in answers]
+            video_counts = [sum(x.count(VIDEO_TAG) for x in texts) + a.count(VIDEO_TAG) for a in answers]
+        else:
+            if len(roles) % 2 != 0:
+                self.problem(index, f"ends with a {roles[-1]} turn; a training record ends with the "
+                                    f"{lay.assistant}'s answer")
+            tag_counts = [sum(x.count(IMAGE_TAG) for x in texts)]
+            video_counts = [sum(x.count(VIDEO_TAG) for x in texts)]
+
+        out = dict(record)
+        for column, tag, counts in (("images", IMAGE_TAG, tag_counts), ("videos", VIDEO_TAG, video_counts)):
+            paths = self._media(index, record.get(column), column)
+            if paths is None:
+                return None
+            for n in sorted(set(counts)):
+                if n != len(paths):
+                    self.problem(index, f"has {n} {tag} tag(s) but {len(paths)} {column}; put one {tag} in the "
+                                        f"text per file in '{column}'")
+                    break
+            if column == "images":
+                for i, path in enumerate(paths):
+                    self._check_image(index, i, path)
+            elif column in record:
+                for i, path in enumerate(paths):
+                    if not path.is_file():
+                        self.problem(index, f"videos[{i}] {path}: file not found; check the path")
+            if column in record:
+                out[column] = [str(p) for p in paths]
+        return out if self.count == before else None
+
+    def _media(self, index: int, value: Any, column: str) -> list[Path] | None:
+        if value is None:
+            return []
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
+            self.problem(index, f"'{column}' must be a list of file paths")
+            return None
+        return [Path(v) if os.path.isabs(v) else (self.media_root / v) for v in items]
+
+    def _check_image(self, index: int, i: int, path: Path) -> None:
+        if path not in self._probed:
+            try:
+                info = probe_image(path)
+            except ImageProblem as exc:
+                self._probed[path] = str(exc)
+            else:
+                self._probed[path] = None
+                self.formats[info.format] = self.formats.get(info.format, 0) + 1
+        self.images += 1
+        problem = self._probed[path]
+        if problem:
+            self.problem(index, f"images[{i}] {path}: {problem}")
+
+
+def check_records(
+    records: Sequence[Any], *, source: Path, media_root: Path, ranking: bool | None = None
+) -> tuple[list[dict[str, Any]], DatasetSummary]:
+    """Check every record; return them with absolute image paths. ``ranking=None`` detects it from the
+    first record (``chosen`` present). Raises DatasetProblem listing the first problems by record index."""
+    if not records:
+        raise DatasetProblem([f"{source}: holds no records; add at least one"])
+    layout = detect_layout(records)
+    looks_ranked = isinstance(records[0], dict) and "chosen" in records[0]
+    if ranking is None:
+        ranking = looks_ranked
+    elif looks_ranked and not ranking:
+        raise DatasetProblem([f"{source.name}: record 0 has 'chosen'/'rejected' (ranking data, for dpo/rm) but "
+                              "was added as SFT data; add it as ranking data"])
+    checker = _Checker(source=source, media_root=media_root, layout=layout, ranking=ranking)
+    out = [r for i, rec in enumerate(records) if (r := checker.check(i, rec)) is not None]
+    if checker.problems:
+        raise DatasetProblem(checker.problems, total=checker.count)
+    summary = DatasetSummary(name="", file=source, records=len(out), images=checker.images, ranking=ranking,
+                             layout=layout.messages, formats=dict(checker.formats))
+    return out, summary
+
+
+def dataset_info_entry(file_name: str, layout: Layout, ranking: bool, has_images: bool,
+                       has_videos: bool) -> dict[str, Any]:
+    columns: dict[str, str] = {"messages": layout.messages}
+    if has_images:
+        columns["images"] = "images"
+    if has_videos:
+        columns["videos"] = "videos"
+    if ranking:
+        columns.update(chosen="chosen", rejected="rejected")
+    tags = {"role_tag": layout.role, "content_tag": layout.content, "user_tag": layout.user,
+            "assistant_tag": layout.assistant, "system_tag": layout.system,
+            "observation_tag": layout.observation, "function_tag": layout.function}
+    return {"file_name": file_name, "formatting": "sharegpt", "ranking": ranking, "columns": columns,
+            "tags": tags}
+
+
+def add_dataset(
+    name: str,
+    file: Path,
+    *,
+    dataset_dir: Path,
+    images_dir: Path | None = None,
+    ranking: bool | None = None,
+    replace: bool = False,
+) -> DatasetSummary:
+    """Check FILE and register it as NAME in ``dataset_dir/dataset_info.json``.
+
+    Relative image paths are read from ``images_dir`` (default: FILE's folder). Nothing is registered if
+    any record has a problem, and an existing NAME is kept unless ``replace``."""
+    if not _NAME_RE.match(name):
+        raise DatasetProblem([f"dataset name '{name}' is not allowed; use letters, digits, '_', '-' or '.' "
+                              "(up to 64, starting with a letter or digit)"])
+    file = file.expanduser().absolute()
+    if images_dir is not None:
+        images_dir = images_dir.expanduser().absolute()
+        if not images_dir.is_dir():
+            raise DatasetProblem([f"--images {images_dir}: not a directory; give the folder the image paths "
+                                  "in the records are relative to"])
+    records = load_records(file)
+    checked, summary = check_records(records, source=file, media_root=images_dir or file.parent,
+                                     ranking=ranking)
+    layout = detect_layout(records)
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(dataset_dir):
+        info = read_dataset_info(dataset_dir)
+        if name in info and not replace:
+            raise DatasetProblem([f"dataset '{name}' already exists; choose another name or add it with "
+                                  "--replace"])
+        file_name = f"{name}.json"
+        atomic_write_text(dataset_dir / file_name, json.dumps(checked, ensure_ascii=False, indent=1) + "\n")
+        info[name] = dataset_info_entry(file_name, layout, summary.ranking,
+                                        has_images=any("images" in r for r in checked),
+                                        has_videos=any("videos" in r for r in checked))
+        atomic_write_text(dataset_dir / DATASET_INFO, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
+    return DatasetSummary(name=name, file=dataset_dir / file_name, records=summary.records,
+                          images=summary.images, ranking=summary.ranking, layout=summary.layout,
+                          formats=summary.formats)
+
+
+def read_dataset_info(dataset_dir: Path) -> dict[str, Any]:
+    path = dataset_dir / DATASET_INFO
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise DatasetProblem([f"{path}: cannot be read ({exc}); fix or remove the file"]) from None
+    if not isinstance(data, dict):
+        raise DatasetProblem([f"{path}: must be a JSON object of dataset entries; fix or remove the file"])
+    return data
+
+
+def list_datasets(dataset_dir: Path) -> dict[str, Mapping[str, Any]]:
+    return dict(sorted(read_dataset_info(dataset_dir).items()))
+
+
+def remove_dataset(name: str, dataset_dir: Path) -> None:
+    with _locked(dataset_dir):
+        info = read_dataset_info(dataset_dir)
+        entry = info.pop(name, None)
+        if entry is None:
+            raise DatasetProblem([f"no dataset '{name}'; `ftctl dataset list` shows the names"])
+        atomic_write_text(dataset_dir / DATASET_INFO, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
+        if isinstance(entry, dict) and entry.get("file_name") == f"{name}.json":
+            (dataset_dir / f"{name}.json").unlink(missing_ok=True)
+
+
+@contextmanager
+def _locked(dataset_dir: Path) -> Iterator[None]:
+    dataset_dir.mkdir(parents=True, exist_ok=True)
+    with (dataset_dir / ".dataset_info.lock").open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

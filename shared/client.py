@@ -1,0 +1,365 @@
+"""The one client of ftmllmd, with an asyncio face (:class:`AsyncClient`, for ftui) and a blocking face
+(:class:`Client`, for ftctl and scripts).
+
+It follows the Clone pattern (see shared/protocol.py): :meth:`AsyncClient.watch` subscribes, waits for
+the first heartbeat (so the subscription is live), takes a snapshot, then applies durable events in
+``seq`` order to a :class:`Mirror`. A gap, a heartbeat ahead of the mirror, or a new daemon session means
+"take a new snapshot". ZeroMQ reconnects the sockets by itself when the daemon comes back; the client
+notices the new session from the heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import queue
+import socket
+import threading
+from collections.abc import AsyncIterator, Coroutine, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+import zmq
+import zmq.asyncio
+
+from shared.config import Paths
+from shared.protocol import (
+    PROTOCOL_VERSION,
+    EngineChanged,
+    EngineInfo,
+    Event,
+    GetSnapshot,
+    GpuInfo,
+    GpusSampled,
+    Heartbeat,
+    Hello,
+    HelloReply,
+    JobChanged,
+    JobInfo,
+    QueueChanged,
+    ReplyBody,
+    Request,
+    RequestBody,
+    Snapshot,
+    decode_event,
+    decode_reply,
+    encode,
+)
+
+T = TypeVar("T")
+
+
+class DaemonUnavailable(Exception):
+    """The daemon is not running or not answering; the message says where we looked and how to start it."""
+
+
+class RemoteError(Exception):
+    """The daemon refused a request; ``code`` is the protocol ErrorCode, the message says why and what to do."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def unavailable_message(paths: Paths, why: str) -> str:
+    return (f"ftmllmd is {why} (looked for {paths.ctl_socket}); start it with `systemctl start ftmllmd`, "
+            f"or run `ftmllmd` in another terminal (`make run` in a checkout)")
+
+
+@dataclass
+class Mirror:
+    """The client's copy of the daemon's state, kept equal to the store by snapshot + durable events."""
+
+    session: str = ""
+    seq: int = 0
+    jobs: dict[int, JobInfo] = field(default_factory=dict)
+    engine: EngineInfo = field(default_factory=EngineInfo)
+    gpus: list[GpuInfo] = field(default_factory=list)
+    gpu_note: str = ""
+    queue_paused: bool = False
+
+    def load(self, snap: Snapshot) -> None:
+        self.session = snap.session
+        self.seq = snap.seq
+        self.jobs = {j.id: j for j in snap.jobs}
+        self.engine = snap.engine
+        self.gpus = snap.gpus
+        self.gpu_note = snap.gpu_note
+        self.queue_paused = snap.queue_paused
+
+    def apply(self, ev: Event) -> None:
+        body = ev.body
+        if ev.durable:
+            self.seq = ev.seq
+        if isinstance(body, JobChanged):
+            self.jobs[body.job.id] = body.job
+        elif isinstance(body, EngineChanged):
+            self.engine = body.engine
+        elif isinstance(body, GpusSampled):
+            self.gpus = body.gpus
+            self.gpu_note = body.note
+        elif isinstance(body, QueueChanged):
+            self.queue_paused = body.paused
+
+
+UpdateKind = Literal["snapshot", "event", "lost"]
+
+
+@dataclass(frozen=True)
+class Update:
+    """What :meth:`AsyncClient.watch` yields: the mirror was (re)loaded, an event was applied, or the
+    daemon has gone silent (``lost``). ``session_changed`` marks the first snapshot of a new daemon."""
+
+    kind: UpdateKind
+    event: Event | None = None
+    session_changed: bool = False
+    reason: str = ""
+
+
+class AsyncClient:
+    def __init__(self, paths: Paths, *, name: str = "ftmllm-client", timeout: float = 5.0,
+                 heartbeat_s: float = 1.0) -> None:
+        self.paths = paths
+        self.name = name
+        self.timeout = timeout
+        self.heartbeat_s = heartbeat_s
+        self.ctx = zmq.asyncio.Context()
+        self._dealer: zmq.asyncio.Socket | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self.mirror = Mirror()
+
+    # -------------------------------------------------------------------------------- requests
+
+    def _ensure_dealer(self) -> zmq.asyncio.Socket:
+        if self._dealer is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.reconnect_ivl = 100
+            sock.reconnect_ivl_max = 1000
+            sock.connect(self.paths.ctl_endpoint)
+            self._dealer = sock
+            self._reader = asyncio.get_running_loop().create_task(self._read_replies())
+        return self._dealer
+
+    async def _read_replies(self) -> None:
+        assert self._dealer is not None
+        while True:
+            frame = await self._dealer.recv()
+            try:
+                reply = decode_reply(frame)
+            except Exception:
+                continue  # a reply from a newer daemon we cannot read: its request will time out
+            fut = self._pending.pop(reply.id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(reply)
+
+    def _check_listening(self) -> None:
+        """Fail fast when nobody listens: a missing socket file, or one left behind by a killed daemon
+        (ZeroMQ itself would retry quietly until the request timed out)."""
+        path = str(self.paths.ctl_socket)
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except FileNotFoundError:
+            raise DaemonUnavailable(unavailable_message(self.paths, "not running")) from None
+        except ConnectionRefusedError:
+            raise DaemonUnavailable(unavailable_message(self.paths, "not running (stale socket file)")) from None
+        except PermissionError:
+            raise DaemonUnavailable(
+                f"not allowed to connect to {path}: ask an admin to add you to the daemon's group "
+                "(e.g. `sudo usermod -aG ftmllm $USER`, then log in again)"
+            ) from None
+        finally:
+            probe.close()
+
+    async def request(self, body: RequestBody, timeout: float | None = None) -> ReplyBody:
+        """Send one request and wait for its reply; raises RemoteError or DaemonUnavailable."""
+        if self._dealer is None:
+            self._check_listening()
+        sock = self._ensure_dealer()
+        rid = next(self._ids)
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[rid] = fut
+        await sock.send(encode(Request(id=rid, v=PROTOCOL_VERSION, body=body)))
+        try:
+            reply = await asyncio.wait_for(fut, timeout or self.timeout)
+        except TimeoutError:
+            self._pending.pop(rid, None)
+            raise DaemonUnavailable(unavailable_message(
+                self.paths, f"not answering within {timeout or self.timeout:.0f}s")) from None
+        if reply.error is not None:
+            raise RemoteError(reply.error.code, reply.error.message)
+        assert reply.result is not None
+        return reply.result  # type: ignore[no-any-return]
+
+    async def call(self, body: RequestBody, expect: type[T], timeout: float | None = None) -> T:
+        result = await self.request(body, timeout)
+        if not isinstance(result, expect):
+            raise RemoteError("internal", f"expected a {expect.__name__} reply, got {type(result).__name__}")
+        return result
+
+    async def hello(self) -> HelloReply:
+        return await self.call(Hello(client=self.name), HelloReply)
+
+    async def snapshot(self) -> Snapshot:
+        return await self.call(GetSnapshot(), Snapshot)
+
+    # ---------------------------------------------------------------------------------- events
+
+    def subscribe(self, topics: tuple[str, ...] = ("",)) -> zmq.asyncio.Socket:
+        sub = self.ctx.socket(zmq.SUB)
+        sub.linger = 0
+        sub.rcvhwm = 200_000
+        sub.reconnect_ivl = 100
+        sub.reconnect_ivl_max = 1000
+        for t in topics:
+            sub.setsockopt(zmq.SUBSCRIBE, t.encode())
+        if "" not in topics:
+            sub.setsockopt(zmq.SUBSCRIBE, b"hb")
+        sub.connect(self.paths.events_endpoint)
+        return sub
+
+    async def events(self, topics: tuple[str, ...]) -> AsyncIterator[Event]:
+        """Raw events of some topics (no mirror, no gap checks): e.g. one job's text deltas."""
+        sub = self.subscribe(topics)
+        try:
+            while True:
+                _topic, frame = await sub.recv_multipart()
+                yield decode_event(frame)
+        finally:
+            sub.close()
+
+    async def watch(self) -> AsyncIterator[Update]:
+        """Keep :attr:`mirror` equal to the daemon's state, for as long as the caller iterates."""
+        sub = self.subscribe()
+        lost_after = 3 * self.heartbeat_s
+        need_snapshot = True
+        lost = False
+        session_changed = False
+        try:
+            while True:
+                try:
+                    _topic, frame = await asyncio.wait_for(sub.recv_multipart(), lost_after)
+                except TimeoutError:
+                    if not lost:
+                        lost = True
+                        yield Update("lost", reason=f"no heartbeat from ftmllmd for {lost_after:.0f}s")
+                    continue
+                ev = decode_event(frame)
+                lost = False
+                if ev.session != self.mirror.session and self.mirror.session:
+                    session_changed = True
+                if need_snapshot or ev.session != self.mirror.session:
+                    # a message arrived, so the subscription is live: a snapshot taken now misses nothing
+                    try:
+                        snap = await self.snapshot()
+                    except DaemonUnavailable:
+                        continue
+                    self.mirror.load(snap)
+                    need_snapshot = False
+                    yield Update("snapshot", session_changed=session_changed)
+                    session_changed = False
+                    if ev.session != snap.session:
+                        continue
+                if ev.durable:
+                    if ev.seq <= self.mirror.seq:
+                        continue  # already in the snapshot
+                    if ev.seq != self.mirror.seq + 1:
+                        need_snapshot = True
+                        continue
+                elif isinstance(ev.body, Heartbeat) and ev.seq > self.mirror.seq:
+                    need_snapshot = True  # events before this heartbeat were lost (e.g. high-water mark)
+                    continue
+                self.mirror.apply(ev)
+                yield Update("event", event=ev)
+        finally:
+            sub.close()
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        for fut in self._pending.values():
+            fut.cancel()
+        if self._dealer is not None:
+            self._dealer.close()
+        self.ctx.term()
+
+
+class Client:
+    """The blocking face: the same AsyncClient, run on a private event loop in a background thread."""
+
+    def __init__(self, paths: Paths, *, name: str = "ftctl", timeout: float = 5.0) -> None:
+        self.paths = paths
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="ftmllm-client", daemon=True)
+        self._thread.start()
+        self._async = self._run(_make_async(paths, name, timeout))
+
+    def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
+
+    @property
+    def mirror(self) -> Mirror:
+        return self._async.mirror
+
+    def request(self, body: RequestBody, timeout: float | None = None) -> ReplyBody:
+        return self._run(self._async.request(body, timeout))
+
+    def call(self, body: RequestBody, expect: type[T], timeout: float | None = None) -> T:
+        return self._run(self._async.call(body, expect, timeout))
+
+    def hello(self) -> HelloReply:
+        return self._run(self._async.hello())
+
+    def _iterate(self, agen: AsyncIterator[T], stop: threading.Event) -> Iterator[T]:
+        q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=10_000)
+
+        async def pump() -> None:
+            try:
+                async for item in agen:
+                    q.put(("item", item))
+                    if stop.is_set():
+                        break
+            except BaseException as exc:  # handed to the consuming thread
+                q.put(("error", exc))
+            else:
+                q.put(("end", None))
+
+        fut = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        try:
+            while True:
+                kind, item = q.get()
+                if kind == "item":
+                    yield item
+                elif kind == "error":
+                    raise item
+                else:
+                    return
+        finally:
+            stop.set()
+            fut.cancel()
+
+    def watch(self) -> Iterator[Update]:
+        """Blocking iterator over mirror updates; stop by breaking out of the loop."""
+        return self._iterate(self._async.watch(), threading.Event())
+
+    def events(self, topics: tuple[str, ...]) -> Iterator[Event]:
+        return self._iterate(self._async.events(topics), threading.Event())
+
+    def close(self) -> None:
+        async def _close() -> None:
+            self._async.close()
+
+        try:
+            self._run(_close(), timeout=5)
+        finally:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(timeout=5)
+
+
+async def _make_async(paths: Paths, name: str, timeout: float) -> AsyncClient:
+    return AsyncClient(paths, name=name, timeout=timeout)
+

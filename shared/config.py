@@ -1,0 +1,271 @@
+"""Configuration: one TOML file, typed, every key with a default (documented in configs/ftmllm.toml).
+
+Where things live, in order of precedence:
+* ``--config FILE`` or ``$FTMLLM_CONFIG``: the file's ``[paths]`` decide;
+* ``--home DIR`` or ``$FTMLLM_HOME`` (what ``make run`` uses): everything under DIR (state/, run/, inbox/…);
+* systemd: ``$STATE_DIRECTORY`` and ``$RUNTIME_DIRECTORY`` as the unit sets them;
+* otherwise XDG user dirs: state ``~/.local/state/ftmllm``, runtime ``$XDG_RUNTIME_DIR/ftmllm``,
+  hot folder ``~/ftmllm/{inbox,outbox,done,failed}``.
+Clients (ftctl, ftui) resolve the same way, so both ends find the same sockets.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+
+# Unix socket paths are limited to 107 bytes by the kernel (sun_path).
+MAX_IPC_PATH = 107
+
+
+class ConfigError(Exception):
+    """A config problem, phrased as one line: file, key, reason, fix."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=True):
+    pass
+
+
+class PathsConfig(_Section):
+    state_dir: str = ""
+    runtime_dir: str = ""
+    hotfolder: str = ""
+
+
+class DaemonConfig(_Section):
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    heartbeat_s: float = 1.0
+    # members of this Unix group may cancel and retry anyone's jobs
+    admin_group: str = ""
+    # members of this group may connect (the socket files are group-owned, mode 0660); "" = the daemon's group
+    socket_group: str = ""
+    # extra endpoint for remote clients, CurveZMQ-protected; "" = off
+    tcp_endpoint: str = ""
+    curve_authorized_keys: str = ""
+
+
+class HotfolderConfig(_Section):
+    enabled: bool = True
+    # a file is taken once its size and mtime have been quiet this long (and it parses)
+    settle_s: float = 2.0
+    # re-scan the inbox this often as well as listening to events: some file systems (NFS, CIFS) send none
+    rescan_s: float = 30.0
+
+
+class OcrConfig(_Section):
+    engine: Literal["auto", "vllm", "remote", "cpu"] = "auto"
+    dpi: int = 144
+    page_timeout_s: float = 120.0
+    workers: int = 2
+    max_concurrent_jobs: int = 2
+    prompt: str = "default"  # a file name in configs/prompts/ (without .txt) or a path
+
+
+class VllmConfig(_Section):
+    executable: str = "vllm"  # or the full path of a vllm in its own venv
+    model: str = ""
+    served_name: str = ""
+    max_model_len: int = 8192
+    dtype: str = "auto"
+    gpu_memory_utilization: float = 0.85
+    max_pixels: int = 1003520  # match what the served adapter was trained with (LLaMA-Factory image_max_pixels)
+    min_pixels: int = 3136
+    max_tokens: int = 4096
+    temperature: float = 0.0
+    quantization: str = ""
+    enable_lora: bool = True
+    max_lora_rank: int = 64
+    enable_sleep_mode: bool = True
+    extra_args: list[str] = []
+    env: dict[str, str] = {}
+    port: int = 0  # 0: pick a free port
+    start_timeout_s: float = 600.0
+    max_in_flight: int = 64
+    gpus: int = 1
+
+
+class RemoteConfig(_Section):
+    urls: list[str] = []
+    model: str = ""
+    api_key: str = ""
+
+
+class TrainConfig(_Section):
+    llamafactory_cli: str = "llamafactory-cli"
+    env: dict[str, str] = {}
+    save_total_limit: int = 3
+    graceful_stop_s: float = 60.0
+    templates_dir: str = ""  # "" = configs/llamafactory of this installation
+
+
+class SchedulerConfig(_Section):
+    share_gpus: bool = False
+    min_free_gib: float = 0.0
+    gpu_poll_s: float = 2.0
+
+
+class Config(_Section):
+    paths: PathsConfig = PathsConfig()
+    daemon: DaemonConfig = DaemonConfig()
+    hotfolder: HotfolderConfig = HotfolderConfig()
+    ocr: OcrConfig = OcrConfig()
+    vllm: VllmConfig = VllmConfig()
+    remote: RemoteConfig = RemoteConfig()
+    train: TrainConfig = TrainConfig()
+    scheduler: SchedulerConfig = SchedulerConfig()
+
+
+@dataclass(frozen=True)
+class Paths:
+    state_dir: Path
+    runtime_dir: Path
+    hotfolder: Path
+
+    @property
+    def ctl_endpoint(self) -> str:
+        return f"ipc://{self.runtime_dir / 'ctl.sock'}"
+
+    @property
+    def events_endpoint(self) -> str:
+        return f"ipc://{self.runtime_dir / 'events.sock'}"
+
+    @property
+    def ctl_socket(self) -> Path:
+        return self.runtime_dir / "ctl.sock"
+
+    @property
+    def inbox(self) -> Path:
+        return self.hotfolder / "inbox"
+
+    @property
+    def outbox(self) -> Path:
+        return self.hotfolder / "outbox"
+
+    @property
+    def done(self) -> Path:
+        return self.hotfolder / "done"
+
+    @property
+    def failed(self) -> Path:
+        return self.hotfolder / "failed"
+
+
+@dataclass(frozen=True)
+class Settings:
+    config: Config
+    paths: Paths
+    source: str  # where the config came from, for messages
+
+
+_PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
+
+
+def parse_config(text: str, source: str) -> Config:
+    """Decode TOML text into a Config; every problem comes back as one line naming file, key and fix."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML ({exc}); fix the syntax, see configs/ftmllm.toml") from None
+    try:
+        return msgspec.convert(raw, type=Config)
+    except msgspec.ValidationError as exc:
+        msg = str(exc)
+        match = _PATH_RE.search(msg)
+        key = match.group(1) if match else ""
+        reason = _PATH_RE.sub("", msg).strip(" -")
+        unknown = re.match(r"Object contains unknown field `([^`]+)`", reason)
+        if unknown:
+            full = f"{key}.{unknown.group(1)}" if key else unknown.group(1)
+            raise ConfigError(
+                f"{source}: unknown key '{full}'; remove it or check the spelling against configs/ftmllm.toml"
+            ) from None
+        raise ConfigError(f"{source}: key '{key}': {reason}; see configs/ftmllm.toml for the allowed values") from None
+
+
+def _user_paths() -> tuple[Path, Path, Path]:
+    home = Path.home()
+    state = Path(os.environ.get("XDG_STATE_HOME") or home / ".local" / "state") / "ftmllm"
+    xdg_run = os.environ.get("XDG_RUNTIME_DIR")
+    runtime = Path(xdg_run) / "ftmllm" if xdg_run else Path(f"/tmp/ftmllm-{os.getuid()}")
+    return state, runtime, home / "ftmllm"
+
+
+def resolve_paths(cfg: Config, home: Path | None, env: dict[str, str] | None = None) -> Paths:
+    env = dict(os.environ) if env is None else env
+    if home is not None:
+        home = home.expanduser().absolute()
+        state, runtime, hot = home / "state", home / "run", home
+    elif env.get("STATE_DIRECTORY") and env.get("RUNTIME_DIRECTORY"):
+        # systemd may list several dirs separated by ':'; ours is the first
+        state = Path(env["STATE_DIRECTORY"].split(":")[0])
+        runtime = Path(env["RUNTIME_DIRECTORY"].split(":")[0])
+        hot = state / "hotfolder"
+    else:
+        state, runtime, hot = _user_paths()
+    if cfg.paths.state_dir:
+        state = Path(cfg.paths.state_dir).expanduser()
+    if cfg.paths.runtime_dir:
+        runtime = Path(cfg.paths.runtime_dir).expanduser()
+    if cfg.paths.hotfolder:
+        hot = Path(cfg.paths.hotfolder).expanduser()
+    paths = Paths(state_dir=state.absolute(), runtime_dir=runtime.absolute(), hotfolder=hot.absolute())
+    longest = str(paths.runtime_dir / "events.sock")
+    if len(longest.encode()) > MAX_IPC_PATH:
+        raise ConfigError(
+            f"runtime dir {paths.runtime_dir} is too long for a Unix socket path ({len(longest)} > "
+            f"{MAX_IPC_PATH} bytes); set [paths] runtime_dir to a shorter directory"
+        )
+    return paths
+
+
+def load_settings(config_file: str | Path | None = None, home: str | Path | None = None) -> Settings:
+    """The one way both daemon and clients find their config (see the module docstring)."""
+    env_file = os.environ.get("FTMLLM_CONFIG")
+    env_home = os.environ.get("FTMLLM_HOME")
+    file = Path(config_file) if config_file else (Path(env_file) if env_file else None)
+    home_dir = Path(home) if home else (Path(env_home) if env_home else None)
+    if file is not None:
+        try:
+            text = file.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(
+                f"{file}: cannot read the config file ({exc.strerror}); "
+                "check the path given with --config or FTMLLM_CONFIG"
+            ) from None
+        cfg = parse_config(text, str(file))
+        source = str(file)
+    else:
+        cfg = Config()
+        source = "built-in defaults"
+    return Settings(config=cfg, paths=resolve_paths(cfg, home_dir), source=source)
+
+
+def default_config_toml() -> str:
+    """Every key with its default, as TOML (what configs/ftmllm.toml must document)."""
+    lines: list[str] = []
+    for section_name, section in msgspec.structs.asdict(Config()).items():
+        lines.append(f"[{section_name}]")
+        for key, value in msgspec.structs.asdict(section).items():
+            lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(type(value))

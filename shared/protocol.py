@@ -1,0 +1,522 @@
+"""The wire protocol between ftmllmd and its clients (ftctl, ftui): every message is a typed struct.
+
+Two sockets (ZeroMQ guide, chapter 5, "Clone"):
+
+* ``ctl``: ROUTER (daemon) <-> DEALER (client). A client sends one frame, an encoded :class:`Request`;
+  the daemon answers one frame, an encoded :class:`Reply` with the same ``id``. Many may be in flight.
+* ``events``: PUB (daemon) -> SUB (client). Two frames: the topic (``job.<id>``, ``ocr.<id>``,
+  ``train.<id>``, ``engine``, ``gpu``, ``queue``, ``hb``) and an encoded :class:`Event`.
+
+Durable events change state that lives in the store; each takes the next ``seq`` (global, never reused,
+never going backwards across restarts). Stream events (text deltas, GPU samples, heartbeats) change no
+stored state: they carry the last durable ``seq`` and ``durable=False``, so a client can tell a lost
+durable event (a gap) from a stream event it may simply miss.
+
+A client subscribes first, then asks for a :class:`Snapshot` stamped with ``seq``, drops durable events
+with ``seq <= snapshot.seq`` and applies the rest; a gap means "ask for a new snapshot". Heartbeats carry
+the daemon's ``session`` (new at every daemon start) and its current ``seq``, so a client notices a restart
+and a lost tail event within a heartbeat.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+PROTOCOL_VERSION = 1
+# Frames above this are refused before decoding, so a hostile or broken client cannot make the daemon
+# allocate without bound. 4 MiB leaves room for a snapshot of thousands of jobs.
+MAX_FRAME_BYTES = 4 * 1024 * 1024
+
+JobState = Literal["queued", "running", "succeeded", "failed", "canceled", "interrupted"]
+TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
+JOB_KINDS = ("ocr", "train", "eval", "export", "selftest")
+
+
+class Struct(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Base of every message: unknown fields are a decoding error, not silently dropped."""
+
+
+# --------------------------------------------------------------------------------------------- records
+
+
+class Progress(Struct):
+    done: float = 0
+    total: float = 0
+    unit: str = ""
+    # what the job is doing now, in words ("page 3 of 12", "step 40/200, loss 1.82")
+    note: str = ""
+    rate: float = 0.0  # units per second, smoothed
+    eta_s: float | None = None
+
+
+class JobInfo(Struct):
+    id: int
+    kind: str
+    owner: str
+    state: JobState
+    name: str
+    spec: dict[str, Any]
+    created: float
+    started: float | None = None
+    finished: float | None = None
+    error: str = ""
+    artifacts: dict[str, str] = {}
+    progress: Progress = msgspec.field(default_factory=Progress)
+    attempts: int = 0
+    gpus: list[int] = []
+
+
+class HistoryEntry(Struct):
+    seq: int
+    ts: float
+    what: str
+
+
+class GpuProcess(Struct):
+    pid: int
+    used_mib: float
+    user: str = ""
+    job_id: int | None = None  # None: a process the daemon does not own (a "foreign" process)
+
+
+class GpuInfo(Struct):
+    index: int
+    name: str
+    uuid: str = ""
+    mem_total_mib: float = 0
+    mem_used_mib: float = 0
+    util_pct: float = 0
+    processes: list[GpuProcess] = []
+    job_ids: list[int] = []
+    engine: bool = False
+
+
+class EngineInfo(Struct):
+    kind: str = "cpu"  # cpu | vllm | remote
+    state: str = "stopped"  # stopped | starting | ready | sleeping | restarting | failed
+    model: str = ""
+    reason: str = ""  # why this engine serves ("auto: no GPUs found, using the CPU engine")
+    adapters: list[str] = []
+    running: int = 0
+    waiting: int = 0
+    kv_cache_pct: float = 0.0
+    tokens_per_s: float = 0.0
+    pages_per_s: float = 0.0
+    gpus: list[int] = []
+    error: str = ""
+
+
+class PageInfo(Struct):
+    job_id: int
+    page_no: int  # 1-based, as people count pages
+    state: Literal["pending", "running", "done", "failed"]
+    method: str = ""  # text_layer | ocr | vlm | fallback
+    timings: dict[str, float] = {}
+    error: str = ""
+    chars: int = 0
+
+
+class TrainPoint(Struct):
+    job_id: int
+    step: int
+    total_steps: int = 0
+    loss: float | None = None
+    lr: float | None = None
+    eval_loss: float | None = None
+    epoch: float | None = None
+    percentage: float | None = None
+    elapsed_s: float | None = None
+    remaining_s: float | None = None
+    ts: float = 0.0
+
+
+# -------------------------------------------------------------------------------------------- requests
+
+
+class Hello(Struct, tag="hello"):
+    client: str = ""
+
+
+class GetSnapshot(Struct, tag="snapshot"):
+    pass
+
+
+class Status(Struct, tag="status"):
+    pass
+
+
+class Ping(Struct, tag="ping"):
+    pass
+
+
+class ListJobs(Struct, tag="jobs"):
+    all: bool = False
+    limit: int = 200
+
+
+class ShowJob(Struct, tag="show"):
+    job_id: int
+
+
+class Submit(Struct, tag="submit"):
+    kind: str
+    spec: dict[str, Any]
+    name: str = ""
+
+
+class Cancel(Struct, tag="cancel"):
+    job_id: int
+
+
+class Retry(Struct, tag="retry"):
+    job_id: int
+
+
+class JobLogs(Struct, tag="logs"):
+    job_id: int
+    offset: int | None = None  # byte offset to read from; None: the last `tail` lines
+    tail: int = 50
+    max_bytes: int = 256 * 1024
+
+
+class PauseQueue(Struct, tag="pause"):
+    pass
+
+
+class ResumeQueue(Struct, tag="resume"):
+    pass
+
+
+class EngineCommand(Struct, tag="engine"):
+    action: Literal["status", "start", "stop", "sleep", "wake", "adapters", "load", "unload"]
+    name: str = ""
+    path: str = ""
+
+
+class PageText(Struct, tag="page_text"):
+    job_id: int
+    page_no: int
+
+
+class JobPages(Struct, tag="pages"):
+    job_id: int
+
+
+class TrainPoints(Struct, tag="train_points"):
+    job_id: int
+    since_step: int = -1
+
+
+class DatasetAdd(Struct, tag="dataset_add"):
+    name: str
+    file: str
+    images: str = ""
+    ranking: bool = False
+
+
+class DatasetList(Struct, tag="datasets"):
+    pass
+
+
+class Ask(Struct, tag="ask"):
+    """One question about one image or PDF page, answered by the serving engine (ftui's Try screen)."""
+
+    question: str
+    file: str
+    page_no: int = 1
+    adapter: str = ""
+
+
+RequestBody = (
+    Hello
+    | GetSnapshot
+    | Status
+    | Ping
+    | ListJobs
+    | ShowJob
+    | Submit
+    | Cancel
+    | Retry
+    | JobLogs
+    | PauseQueue
+    | ResumeQueue
+    | EngineCommand
+    | PageText
+    | JobPages
+    | TrainPoints
+    | DatasetAdd
+    | DatasetList
+    | Ask
+)
+
+
+class Request(Struct):
+    id: int
+    v: int
+    body: RequestBody
+
+
+# --------------------------------------------------------------------------------------------- replies
+
+
+class HelloReply(Struct, tag="hello"):
+    version: int
+    session: str
+    daemon_version: str
+    pid: int
+    user: str  # who the daemon believes you are (from the kernel, not from anything you sent)
+    seq: int
+
+
+class Snapshot(Struct, tag="snapshot"):
+    session: str
+    seq: int
+    jobs: list[JobInfo]
+    engine: EngineInfo
+    gpus: list[GpuInfo]
+    gpu_note: str
+    queue_paused: bool
+
+
+class StatusReply(Struct, tag="status"):
+    session: str
+    pid: int
+    version: str
+    uptime_s: float
+    seq: int
+    state_dir: str
+    runtime_dir: str
+    hotfolder: str
+    counts: dict[str, int]
+    queue_paused: bool
+    engine: EngineInfo
+    gpus: list[GpuInfo]
+    gpu_note: str
+
+
+class Pong(Struct, tag="pong"):
+    ts: float
+
+
+class JobList(Struct, tag="jobs"):
+    jobs: list[JobInfo]
+
+
+class JobDetail(Struct, tag="job"):
+    job: JobInfo
+    history: list[HistoryEntry]
+    log_path: str
+
+
+class LogChunk(Struct, tag="log"):
+    text: str
+    offset: int  # where the next read should start
+    size: int
+    finished: bool  # the job is in a terminal state: nothing more will be written
+
+
+class Done(Struct, tag="ok"):
+    message: str = ""
+
+
+class EngineReply(Struct, tag="engine"):
+    engine: EngineInfo
+    message: str = ""
+
+
+class PageTextReply(Struct, tag="page_text"):
+    page: PageInfo
+    text: str
+
+
+class PagesReply(Struct, tag="pages"):
+    pages: list[PageInfo]
+
+
+class TrainPointsReply(Struct, tag="train_points"):
+    points: list[TrainPoint]
+
+
+class DatasetsReply(Struct, tag="datasets"):
+    names: list[str]
+    message: str = ""
+
+
+class AskReply(Struct, tag="ask"):
+    stream_topic: str  # the answer streams as TextDelta events on this topic
+    request_key: str
+
+
+ReplyBody = (
+    HelloReply
+    | Snapshot
+    | StatusReply
+    | Pong
+    | JobList
+    | JobDetail
+    | LogChunk
+    | Done
+    | EngineReply
+    | PageTextReply
+    | PagesReply
+    | TrainPointsReply
+    | DatasetsReply
+    | AskReply
+)
+
+ErrorCode = Literal[
+    "bad_request",  # the frame did not decode, or a field has the wrong type
+    "version",  # client and daemon speak different protocol versions
+    "too_large",
+    "unknown_job",
+    "invalid_spec",  # the job spec was rejected at submit; the message names the key or file
+    "invalid_state",  # e.g. cancel a finished job
+    "forbidden",  # not the owner, not an admin
+    "unavailable",  # the engine or another part is not there
+    "internal",
+]
+
+
+class ErrorInfo(Struct):
+    code: ErrorCode
+    message: str
+
+
+class Reply(Struct):
+    id: int
+    result: ReplyBody | None = None
+    error: ErrorInfo | None = None
+
+
+# ---------------------------------------------------------------------------------------------- events
+
+
+class Heartbeat(Struct, tag="hb"):
+    pid: int
+    uptime_s: float
+
+
+class JobChanged(Struct, tag="job"):
+    job: JobInfo
+    what: str  # one line for the job's history ("queued by alice", "page 3/12 done", "failed: …")
+
+
+class PageChanged(Struct, tag="page"):
+    page: PageInfo
+
+
+class TextDelta(Struct, tag="delta"):
+    """A piece of streamed model output: OCR text of a page, or an answer (``ask``)."""
+
+    key: str  # "<job>:<page>" for OCR, the request_key for ask
+    text: str
+    job_id: int = 0
+    page_no: int = 0
+    final: bool = False
+
+
+class TrainProgress(Struct, tag="train"):
+    point: TrainPoint
+
+
+class EngineChanged(Struct, tag="engine"):
+    engine: EngineInfo
+
+
+class GpusSampled(Struct, tag="gpus"):
+    gpus: list[GpuInfo]
+    note: str = ""
+
+
+class QueueChanged(Struct, tag="queue"):
+    paused: bool
+
+
+EventBody = (
+    Heartbeat | JobChanged | PageChanged | TextDelta | TrainProgress | EngineChanged | GpusSampled | QueueChanged
+)
+
+
+class Event(Struct):
+    seq: int
+    session: str
+    ts: float
+    durable: bool
+    body: EventBody
+
+
+# ------------------------------------------------------------------------------------------- encoding
+
+_encoder = msgspec.msgpack.Encoder()
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+_event_decoder = msgspec.msgpack.Decoder(Event)
+
+
+class ProtocolError(Exception):
+    """A frame that is not a valid message; ``code`` is the ErrorInfo code to answer with."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+        self.message = message
+
+
+def encode(msg: msgspec.Struct) -> bytes:
+    return _encoder.encode(msg)
+
+
+def decode_request(frame: bytes) -> Request:
+    if len(frame) > MAX_FRAME_BYTES:
+        raise ProtocolError("too_large", f"request of {len(frame)} bytes is over the {MAX_FRAME_BYTES} limit")
+    try:
+        req = _request_decoder.decode(frame)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise ProtocolError("bad_request", f"undecodable request: {exc}") from None
+    if req.v != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "version",
+            f"client speaks protocol {req.v}, daemon speaks {PROTOCOL_VERSION}: "
+            "install the same ftmllm version for ftctl/ftui as the daemon runs",
+        )
+    return req
+
+
+def request_id_of(frame: bytes) -> int:
+    """Best-effort id of an undecodable request, so the error reply reaches the right caller."""
+    try:
+        raw = msgspec.msgpack.decode(frame[:MAX_FRAME_BYTES])
+    except Exception:
+        return 0
+    if isinstance(raw, dict) and isinstance(raw.get("id"), int):
+        return int(raw["id"])
+    return 0
+
+
+def decode_reply(frame: bytes) -> Reply:
+    return _reply_decoder.decode(frame)
+
+
+def decode_event(frame: bytes) -> Event:
+    return _event_decoder.decode(frame)
+
+
+def topic_of(body: EventBody) -> str:
+    """The PUB topic an event goes out on; clients subscribe by prefix."""
+    if isinstance(body, JobChanged):
+        return f"job.{body.job.id}"
+    if isinstance(body, PageChanged):
+        return f"ocr.{body.page.job_id}"
+    if isinstance(body, TextDelta):
+        return f"ocr.{body.job_id}" if body.job_id else f"ask.{body.key}"
+    if isinstance(body, TrainProgress):
+        return f"train.{body.point.job_id}"
+    if isinstance(body, EngineChanged):
+        return "engine"
+    if isinstance(body, GpusSampled):
+        return "gpu"
+    if isinstance(body, QueueChanged):
+        return "queue"
+    return "hb"

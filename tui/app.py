@@ -1,0 +1,5 @@
+"""ftui placeholder (replaced by the TUI work)."""
+
+
+def main() -> int:
+    return 0

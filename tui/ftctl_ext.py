@@ -1,0 +1,12 @@
+"""Subcommands of ftctl contributed by the other parts; each entry is ``extend(submit_kinds, commands)``.
+
+Kept apart from tui/ftctl.py so the OCR, training, engine and service parts each add their own commands
+in their own module without editing the core CLI.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+EXTENSIONS: list[Callable[[Any, Any], None]] = []
