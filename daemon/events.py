@@ -31,6 +31,7 @@ class EventBus:
         self.seq = seq  # the last durable seq published (or found in the store at start)
         self.started = time.monotonic()
         self._pending_deltas: dict[str, TextDelta] = {}
+        self._uncommitted: list[tuple[int, EventBody]] = []
         self._flush_handle: asyncio.TimerHandle | None = None
 
     def _send(self, body: EventBody, seq: int, durable: bool) -> None:
@@ -43,9 +44,15 @@ class EventBus:
             log.warning("event socket full: dropped event seq=%d", seq)
 
     def durable(self, seq: int, body: EventBody) -> None:
-        """Publish an event the store has committed as ``seq``."""
-        self.seq = max(self.seq, seq)
-        self._send(body, seq, True)
+        """Publish the event the store wrote as ``seq``, as soon as the store commits it."""
+        self._uncommitted.append((seq, body))
+
+    def committed(self) -> None:
+        """The store's commit hook: everything written so far is safe, send it in seq order."""
+        pending, self._uncommitted = self._uncommitted, []
+        for seq, body in pending:
+            self.seq = max(self.seq, seq)
+            self._send(body, seq, True)
 
     def stream(self, body: EventBody) -> None:
         """Publish an event that changes no stored state (deltas are coalesced, see module doc)."""

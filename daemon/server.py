@@ -74,12 +74,17 @@ class CtlServer:
             self.dropped.drop(f"{len(frames)} frames instead of 2")
             return
         ident, payload = frames
-        data = payload.bytes
         caller = self.identities.from_frame(payload)
+        size = len(payload.buffer)
+        if size > MAX_FRAME_BYTES:  # answered without copying the frame into Python
+            self._reply(ident.bytes, Reply(id=0, error=ErrorInfo(
+                code="too_large", message=f"request of {size} bytes is over the {MAX_FRAME_BYTES} byte limit")))
+            return
+        data = payload.bytes
         try:
             req = decode_request(data)
         except ProtocolError as exc:
-            rid = request_id_of(data) if len(data) <= MAX_FRAME_BYTES else 0
+            rid = request_id_of(data)
             self._reply(ident.bytes, Reply(id=rid, error=ErrorInfo(code=exc.code, message=exc.message)))
             return
         handler = self.handlers.get(type(req.body))
@@ -108,6 +113,11 @@ class CtlServer:
             self._reply(ident, Reply(id=rid, result=result))
 
     def _reply(self, ident: bytes, reply: Reply) -> None:
+        # after the store's group commit (scheduled earlier in this turn, so it runs first): a client never
+        # holds an answer about a change that a crash could still take back
+        asyncio.get_running_loop().call_soon(self._send, ident, reply)
+
+    def _send(self, ident: bytes, reply: Reply) -> None:
         try:
             self.sock.send_multipart([ident, encode(reply)], flags=zmq.NOBLOCK)
         except zmq.Again:

@@ -28,6 +28,7 @@ from daemon.server import CtlServer, Handler
 from daemon.store import Store
 from shared.config import Settings
 from shared.protocol import (
+    MAX_WIRE_BYTES,
     Cancel,
     Done,
     EngineInfo,
@@ -81,6 +82,7 @@ class Daemon:
         self.pub.sndhwm = EVENT_HWM
         self.pub.linger = 0
         self.bus = EventBus(self.pub, self.session, self.store.seq)
+        self.store.on_commit = self.bus.committed
         self.kinds: dict[str, JobKind] = {"selftest": SelftestKind()}
         if kinds:
             self.kinds.update(kinds)
@@ -92,7 +94,7 @@ class Daemon:
         self.router.linger = 0
         self.router.rcvhwm = 10_000
         self.router.sndhwm = 10_000
-        self.router.setsockopt(zmq.MAXMSGSIZE, 8 * 1024 * 1024)
+        self.router.setsockopt(zmq.MAXMSGSIZE, MAX_WIRE_BYTES)
         self.ctl = CtlServer(self.router, self.identities, self._handlers())
         self._tasks: list[asyncio.Task[Any]] = []
         self.extra_handlers: dict[type, Handler] = {}
@@ -138,6 +140,7 @@ class Daemon:
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.store.commit()
         self.bus.flush()
         self.router.close()
         self.pub.close()

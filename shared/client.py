@@ -11,6 +11,7 @@ notices the new session from the heartbeat.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import itertools
 import queue
 import socket
@@ -283,9 +284,8 @@ class AsyncClient:
             self._reader.cancel()
         for fut in self._pending.values():
             fut.cancel()
-        if self._dealer is not None:
-            self._dealer.close()
-        self.ctx.term()
+        # destroy, not term: it also closes SUB sockets of watch() generators still suspended somewhere
+        self.ctx.destroy(linger=0)
 
 
 class Client:
@@ -297,6 +297,7 @@ class Client:
         self._thread = threading.Thread(target=self._loop.run_forever, name="ftmllm-client", daemon=True)
         self._thread.start()
         self._async = self._run(_make_async(paths, name, timeout))
+        self._iterations: set[concurrent.futures.Future[None]] = set()
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
@@ -323,12 +324,16 @@ class Client:
                     q.put(("item", item))
                     if stop.is_set():
                         break
-            except BaseException as exc:  # handed to the consuming thread
+            except asyncio.CancelledError:  # the client is closing: the iteration just ends
+                q.put(("end", None))
+                raise
+            except Exception as exc:  # handed to the consuming thread
                 q.put(("error", exc))
             else:
                 q.put(("end", None))
 
         fut = asyncio.run_coroutine_threadsafe(pump(), self._loop)
+        self._iterations.add(fut)
         try:
             while True:
                 kind, item = q.get()
@@ -341,6 +346,7 @@ class Client:
         finally:
             stop.set()
             fut.cancel()
+            self._iterations.discard(fut)
 
     def watch(self) -> Iterator[Update]:
         """Blocking iterator over mirror updates; stop by breaking out of the loop."""
@@ -351,6 +357,9 @@ class Client:
 
     def close(self) -> None:
         async def _close() -> None:
+            for fut in list(self._iterations):
+                fut.cancel()
+            await asyncio.sleep(0)  # let the cancelled pumps unwind before their sockets go
             self._async.close()
 
         try:

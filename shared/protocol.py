@@ -25,9 +25,11 @@ from typing import Any, Literal
 import msgspec
 
 PROTOCOL_VERSION = 1
-# Frames above this are refused before decoding, so a hostile or broken client cannot make the daemon
-# allocate without bound. 4 MiB leaves room for a snapshot of thousands of jobs.
-MAX_FRAME_BYTES = 4 * 1024 * 1024
+# Requests above this are refused before decoding, so a hostile or broken client cannot make the daemon
+# allocate without bound; real requests are a few hundred bytes. Replies (snapshots) have no such limit.
+MAX_FRAME_BYTES = 256 * 1024
+# Past this libzmq itself drops the connection before the daemon sees the frame.
+MAX_WIRE_BYTES = 1024 * 1024
 
 JobState = Literal["queued", "running", "succeeded", "failed", "canceled", "interrupted"]
 TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
@@ -473,7 +475,8 @@ def decode_request(frame: bytes) -> Request:
         raise ProtocolError("too_large", f"request of {len(frame)} bytes is over the {MAX_FRAME_BYTES} limit")
     try:
         req = _request_decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+        # ValueError: msgspec raises UnicodeDecodeError for invalid UTF-8 in a string field
         raise ProtocolError("bad_request", f"undecodable request: {exc}") from None
     if req.v != PROTOCOL_VERSION:
         raise ProtocolError(

@@ -2,7 +2,7 @@
 
 Run it with the python of a venv where llamafactory is installed (never the daemon's venv):
 
-    ~/.cache/ftmllm-test/llamafactory-<hash>/bin/python daemon/train/gen_keys.py [OUT.json]
+    cd REPO && ~/.cache/ftmllm-test/llamafactory-<hash>/bin/python -m daemon.train.gen_keys [OUT.json]
 
 It reads the dataclasses LLaMA-Factory's HfArgumentParser parses (``_TRAIN_ARGS`` for `llamafactory-cli
 train`, ``_INFER_ARGS`` for `llamafactory-cli export`), the registered chat templates and the stages, so
@@ -78,6 +78,9 @@ def fields_of(cls: type) -> dict[str, dict[str, Any]]:
 
 
 def generate() -> dict[str, Any]:
+    # run as a script, this folder would be first on sys.path and its datasets.py would shadow HF datasets
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     from llamafactory.data.template import TEMPLATES
     from llamafactory.hparams import parser as lf_parser
     from llamafactory.hparams.finetuning_args import FinetuningArguments

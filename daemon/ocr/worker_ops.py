@@ -1,0 +1,292 @@
+"""What a PDF worker process does: every MuPDF, pymupdf4llm and rapidocr call on an untrusted file.
+
+Runs only inside a worker spawned by :mod:`daemon.ocr.pdfworker`; the daemon never imports this module, so
+the daemon never loads MuPDF (and can never fork with MuPDF loaded). Each request is answered with
+``("ok", result)`` or ``("err", code, message)``; every expected failure becomes a code and a line a person
+can act on, and every string leaving the process is made UTF-8 safe first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections import OrderedDict
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import pymupdf
+
+from daemon.ocr import reading_order
+from daemon.ocr.errors import PdfError
+from daemon.ocr.pdfworker import PdfInfo, RenderedPage, WorkerConfig, WorkerReady
+from daemon.ocr.saslprep import saslprep
+from daemon.ocr.text_quality import clean_text, text_layer_usable
+
+HEADER_WINDOW = 1024  # the PDF header may start anywhere in the first KiB (ISO 32000-2, 7.5.2)
+PIXEL_CEILING = 25_000_000  # no render larger than this, whatever the caller asks: 4000-pt pages exist
+HEADER_SAMPLE_PAGES = 50  # legacy mode: font-size statistics for headings from this many pages
+MAX_WARNINGS_CHARS = 2000
+
+
+def _hint_password(name: str) -> str:
+    return f"give the password with a sidecar {name}.password file or `ftctl submit ocr {name} --password …`"
+
+
+class Worker:
+    """State kept between requests: open documents (LRU), the OCR engine, pymupdf4llm heading statistics."""
+
+    def __init__(self, cfg: WorkerConfig) -> None:
+        self.cfg = cfg
+        self._docs: OrderedDict[tuple[Any, ...], pymupdf.Document] = OrderedDict()
+        self._headers: dict[tuple[Any, ...], Any] = {}
+        self._ocr: Any = None
+        self._md: Any = None
+
+    # -- set-up --------------------------------------------------------------------------------------------
+
+    def preload(self) -> None:
+        """Import and warm what requests will use, so that a page's timeout measures the page, not imports."""
+        if "markdown" in self.cfg.preload:
+            doc = pymupdf.open()
+            page = doc.new_page(width=200, height=100)
+            page.insert_text((20, 50), "warm up")
+            self._markdown(doc, 0, key=("warm-up",))
+            self._headers.pop(("warm-up",), None)
+        if "ocr" in self.cfg.preload:
+            pix = pymupdf.Pixmap(pymupdf.csRGB, pymupdf.IRect(0, 0, 64, 32), False)
+            pix.clear_with(255)
+            self._ocr_engine()(pix.tobytes("png"))
+
+    def _markdown(self, doc: pymupdf.Document, page_no: int, key: tuple[Any, ...]) -> str:
+        if self._md is None:
+            import pymupdf4llm
+
+            pymupdf4llm.use_layout(self.cfg.markdown_mode == "layout")
+            self._md = pymupdf4llm
+        if self.cfg.markdown_mode == "layout":
+            # use_ocr=False: image-only pages are OCR'd by the engine, with its own timeout and reading order.
+            text = self._md.to_markdown(doc, pages=[page_no], use_ocr=False, show_progress=False)
+        else:
+            from pymupdf4llm.helpers import pymupdf_rag
+
+            # Heading levels come from font-size statistics over the document; computing them once per
+            # document instead of once per page call keeps a long document linear.
+            hdr = self._headers.get(key)
+            if hdr is None:
+                hdr = pymupdf_rag.IdentifyHeaders(doc, pages=range(min(doc.page_count, HEADER_SAMPLE_PAGES)))
+                self._headers[key] = hdr
+            text = pymupdf_rag.to_markdown(doc, pages=[page_no], hdr_info=hdr, show_progress=False)
+        return str(text)
+
+    def _ocr_engine(self) -> Any:
+        if self._ocr is None:
+            from rapidocr import RapidOCR
+
+            logging.getLogger("RapidOCR").setLevel(logging.ERROR)
+            threads = self.cfg.threads
+            self._ocr = RapidOCR(
+                params={
+                    "Global.log_level": "error",
+                    "EngineConfig.onnxruntime.intra_op_num_threads": threads,
+                    "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+                    # The detector at full page resolution costs ~4 s a page here; capping its input side
+                    # keeps body text legible at 144 dpi and halves the time (see README numbers).
+                    "Det.limit_type": "max",
+                    "Det.limit_side_len": self.cfg.ocr_det_side,
+                }
+            )
+        return self._ocr
+
+    # -- documents -----------------------------------------------------------------------------------------
+
+    def _open(self, path: str, password: str | None) -> tuple[pymupdf.Document, tuple[Any, ...]]:
+        name = Path(path).name
+        try:
+            st = os.stat(path)
+            with open(path, "rb") as f:
+                head = f.read(HEADER_WINDOW)
+        except OSError as e:
+            raise PdfError("unreadable", f"cannot read {name}: {e.strerror}; check that it exists and is readable")
+        key = (path, password, st.st_size, st.st_mtime_ns)
+        doc = self._docs.get(key)
+        if doc is not None:
+            self._docs.move_to_end(key)
+            return doc, key
+        if not head:
+            raise PdfError("not_pdf", f"{name} is empty (0 bytes); copy the whole file again")
+        if b"%PDF-" not in head:
+            raise PdfError("not_pdf", f"{name} is not a PDF (no %PDF- header); only PDF files can be converted")
+        try:
+            doc = pymupdf.open(path, filetype="pdf")
+        except (pymupdf.FileDataError, pymupdf.mupdf.FzErrorBase) as e:
+            raise PdfError("corrupt", f"{name} is damaged and MuPDF cannot open it ({_reason(e)}); "
+                           "re-export or re-download it")
+        if doc.needs_pass:
+            if password is None:
+                raise PdfError("encrypted", f"encrypted: {name} needs a password; {_hint_password(name)}")
+            prepared = saslprep(password)
+            if not doc.authenticate(password) and not (
+                prepared is not None and prepared != password and doc.authenticate(prepared)
+            ):
+                raise PdfError("bad_password", f"the password given for {name} does not open it; "
+                               f"correct it ({_hint_password(name)})")
+        if doc.page_count == 0:
+            raise PdfError("zero_pages", f"{name} has no pages (it is probably truncated or damaged); "
+                           "nothing to convert: re-export or re-download it")
+        self._docs[key] = doc
+        while len(self._docs) > 2:
+            old_key, old = self._docs.popitem(last=False)
+            self._headers.pop(old_key, None)
+            old.close()
+        return doc, key
+
+    def _page(self, path: str, password: str | None, page_no: int) -> tuple[pymupdf.Page, tuple[Any, ...]]:
+        doc, key = self._open(path, password)
+        if not 0 <= page_no < doc.page_count:
+            raise PdfError("page_range", f"{Path(path).name} has {doc.page_count} pages; page {page_no + 1} "
+                           "does not exist")
+        return doc.load_page(page_no), key
+
+    # -- requests ------------------------------------------------------------------------------------------
+
+    def op_inspect(self, path: str, password: str | None) -> PdfInfo:
+        doc, _ = self._open(path, password)
+        sizes: list[tuple[float, float]] = []
+        for i in range(doc.page_count):
+            try:
+                r = doc.page_cropbox(i)
+                sizes.append((round(r.width, 2), round(r.height, 2)))
+            except (pymupdf.mupdf.FzErrorBase, RuntimeError, ValueError):
+                sizes.append((0.0, 0.0))  # a broken page; its own conversion will say what is wrong
+        meta = doc.metadata or {}
+        return PdfInfo(
+            page_count=doc.page_count,
+            encrypted=bool(meta.get("encryption")) or bool(doc.needs_pass),
+            needs_password=bool(doc.needs_pass),
+            page_sizes=sizes,
+            title=clean_text(meta.get("title") or ""),
+            encryption=clean_text(meta.get("encryption") or ""),
+            warnings=_warnings(),
+        )
+
+    def op_render(
+        self, path: str, password: str | None, page_no: int, dpi: float, max_pixels: int | None, with_png: bool
+    ) -> RenderedPage:
+        page, _ = self._page(path, password, page_no)
+        text = clean_text(page.get_text("text", sort=True))
+        usable, score = text_layer_usable(text, _image_coverage(page))
+        if not with_png:
+            return RenderedPage(b"", 0, 0, 0.0, text, usable, score, False)
+        rect = page.rect
+        cap = min(max_pixels or PIXEL_CEILING, PIXEL_CEILING)
+        zoom = dpi / 72
+        if rect.width * rect.height * zoom * zoom > cap:
+            zoom = math.sqrt(cap / (rect.width * rect.height)) * 0.999  # rounding up must stay within the cap
+        pix = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False, colorspace=pymupdf.csRGB)
+        ratio, _color = pix.color_topusage()
+        return RenderedPage(
+            png=pix.tobytes("png"),
+            width=pix.width,
+            height=pix.height,
+            dpi=round(zoom * 72, 2),
+            text=text,
+            text_usable=usable,
+            text_score=score,
+            blank=ratio >= 0.9995,
+        )
+
+    def op_markdown(self, path: str, password: str | None, page_no: int) -> str:
+        page, key = self._page(path, password, page_no)
+        return clean_text(self._markdown(page.parent, page_no, key))
+
+    def op_ocr(self, png: bytes) -> str:
+        result = self._ocr_engine()(png)
+        if result.boxes is None or result.txts is None:
+            return ""
+        boxes = reading_order.boxes_from_ocr(result.boxes.tolist(), list(result.txts))
+        return clean_text(reading_order.to_markdown(boxes))
+
+
+def _reason(e: BaseException) -> str:
+    text = clean_text(str(e)).strip() or type(e).__name__
+    return text.splitlines()[0][:300]
+
+
+def _where(kwargs: dict[str, Any]) -> str:
+    if "path" not in kwargs:
+        return "the page image"
+    name = Path(kwargs["path"]).name
+    return f"page {kwargs['page_no'] + 1} of {name}" if "page_no" in kwargs else name
+
+
+def _warnings() -> str:
+    text = clean_text(pymupdf.TOOLS.mupdf_warnings(reset=True) or "")
+    return text[-MAX_WARNINGS_CHARS:]
+
+
+def _image_coverage(page: pymupdf.Page) -> float:
+    area = abs(page.rect)
+    if area <= 0:
+        return 0.0
+    covered = 0.0
+    for info in page.get_image_info():
+        covered += abs(pymupdf.Rect(info["bbox"]) & page.rect)
+    return min(1.0, covered / area)
+
+
+def _die_with_parent() -> None:
+    # If the daemon is killed -9, a worker busy in MuPDF's C code would otherwise run on to the end.
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
+def serve(conn: Connection) -> None:
+    """The worker's main loop: read the config, load, say ready, answer requests until the socket closes."""
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in a terminal is for the daemon, which stops us
+    cfg: WorkerConfig = conn.recv()
+    pymupdf.TOOLS.mupdf_display_errors(False)
+    pymupdf.TOOLS.mupdf_display_warnings(False)
+    worker = Worker(cfg)
+    started = time.monotonic()
+    worker.preload()
+    _warnings()
+    conn.send(WorkerReady(pid=os.getpid(), seconds=time.monotonic() - started, pymupdf=pymupdf.__version__))
+    while True:
+        try:
+            op, kwargs = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            reply: tuple[Any, ...] = ("ok", getattr(worker, "op_" + op)(**kwargs))
+        except PdfError as e:
+            reply = ("err", e.code, clean_text(e.message))
+        except (pymupdf.mupdf.FzErrorBase, pymupdf.FileDataError) as e:
+            # MuPDF's own exceptions (FzError*) do not derive from RuntimeError; FileDataError does.
+            reply = ("err", "corrupt", f"{_where(kwargs)} cannot be read, MuPDF says: {_reason(e)}; "
+                     "the file is damaged: re-export or re-download it")
+        except MemoryError:
+            reply = ("err", "internal", f"{_where(kwargs)}: out of memory while converting it")
+        except Exception as e:
+            reply = ("err", "internal", f"{_where(kwargs)} failed in {op}: {type(e).__name__}: {_reason(e)}")
+        _warnings()
+        try:
+            conn.send(reply)
+        except (EOFError, OSError):
+            return
+        except Exception as e:  # a result that does not pickle is our bug; say so instead of dying
+            conn.send(("err", "internal", f"cannot send the result: {type(e).__name__}: {_reason(e)}"))
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    serve(Connection(int(sys.argv[1])))

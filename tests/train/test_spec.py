@@ -1,0 +1,130 @@
+"""Rendering job specs from the real templates in configs/llamafactory/."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from daemon.train.spec import (
+    SpecDefaults,
+    SpecProblem,
+    absolutize_paths,
+    parse_override,
+    parse_overrides,
+    render,
+    template_names,
+    write_job_yaml,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATES = ROOT / "configs" / "llamafactory"
+
+
+def _render(tmp_path: Path, template: str = "qwen2vl_lora_sft", **kw):  # type: ignore[no-untyped-def]
+    kw.setdefault("datasets", ["tiny_sft"] if template != "qwen2vl_export" else [])
+    return render(template, templates_dir=TEMPLATES, job_dir=tmp_path / "job-7", dataset_dir=tmp_path / "ds", **kw)
+
+
+def test_the_five_templates_exist_with_the_seed_settings() -> None:
+    assert template_names(TEMPLATES) == ["qwen2_5vl_lora_sft", "qwen2vl_eval", "qwen2vl_export",
+                                         "qwen2vl_lora_dpo", "qwen2vl_lora_sft"]
+    for name in ("qwen2vl_lora_sft", "qwen2_5vl_lora_sft", "qwen2vl_lora_dpo"):
+        t = yaml.safe_load((TEMPLATES / f"{name}.yaml").read_text())
+        assert (t["lora_rank"], t["lora_target"], t["template"], t["cutoff_len"]) == (8, "all", "qwen2_vl", 2048)
+        assert (t["lr_scheduler_type"], t["warmup_ratio"], t["bf16"]) == ("cosine", 0.1, True)
+        assert (t["per_device_train_batch_size"], t["gradient_accumulation_steps"]) == (1, 8)
+        assert t["image_max_pixels"] == 262144 and t["save_total_limit"] > 0
+    assert yaml.safe_load((TEMPLATES / "qwen2vl_lora_sft.yaml").read_text())["learning_rate"] == 1e-4
+
+
+def test_overrides_are_yaml_typed_and_1e_minus_4_is_a_number() -> None:
+    assert parse_override("learning_rate=1e-4") == ("learning_rate", 1e-4)
+    assert parse_override("bf16=false") == ("bf16", False)
+    assert parse_override("max_steps=20") == ("max_steps", 20)
+    assert parse_override("template=qwen2_vl") == ("template", "qwen2_vl")
+    assert parse_override("adapter_name_or_path=") == ("adapter_name_or_path", None)
+    assert parse_override("lora_target=[q_proj, v_proj]") == ("lora_target", "q_proj,v_proj")
+
+
+def test_malformed_overrides_are_all_reported_at_once() -> None:
+    with pytest.raises(SpecProblem) as err:
+        parse_overrides(["max_steps", "bad key=1", "bf16=false"])
+    assert len(err.value.problems) == 2
+    assert "--set learning_rate=1e-4" in err.value.problems[0]
+
+
+def test_sft_spec_gets_dataset_and_daemon_owned_keys(tmp_path: Path) -> None:
+    spec = _render(tmp_path, overrides=["max_steps=20", "save_total_limit=50"], gpus=2)
+    p = spec.params
+    assert spec.kind == "train" and spec.command == "train" and spec.stage == "sft" and spec.max_steps == 20
+    assert p["dataset"] == "tiny_sft" and spec.datasets == ("tiny_sft",)
+    assert p["output_dir"] == str(tmp_path / "job-7" / "output") == str(spec.output_dir)
+    assert p["overwrite_output_dir"] is False and p["report_to"] == "none"
+    assert p["dataset_dir"] == str(tmp_path / "ds")
+    assert p["save_total_limit"] == SpecDefaults().save_total_limit  # capped: checkpoints cannot fill the disk
+    assert p["logging_steps"] == 1
+    assert spec.env == {"LLAMABOARD_ENABLED": "1", "LLAMABOARD_WORKDIR": str(spec.output_dir)}
+    assert yaml.safe_load(spec.yaml_text) == p  # the frozen text is exactly the params
+
+
+def test_user_may_lower_save_limit_and_change_logging_steps(tmp_path: Path) -> None:
+    spec = _render(tmp_path, overrides={"save_total_limit": 1, "logging_steps": 5})
+    assert spec.params["save_total_limit"] == 1 and spec.params["logging_steps"] == 5
+
+
+def test_daemon_owned_keys_cannot_be_overridden(tmp_path: Path) -> None:
+    with pytest.raises(SpecProblem) as err:
+        _render(tmp_path, overrides=["output_dir=/tmp/x", "overwrite_output_dir=true"])
+    assert len(err.value.problems) == 2
+    assert "output_dir is set by the daemon" in str(err.value) and "remove --set output_dir" in str(err.value)
+
+
+def test_eval_template_puts_dataset_in_eval_dataset(tmp_path: Path) -> None:
+    spec = _render(tmp_path, "qwen2vl_eval", overrides=["adapter_name_or_path=/a"])
+    assert spec.kind == "eval" and spec.command == "train"
+    assert spec.params["eval_dataset"] == "tiny_sft" and "dataset" not in spec.params
+    assert spec.params["do_predict"] is True and spec.params["predict_with_generate"] is True
+
+
+def test_export_template_runs_export_with_only_export_dir_forced(tmp_path: Path) -> None:
+    spec = _render(tmp_path, "qwen2vl_export", overrides=["adapter_name_or_path=/a"], gpus=0)
+    assert spec.kind == "export" and spec.command == "export"
+    assert spec.params["export_dir"] == str(tmp_path / "job-7" / "merged") == str(spec.output_dir)
+    for key in ("output_dir", "report_to", "logging_steps", "dataset_dir", "save_total_limit"):
+        assert key not in spec.params  # `llamafactory-cli export` would reject training keys
+    assert spec.env == {}
+    with pytest.raises(SpecProblem, match="reads no dataset"):
+        _render(tmp_path, "qwen2vl_export", datasets=["tiny_sft"])
+
+
+def test_removing_a_template_key_with_an_empty_override(tmp_path: Path) -> None:
+    spec = _render(tmp_path, overrides=["plot_loss="])
+    assert "plot_loss" not in spec.params
+
+
+def test_unknown_template_suggests_the_closest(tmp_path: Path) -> None:
+    with pytest.raises(SpecProblem, match="did you mean 'qwen2vl_lora_sft'"):
+        _render(tmp_path, "qwen2vl_lora_sf")
+
+
+def test_deepspeed_short_name_resolves_to_configs_deepspeed(tmp_path: Path) -> None:
+    spec = _render(tmp_path, overrides=["deepspeed=ds_z3_config.json"])
+    assert spec.params["deepspeed"] == str(ROOT / "configs" / "deepspeed" / "ds_z3_config.json")
+
+
+def test_job_yaml_is_written_atomically_and_reads_back(tmp_path: Path) -> None:
+    spec = _render(tmp_path)
+    path = tmp_path / "job-7" / "job.yaml"
+    write_job_yaml(spec, path)
+    assert yaml.safe_load(path.read_text()) == spec.params
+    assert [p.name for p in path.parent.iterdir()] == ["job.yaml"]  # no temp file left behind
+
+
+def test_ftctl_makes_relative_model_paths_absolute(tmp_path: Path) -> None:
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    out = absolutize_paths({"model_name_or_path": "models/m", "adapter_name_or_path": "Qwen/x",
+                            "learning_rate": 1e-4}, tmp_path)
+    assert out["model_name_or_path"] == str(tmp_path / "models" / "m")
+    assert out["adapter_name_or_path"] == "Qwen/x" and out["learning_rate"] == 1e-4

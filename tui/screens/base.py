@@ -1,0 +1,101 @@
+"""What every ftui screen shares: the top bar and banner around its body, the footer, and the two ways it
+learns about the daemon (``refresh_all`` on show or reload, ``on_changes`` for a coalesced batch)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, ClassVar, cast
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widget import Widget
+from textual.widgets import Footer
+
+from shared.protocol import JobInfo
+from tui.state import Changes, State
+from tui.widgets.chrome import Banner, TopBar
+
+if TYPE_CHECKING:
+    from tui.app import FtuiApp
+
+
+class FtScreen(Screen[None]):
+    MODE: ClassVar[str] = ""
+    TITLE_TEXT: ClassVar[str] = ""
+    HELP: ClassVar[str] = ""  # one paragraph for the help screen: what this screen shows
+    BINDINGS: ClassVar[list[Binding | tuple[str, str] | tuple[str, str, str]]] = [
+        Binding("escape", "leave_input", "Back", show=False),
+    ]
+
+    @property
+    def ftapp(self) -> FtuiApp:
+        return cast("FtuiApp", self.app)
+
+    @property
+    def st(self) -> State:
+        return self.ftapp.link.state
+
+    def now(self) -> float:
+        return self.ftapp.clock()
+
+    def compose(self) -> ComposeResult:
+        yield TopBar()
+        yield Banner()
+        yield from self.compose_body()
+        yield Footer(compact=True)
+
+    def compose_body(self) -> Iterable[Widget]:
+        return ()
+
+    # ------------------------------------------------------------------------------- updates
+
+    async def apply(self, changes: Changes) -> None:
+        if not self.is_mounted:
+            return
+        if changes.connection or changes.reloaded or changes.queue or changes.jobs:
+            self.refresh_chrome()
+        if changes.reloaded:
+            await self.refresh_all()
+        else:
+            await self.on_changes(changes)
+
+    def refresh_chrome(self) -> None:
+        for bar in self.query(TopBar):
+            bar.show(self.st, self.MODE)
+        for banner in self.query(Banner):
+            banner.show(self.st)
+
+    async def refresh_all(self) -> None:
+        """Draw everything from the state (on show, and after a snapshot)."""
+
+    async def on_changes(self, changes: Changes) -> None:
+        """Draw what a batch of events changed; the default redraws everything."""
+        await self.refresh_all()
+
+    def tick(self) -> None:
+        """Every few seconds: redraw what depends on the clock ("3m ago")."""
+
+    async def on_screen_resume(self) -> None:
+        self.refresh_chrome()
+        await self.refresh_all()
+
+    def on_resize(self) -> None:
+        self.refresh_chrome()
+
+    # -------------------------------------------------------------------------------- actions
+
+    def selected_job(self) -> JobInfo | None:
+        """The job the app's cancel and retry act on."""
+        return None
+
+    def action_leave_input(self) -> None:
+        """Escape: leave a text field so single-key shortcuts work again."""
+        target = self.focus_target()
+        if target is not None:
+            target.focus()
+        else:
+            self.set_focus(None)
+
+    def focus_target(self) -> Widget | None:
+        return None

@@ -1,0 +1,322 @@
+"""The dialogs: confirm, help, file picker, the training form, load an adapter. Each returns its answer with
+``dismiss``; none talks to the daemon except through ``app.send``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from rich.text import Text
+from textual import on
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import ModalScreen
+from textual.suggester import SuggestFromList
+from textual.widgets import DirectoryTree, Input, Label, Markdown, Select, Static, TextArea
+
+from shared.protocol import DatasetList, DatasetsReply, Submit
+from tui.messages import Replied, RequestFailed
+from tui.widgets.chrome import SCREENS
+
+if TYPE_CHECKING:
+    from tui.screens.base import FtScreen
+
+
+class ConfirmScreen(ModalScreen[bool]):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("y", "answer(True)", "Yes"),
+        Binding("n,escape", "answer(False)", "No"),
+    ]
+
+    def __init__(self, question: str, *, yes: str = "Yes", no: str = "No") -> None:
+        super().__init__()
+        self.question = question
+        self.yes = yes
+        self.no = no
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Static(self.question, classes="dialog-text")
+            yield Static(Text.assemble(("y", "bold reverse"), f" {self.yes}    ", ("n", "bold reverse"),
+                                       f" {self.no}"), classes="dialog-keys")
+
+    def action_answer(self, yes: bool) -> None:
+        self.dismiss(yes)
+
+
+def help_markdown(app: App[Any], screen: FtScreen | None) -> str:
+    lines = ["# ftui keys", "", "Everything works by keyboard; the mouse is optional.", "", "## Screens", ""]
+    modes: dict[str, Any] = getattr(app, "MODES", {})
+    for key, mode, _label in SCREENS:
+        cls = modes.get(mode)
+        lines.append(f"- **{key}** {mode.capitalize()} — {getattr(cls, 'HELP', '')}")
+    lines += ["", "## Everywhere", ""]
+    for b in app.BINDINGS:
+        if isinstance(b, Binding) and b.description and not b.key.isdigit():
+            lines.append(f"- **{_key_name(b.key)}** {b.description}")
+    lines.append("- **ctrl+p** command palette (every action, jobs by number)")
+    lines.append("- **tab / shift+tab** move between panes; **escape** leaves a text field")
+    if screen is not None:
+        lines += ["", f"## This screen ({screen.MODE})", ""]
+        for b in type(screen).BINDINGS:
+            if isinstance(b, Binding) and b.description and b.key != "escape":
+                lines.append(f"- **{_key_name(b.key)}** {b.description}")
+    lines += ["", "When the daemon is not running, the banner says where ftui looked and how to start it "
+              "(`systemctl start ftmllmd`, or `ftmllmd` in another terminal); ftui reconnects by itself."]
+    return "\n".join(lines)
+
+
+def _key_name(key: str) -> str:
+    names = {"question_mark": "?", "slash": "/", "plus": "+", "equals_sign": "=", "minus": "-"}
+    return " / ".join(names.get(k, k) for k in key.split(","))
+
+
+class HelpScreen(ModalScreen[None]):
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape,q,question_mark", "close", "Close")]
+
+    def __init__(self, app: App[Any], screen: FtScreen | None) -> None:
+        super().__init__()
+        self._text = help_markdown(app, screen)
+
+    def compose(self) -> ComposeResult:
+        with VerticalScroll(classes="dialog help-dialog"):
+            yield Markdown(self._text)
+        yield Static(Text.assemble(("escape", "bold reverse"), " close"), classes="dialog-keys")
+
+    def action_close(self) -> None:
+        self.dismiss(None)
+
+
+class PickerTree(DirectoryTree):
+    def __init__(self, path: Path, suffixes: tuple[str, ...], **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self.suffixes = suffixes
+
+    def filter_paths(self, paths: Iterable[Path]) -> Iterable[Path]:
+        return sorted((p for p in paths if not p.name.startswith(".")
+                       and (p.is_dir() or p.suffix.lower() in self.suffixes)),
+                      key=lambda p: (not p.is_dir(), p.name.lower()))
+
+
+class FilePickerScreen(ModalScreen[Path | None]):
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "cancel", "Cancel"),
+        Binding("backspace", "parent", "Up a folder", show=False),
+    ]
+
+    def __init__(self, root: Path, suffixes: tuple[str, ...], *, title: str = "Pick a file") -> None:
+        super().__init__()
+        self.root = root.absolute()
+        self.suffixes = suffixes
+        self.title_text = title
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog picker-dialog"):
+            yield Static(Text(self.title_text, style="bold"))
+            yield Input(value=str(self.root) + "/", id="picker-path",
+                        placeholder="a path: Enter takes a file or opens a folder")
+            yield PickerTree(self.root, self.suffixes, id="picker-tree")
+            yield Static(Text(f"{', '.join(self.suffixes)} · Enter picks · backspace: up a folder · escape",
+                              style="dim"), id="picker-status")
+
+    def on_mount(self) -> None:
+        self.query_one(PickerTree).focus()
+
+    def _status(self, text: str, style: str = "red") -> None:
+        self.query_one("#picker-status", Static).update(Text(text, style=style))
+
+    @on(DirectoryTree.FileSelected)
+    def _file(self, event: DirectoryTree.FileSelected) -> None:
+        self.dismiss(Path(event.path))
+
+    @on(DirectoryTree.DirectorySelected)
+    def _dir(self, event: DirectoryTree.DirectorySelected) -> None:
+        self.query_one("#picker-path", Input).value = str(event.path) + "/"
+
+    @on(Input.Submitted, "#picker-path")
+    def _typed(self, event: Input.Submitted) -> None:
+        path = Path(event.value.strip()).expanduser()
+        if path.is_file():
+            if path.suffix.lower() not in self.suffixes:
+                self._status(f"{path.name}: not one of {', '.join(self.suffixes)}; pick another file")
+                return
+            self.dismiss(path.absolute())
+        elif path.is_dir():
+            self._open(path)
+        else:
+            self._status(f"no such file or folder: {path}; fix the path or browse below")
+
+    def _open(self, path: Path) -> None:
+        self.root = path.absolute()
+        self.query_one(PickerTree).path = self.root
+        self.query_one("#picker-path", Input).value = str(self.root) + "/"
+        self.query_one(PickerTree).focus()
+
+    def action_parent(self) -> None:
+        if self.query_one("#picker-path", Input).has_focus:
+            return
+        self._open(self.root.parent)
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+    """``key=value`` per line (or separated by spaces); values read as JSON when they parse (numbers,
+    true/false), else kept as strings. Raises ValueError naming the bad line."""
+    out: dict[str, Any] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        for item in line.split():
+            if item.startswith("#"):
+                break
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"line {n}: {item!r} is not key=value (e.g. learning_rate=1e-4)")
+            try:
+                out[key] = json.loads(value)
+            except json.JSONDecodeError:
+                out[key] = value
+    return out
+
+
+def template_names(templates_dir: Path) -> list[str]:
+    return sorted(p.stem for p in templates_dir.glob("*.yaml")) if templates_dir.is_dir() else []
+
+
+def template_preview(templates_dir: Path, name: str, lines: int = 40) -> str:
+    try:
+        text = (templates_dir / f"{name}.yaml").read_text(encoding="utf-8")
+    except OSError as exc:
+        return f"cannot read {templates_dir / name}.yaml: {exc.strerror}"
+    body = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    return "\n".join(body[:lines])
+
+
+class TrainFormScreen(ModalScreen[Submit | None]):
+    """A training run from a template: template, dataset, GPUs and overrides, checked before it is sent."""
+
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "cancel", "Cancel"),
+        Binding("ctrl+s", "submit", "Submit"),
+    ]
+
+    def __init__(self, templates_dir: Path) -> None:
+        super().__init__()
+        self.templates_dir = templates_dir
+        self.templates = template_names(templates_dir)
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog form-dialog"):
+            yield Static(Text("Submit a training run", style="bold"))
+            with Horizontal(classes="form-row"):
+                yield Label("Template", classes="form-label")
+                yield Select[str]([(t, t) for t in self.templates], id="train-template",
+                                  prompt="pick a template" if self.templates else f"no templates in "
+                                  f"{self.templates_dir}", allow_blank=True)
+            with Horizontal(classes="form-row"):
+                yield Label("Dataset", classes="form-label")
+                yield Input(placeholder="a registered dataset (ftctl dataset list)", id="train-dataset")
+            with Horizontal(classes="form-row"):
+                yield Label("GPUs", classes="form-label")
+                yield Input(value="1", type="integer", id="train-gpus")
+                yield Label(" Name", classes="form-label")
+                yield Input(placeholder="optional", id="train-name")
+            yield Label("Overrides: key=value, one per line (learning_rate=1e-4, num_train_epochs=2)")
+            yield TextArea(id="train-overrides", soft_wrap=False, show_line_numbers=False)
+            with VerticalScroll(id="train-preview-box"):
+                yield Static(id="train-preview")
+            yield Static(id="train-status")
+            yield Static(Text.assemble(("ctrl+s", "bold reverse"), " submit   ", ("escape", "bold reverse"),
+                                       " cancel   tab: next field"), classes="dialog-keys")
+
+    def on_mount(self) -> None:
+        self.query_one("#train-template", Select).focus()
+        if len(self.templates) >= 1:
+            self.query_one("#train-template", Select).value = self.templates[0]
+        self.app.send(DatasetList(), reply_to=self, tag="datasets", announce=False)  # type: ignore[attr-defined]
+
+    @on(Select.Changed, "#train-template")
+    def _template(self, event: Select.Changed) -> None:
+        if isinstance(event.value, str):
+            self.query_one("#train-preview", Static).update(
+                Text(template_preview(self.templates_dir, event.value), style="dim"))
+
+    def on_replied(self, message: Replied) -> None:
+        if message.tag == "datasets" and isinstance(message.reply, DatasetsReply):
+            names = message.reply.names
+            self.query_one("#train-dataset", Input).suggester = SuggestFromList(names, case_sensitive=False)
+            if names:
+                self.query_one("#train-dataset", Input).placeholder = "e.g. " + ", ".join(names[:4])
+
+    def on_request_failed(self, message: RequestFailed) -> None:
+        if message.tag == "datasets":
+            self._status(f"could not list datasets ({message.message}); type the name", "yellow")
+
+    def _status(self, text: str, style: str = "red") -> None:
+        self.query_one("#train-status", Static).update(Text(text, style=style))
+
+    def action_submit(self) -> None:
+        template = self.query_one("#train-template", Select).value
+        if not isinstance(template, str):
+            self._status("pick a template first")
+            return
+        dataset = self.query_one("#train-dataset", Input).value.strip()
+        gpus_text = self.query_one("#train-gpus", Input).value.strip() or "1"
+        if not gpus_text.isdigit():
+            self._status(f"GPUs: {gpus_text!r} is not a whole number")
+            return
+        try:
+            overrides = parse_overrides(self.query_one("#train-overrides", TextArea).text)
+        except ValueError as exc:
+            self._status(f"overrides {exc}")
+            return
+        spec: dict[str, Any] = {"template": template, "set": overrides, "gpus": int(gpus_text)}
+        if dataset:
+            spec["dataset"] = dataset
+        self.dismiss(Submit(kind="train", spec=spec, name=self.query_one("#train-name", Input).value.strip()))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)
+
+
+class AdapterScreen(ModalScreen[tuple[str, str] | None]):
+    BINDINGS: ClassVar[list[BindingType]] = [Binding("escape", "cancel", "Cancel"), Binding("ctrl+s", "submit", "Load")]
+
+    def compose(self) -> ComposeResult:
+        with Vertical(classes="dialog"):
+            yield Static(Text("Load a LoRA adapter into the engine", style="bold"))
+            with Horizontal(classes="form-row"):
+                yield Label("Name", classes="form-label")
+                yield Input(placeholder="how requests will name it", id="adapter-name")
+            with Horizontal(classes="form-row"):
+                yield Label("Path", classes="form-label")
+                yield Input(placeholder="the adapter's directory on the server (a job's output_dir)",
+                            id="adapter-path")
+            yield Static(id="adapter-status")
+            yield Static(Text.assemble(("Enter/ctrl+s", "bold reverse"), " load   ", ("escape", "bold reverse"),
+                                       " cancel"), classes="dialog-keys")
+
+    def on_mount(self) -> None:
+        self.query_one("#adapter-name", Input).focus()
+
+    @on(Input.Submitted)
+    def _entered(self, event: Input.Submitted) -> None:
+        if event.input.id == "adapter-name":
+            self.query_one("#adapter-path", Input).focus()
+        else:
+            self.action_submit()
+
+    def action_submit(self) -> None:
+        name = self.query_one("#adapter-name", Input).value.strip()
+        path = self.query_one("#adapter-path", Input).value.strip()
+        if not name or not path:
+            self.query_one("#adapter-status", Static).update(Text("both a name and a path are needed",
+                                                                  style="red"))
+            return
+        self.dismiss((name, str(Path(path).expanduser().absolute())))
+
+    def action_cancel(self) -> None:
+        self.dismiss(None)

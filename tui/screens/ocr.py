@@ -1,0 +1,221 @@
+"""OCR: a document's pages with their state and timings, and the page being decoded as live Markdown
+(Textual's MarkdownStream fed from the coalesced text deltas); Enter opens a finished page instead."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import ClassVar
+
+from rich.text import Text
+from textual import on
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.widget import Widget
+from textual.widgets import DataTable, Markdown, Static
+from textual.widgets.markdown import MarkdownStream
+
+from shared.protocol import TERMINAL_STATES, JobInfo, PageInfo, PageText, PageTextReply
+from tui.format import duration
+from tui.messages import JobHighlighted, Replied, RequestFailed
+from tui.screens.base import FtScreen
+from tui.state import Changes, TextStream
+from tui.widgets.job_table import JobTable
+from tui.widgets.keyed_table import KeyedTable
+
+PAGE_STYLE = {"pending": "dim", "running": "cyan", "done": "green", "failed": "red"}
+METHOD_SHORT = {"text_layer": "text", "fallback": "fallback", "ocr": "ocr", "vlm": "vlm"}
+
+
+def page_time(page: PageInfo) -> float | None:
+    if not page.timings:
+        return None
+    return page.timings.get("total", sum(page.timings.values()))
+
+
+def page_cells(page: PageInfo) -> tuple[object, ...]:
+    t = page_time(page)
+    return (
+        Text(str(page.page_no), justify="right"),
+        Text(page.state, style=PAGE_STYLE.get(page.state, "")),
+        METHOD_SHORT.get(page.method, page.method) or "-",
+        Text(duration(t) if t is not None else "-", justify="right"),
+        Text(str(page.chars) if page.chars else "-", justify="right"),
+    )
+
+
+class PageTable(KeyedTable):
+    COLUMNS = (("page", "PAGE"), ("state", "STATE"), ("method", "METHOD"), ("time", "TIME"), ("chars", "CHARS"))
+
+    def sync(self, pages: list[PageInfo]) -> None:
+        self.sync_rows([(p.page_no, page_cells(p)) for p in pages])
+
+    @property
+    def page_no(self) -> int | None:
+        key = self.current_key
+        return key if isinstance(key, int) else None
+
+
+class OcrScreen(FtScreen):
+    MODE = "ocr"
+    HELP = ("OCR jobs on top; below, the selected document's pages (state, method, time, characters) and, on "
+            "the right, the page being decoded as live Markdown. Enter on a page opens its finished text; f "
+            "goes back to following the live page. n submits a file.")
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("f", "follow", "Follow live"),
+        Binding("tab", "app.focus_next", "Next pane", show=False),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.job_id: int | None = None
+        self.following = True
+        self.view_key: str | None = None  # the stream shown while following
+        self._written = 0
+        self._stream: MarkdownStream | None = None
+        self.opened_page: int | None = None
+
+    def compose_body(self) -> Iterable[Widget]:
+        yield JobTable(id="ocr-jobs")
+        with Horizontal(id="ocr-body"):
+            yield PageTable(id="ocr-pages")
+            with Vertical(id="ocr-view"):
+                yield Static(id="ocr-page-title", classes="section-title")
+                with VerticalScroll(id="ocr-md-scroll"):
+                    yield Markdown(id="ocr-md")
+
+    def on_mount(self) -> None:
+        self.query_one(JobTable).focus()
+        self.query_one("#ocr-md-scroll", VerticalScroll).anchor()
+
+    def focus_target(self) -> Widget:
+        return self.query_one(JobTable)
+
+    def ocr_jobs(self) -> list[JobInfo]:
+        return self.st.jobs_of_kind("ocr")
+
+    async def refresh_all(self) -> None:
+        self.query_one(JobTable).sync(self.ocr_jobs(), self.now())
+        if self.job_id is not None:
+            self.ftapp.link.want_pages(self.job_id)
+        self._pages()
+        await self._follow()
+
+    async def on_changes(self, changes: Changes) -> None:
+        if changes.jobs:
+            self.query_one(JobTable).sync(self.ocr_jobs(), self.now())
+        if self.job_id in changes.pages:
+            self._pages()
+        if changes.text or (self.job_id in changes.jobs):
+            await self._follow()
+
+    def tick(self) -> None:
+        self.query_one(JobTable).sync(self.ocr_jobs(), self.now())
+
+    def selected_job(self) -> JobInfo | None:
+        return self.st.job(self.job_id)
+
+    async def on_job_highlighted(self, message: JobHighlighted) -> None:
+        if message.job_id == self.job_id:
+            return
+        self.job_id = message.job_id
+        self.following = True
+        self.opened_page = None
+        if self.job_id is not None:
+            self.ftapp.link.want_pages(self.job_id)
+        self._pages()
+        await self._reset_view()
+        await self._follow()
+
+    def _pages(self) -> None:
+        pages = self.st.page_list(self.job_id) if self.job_id is not None else []
+        self.query_one(PageTable).sync(pages)
+
+    # ------------------------------------------------------------------------------ live text
+
+    async def _reset_view(self, text: str = "") -> None:
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+        await self.query_one("#ocr-md", Markdown).update(text)
+        self.view_key = None
+        self._written = 0
+
+    async def _follow(self) -> None:
+        if not self.following:
+            return
+        title = self.query_one("#ocr-page-title", Static)
+        job = self.st.job(self.job_id)
+        if job is None:
+            title.update(Text("no OCR job selected: press n to convert a file", style="dim")
+                         if not self.ocr_jobs() else "")
+            return
+        stream = self.st.live_stream_of_job(job.id)
+        if stream is None:
+            what = ("waiting for the first page…" if job.state in ("queued", "running") else
+                    f"job {job.state}: Enter on a page shows its text")
+            title.update(Text(what, style="dim"))
+            return
+        if stream.key != self.view_key:
+            await self._reset_view()
+            self.view_key = stream.key
+        title.update(self._live_title(stream, job))
+        new = stream.since(self._written)
+        if new is None:
+            # the head was dropped while we were behind: show what is kept
+            await self._reset_view(stream.text)
+            self.view_key = stream.key
+            self._written = stream.total
+            return
+        if new:
+            if self._stream is None:
+                self._stream = Markdown.get_stream(self.query_one("#ocr-md", Markdown))
+            await self._stream.write(new)
+            self._written = stream.total
+
+    def _live_title(self, stream: TextStream, job: JobInfo) -> Text:
+        t = Text(no_wrap=True, overflow="ellipsis")
+        t.append(f"page {stream.page_no}", style="bold")
+        live = not stream.final and job.state not in TERMINAL_STATES
+        t.append(" — decoding live" if live else " — done", style="cyan" if live else "green")
+        t.append(f"  {stream.total} chars", style="dim")
+        return t
+
+    def action_follow(self) -> None:
+        self.following = True
+        self.opened_page = None
+        self.call_later(self._refollow)
+
+    async def _refollow(self) -> None:
+        await self._reset_view()
+        await self._follow()
+
+    @on(DataTable.RowSelected, "#ocr-pages")
+    def _open_page(self, event: DataTable.RowSelected) -> None:
+        event.stop()
+        page_no = self.query_one(PageTable).page_no
+        if self.job_id is None or page_no is None:
+            return
+        self.ftapp.send(PageText(job_id=self.job_id, page_no=page_no), reply_to=self,
+                        tag=f"page:{self.job_id}:{page_no}", announce=False)
+
+    async def on_replied(self, message: Replied) -> None:
+        if not message.tag.startswith("page:") or not isinstance(message.reply, PageTextReply):
+            return
+        page = message.reply.page
+        if page.job_id != self.job_id:
+            return
+        self.following = False
+        self.opened_page = page.page_no
+        await self._reset_view(message.reply.text or "*(this page has no text)*")
+        t = Text(no_wrap=True, overflow="ellipsis")
+        t.append(f"page {page.page_no}", style="bold")
+        pt = page_time(page)
+        t.append(f" — {page.state}, {page.method or '?'}, {duration(pt) if pt is not None else '-'}",
+                 style=PAGE_STYLE.get(page.state, ""))
+        t.append("  (f: follow live)", style="dim")
+        self.query_one("#ocr-page-title", Static).update(t)
+        self.query_one("#ocr-md-scroll", VerticalScroll).scroll_home(animate=False)
+
+    def on_request_failed(self, message: RequestFailed) -> None:
+        if message.tag.startswith("page:"):
+            self.query_one("#ocr-page-title", Static).update(Text(message.message, style="red"))

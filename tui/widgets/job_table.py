@@ -1,0 +1,77 @@
+"""The job list: one row per job, keyed by job id, updated cell by cell as events arrive."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from rich.text import Text
+from textual import events
+from textual.widgets import DataTable
+
+from shared.protocol import JobInfo
+from tui.format import STATE_STYLE, ago, progress_text, run_time
+from tui.messages import JobHighlighted
+from tui.widgets.keyed_table import KeyedTable
+
+WIDE = 110  # terminal columns from which the table shows run time and age, and longer names
+NARROW_COLUMNS = (("id", "ID"), ("kind", "KIND"), ("state", "STATE"), ("owner", "OWNER"), ("name", "NAME"),
+                  ("progress", "PROGRESS"))
+WIDE_COLUMNS = (*NARROW_COLUMNS, ("ran", "RAN"), ("created", "CREATED"))
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def short_progress(job: JobInfo) -> str:
+    p = job.progress
+    if p.total:
+        return f"{p.done:g}/{p.total:g} {100.0 * p.done / p.total:.0f}%"
+    return _cut(p.note, 14) if p.note else "-"
+
+
+def job_cells(job: JobInfo, now: float, wide: bool) -> tuple[object, ...]:
+    cells: tuple[object, ...] = (
+        Text(str(job.id), justify="right"),
+        job.kind,
+        Text(job.state, style=STATE_STYLE.get(job.state, "")),
+        _cut(job.owner, 16 if wide else 8),
+        _cut(job.name, 34 if wide else 20),
+        progress_text(job) if wide else short_progress(job),
+    )
+    if wide:
+        cells += (run_time(job, now), ago(job.created, now))
+    return cells
+
+
+class JobTable(KeyedTable):
+    COLUMNS = WIDE_COLUMNS
+    DEFAULT_CSS = """
+    JobTable { height: 1fr; }
+    """
+
+    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+        super().__init__(id=id, classes=classes)
+        self._last: tuple[Sequence[JobInfo], float] = ((), 0.0)
+
+    def columns_for_width(self, width: int) -> tuple[tuple[str, str], ...]:
+        return WIDE_COLUMNS if width >= WIDE else NARROW_COLUMNS
+
+    @property
+    def job_id(self) -> int | None:
+        key = self.current_key
+        return key if isinstance(key, int) else None
+
+    def sync(self, jobs: Sequence[JobInfo], now: float) -> None:
+        self._last = (jobs, now)
+        wide = len(self.column_keys) > len(NARROW_COLUMNS)
+        if self.sync_rows([(j.id, job_cells(j, now, wide)) for j in jobs]):
+            self.post_message(JobHighlighted(self.job_id))
+
+    def on_resize(self, event: events.Resize) -> None:
+        if self._set_columns(self.columns_for_width(self.app.size.width)):
+            self.sync(*self._last)
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        event.stop()
+        self.post_message(JobHighlighted(self.job_id))
