@@ -2,9 +2,47 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from daemon.hotfolder import HotFolder
+from daemon.jobs.base import Caller
+from daemon.ocr.cpu_engine import CpuEngine
+from daemon.ocr.pdfworker import PdfWorkerPool
+from daemon.ocr.pipeline import EngineChoice, OcrKind
 from daemon.service import Daemon
 from shared.config import Settings
+from shared.protocol import EngineInfo, JobInfo
 
 
 def assemble(settings: Settings) -> Daemon:
-    return Daemon(settings)
+    daemon = Daemon(settings)
+    cfg = settings.config.ocr
+    pool = PdfWorkerPool(size=max(1, cfg.workers), log_path=settings.paths.state_dir / "pdfworkers.log")
+    cpu = CpuEngine(pool, page_timeout_s=cfg.page_timeout_s, dpi=cfg.dpi)
+    choice = EngineChoice(engines={"cpu": cpu}, default="cpu",
+                          reason="auto: no GPU engine configured, using the CPU engine (text layer + offline OCR)")
+    ocr = OcrKind(settings, pool, choice, daemon.store)
+    daemon.kinds["ocr"] = ocr
+    daemon.engine = EngineInfo(kind="cpu", state="ready", model=cpu.model, reason=choice.reason)
+
+    async def submit(spec: dict[str, Any], name: str, caller: Caller) -> JobInfo:
+        return await daemon.jobs.submit("ocr", spec, name, caller)
+
+    hot = HotFolder(settings, submit, ocr.existing_job)
+    daemon.jobs.end_hooks.append(hot.on_job_end)
+
+    async def start_parts() -> None:
+        if settings.config.hotfolder.enabled:
+            hot.start()
+            daemon.add_task(hot.run(), "hotfolder")
+        # the MuPDF workers load their models for a few seconds: in the background, so the daemon is
+        # ready at once and the first OCR job waits for them instead
+        daemon.add_task(pool.start(), "pdfworkers")
+
+    async def stop_parts() -> None:
+        hot.stop()
+        await pool.close()
+
+    daemon.start_callbacks.append(start_parts)
+    daemon.stop_callbacks.append(stop_parts)
+    return daemon

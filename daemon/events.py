@@ -58,9 +58,9 @@ class EventBus:
         """Publish an event that changes no stored state (deltas are coalesced, see module doc)."""
         if isinstance(body, TextDelta):
             prev = self._pending_deltas.get(body.key)
-            if prev is not None:
+            if prev is not None and not body.reset:
                 body = TextDelta(key=body.key, text=prev.text + body.text, job_id=body.job_id,
-                                 page_no=body.page_no, final=body.final)
+                                 page_no=body.page_no, final=body.final, reset=prev.reset)
             self._pending_deltas[body.key] = body
             if body.final:
                 self._flush_key(body.key)

@@ -98,6 +98,7 @@ class Daemon:
         self.ctl = CtlServer(self.router, self.identities, self._handlers())
         self._tasks: list[asyncio.Task[Any]] = []
         self.extra_handlers: dict[type, Handler] = {}
+        self.start_callbacks: list[Callable[[], Awaitable[None]]] = []
         self.stop_callbacks: list[Callable[[], Awaitable[None]]] = []
 
     # ------------------------------------------------------------------------------------ startup
@@ -125,6 +126,8 @@ class Daemon:
             loop.create_task(self.bus.run_heartbeat(self.settings.config.daemon.heartbeat_s), name="hb"),
             loop.create_task(self.jobs.run(), name="jobs"),
         ]
+        for cb in self.start_callbacks:
+            await cb()
         self.jobs.kick()
 
     def add_task(self, coro: Awaitable[Any], name: str) -> None:

@@ -417,6 +417,7 @@ class TextDelta(Struct, tag="delta"):
     job_id: int = 0
     page_no: int = 0
     final: bool = False
+    reset: bool = False  # the engine started this page over (a retry): drop what was shown so far
 
 
 class TrainProgress(Struct, tag="train"):

@@ -212,6 +212,10 @@ class FtuiApp(App[None]):
 
         self.push_screen(TrainFormScreen(self.templates_dir), chosen)
 
+    def action_submit_selftest(self) -> None:
+        """A job that only reports progress: shows the daemon, the queue and ftui working end to end."""
+        self.send(Submit(kind="selftest", spec={"steps": 50, "rate": 10}))
+
     def action_cancel_job(self, job_id: int | None = None) -> None:
         job = self.link.state.job(job_id) if job_id is not None else self.current_job()
         if job is None:

@@ -27,6 +27,8 @@ class FtCommands(Provider):
         cmds += [
             ("Submit OCR of a file…", "pick a PDF or image (n)", app.action_submit_ocr),
             ("Submit training run…", "from a template with overrides (t)", app.action_submit_train),
+            ("Submit selftest job", "50 progress steps, no GPU: checks the daemon end to end",
+             app.action_submit_selftest),
             ("Pause the queue", "running jobs go on; queued ones wait", app.action_pause_queue),
             ("Resume the queue", "start queued jobs again", app.action_resume_queue),
             ("Engine: sleep", "free GPU memory, keep the engine", partial(app.action_engine, "sleep")),

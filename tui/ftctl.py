@@ -362,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `ftctl … | head`: the reader has what it wanted
+        sys.stderr.close()
+        return EXIT_OK
     finally:
         client.close()
 

@@ -9,4 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-EXTENSIONS: list[Callable[[Any, Any], None]] = []
+from tui import ftctl_ocr
+
+EXTENSIONS: list[Callable[[Any, Any], None]] = [ftctl_ocr.extend]

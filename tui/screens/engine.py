@@ -81,7 +81,7 @@ class EngineScreen(FtScreen):
             ol.add_option(Option(Text("none loaded: press a to load one", style="dim"), id="", disabled=True))
 
     def _charts(self) -> None:
-        hist = list(self.st.engine_history)
+        hist = sorted(self.st.engine_history, key=lambda s: s.ts)
         now = hist[-1].ts if hist else self.now()
         tps = [(s.ts - now, s.tokens_per_s) for s in hist]
         running = [(s.ts - now, float(s.running)) for s in hist]

@@ -14,7 +14,7 @@ from textual.widget import Widget
 from textual.widgets import Input, Log, Static, TabbedContent, TabPane
 
 from shared.protocol import TERMINAL_STATES, HistoryEntry, JobDetail, JobInfo, JobLogs, LogChunk, ShowJob
-from tui.format import STATE_STYLE, ago, clock_time, duration, progress_text, run_time
+from tui.format import STATE_STYLE, ago, clock_time, progress_text, run_time
 from tui.messages import JobHighlighted, Replied, RequestFailed
 from tui.screens.base import FtScreen
 from tui.state import Changes
@@ -201,6 +201,12 @@ class JobsScreen(FtScreen):
     def selected_job(self) -> JobInfo | None:
         return self.st.job(self.job_id)
 
+    @property
+    def loading(self) -> bool:
+        if self.job_id is None:
+            return False
+        return self._detail is None or self._detail_in_flight or self._log_in_flight or self._log_offset is None
+
     # ----------------------------------------------------------------------------- detail
 
     def on_job_highlighted(self, message: JobHighlighted) -> None:
@@ -268,8 +274,11 @@ class JobsScreen(FtScreen):
             self._log_in_flight = False
             if isinstance(message.reply, LogChunk) and job_id == self.job_id == self._log_job:
                 chunk = message.reply
+                log = self.query_one(Log)
                 if chunk.text:
-                    self.query_one(Log).write(chunk.text)
+                    log.write(chunk.text)
+                elif self._log_offset is None and chunk.finished:
+                    log.write_line(f"(job {job_id} wrote no log lines; its history is on the Detail tab)")
                 self._log_offset = chunk.offset
                 self._log_finished = chunk.finished
 
@@ -282,5 +291,3 @@ class JobsScreen(FtScreen):
             self.query_one(Log).write_line(f"[log unavailable: {message.message}]")
             self._log_finished = True
 
-
-__all__ = ["JobsScreen", "duration", "job_matches"]

@@ -114,6 +114,12 @@ class OcrScreen(FtScreen):
     def selected_job(self) -> JobInfo | None:
         return self.st.job(self.job_id)
 
+    @property
+    def loading(self) -> bool:
+        # MarkdownStream appends in its own task; it is done when nothing waits in it
+        s = self._stream
+        return s is not None and bool(getattr(s, "_pending", None) or getattr(s, "_new_markup").is_set())
+
     async def on_job_highlighted(self, message: JobHighlighted) -> None:
         if message.job_id == self.job_id:
             return

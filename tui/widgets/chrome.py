@@ -23,7 +23,14 @@ class TopBar(Static):
     TopBar { dock: top; height: 1; background: $panel; color: $text; }
     """
 
+    _last: tuple[State, str] | None = None
+
+    def on_resize(self) -> None:
+        if self._last is not None:
+            self.show(*self._last)
+
     def show(self, state: State, mode: str) -> None:
+        self._last = (state, mode)
         t = Text(no_wrap=True, overflow="ellipsis")
         t.append(" ftmllm ", style="bold reverse")
         for key, name, label in SCREENS:

@@ -62,5 +62,12 @@ class GpuPanel(Static):
     GpuPanel { height: auto; max-height: 10; padding: 0 1; text-wrap: nowrap; text-overflow: ellipsis; }
     """
 
+    _last: tuple[list[GpuInfo], str, dict[int, JobInfo]] | None = None
+
+    def on_resize(self) -> None:
+        if self._last is not None:
+            self.show(*self._last)
+
     def show(self, gpus: list[GpuInfo], note: str, jobs: dict[int, JobInfo]) -> None:
-        self.update(gpu_text(gpus, note, jobs, self.size.width or 80))
+        self._last = (gpus, note, jobs)
+        self.update(gpu_text(gpus, note, jobs, self.size.width or self.app.size.width))
