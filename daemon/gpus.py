@@ -106,12 +106,12 @@ class GpuMonitor:
         if self._initialised and self._nvml is not None:
             try:
                 self._nvml.nvmlShutdown()
-            except Exception:  # noqa: BLE001 - shutting down a broken NVML must not fail the daemon's exit
+            except Exception:
                 pass
             self._initialised = False
 
     def _take(self) -> GpuSnapshot:
-        base = {"taken_at": time.time(), "host": socket.gethostname()}
+        taken_at, host = time.time(), socket.gethostname()
         try:
             nvml = self._load()
             if not self._initialised:
@@ -119,18 +119,18 @@ class GpuMonitor:
                 self._initialised = True
             driver = _text(nvml.nvmlSystemGetDriverVersion())
             gpus = tuple(self._gpu(nvml, i) for i in range(nvml.nvmlDeviceGetCount()))
-        except Exception as exc:  # noqa: BLE001 - NVML raises many error classes; each becomes a reason line
+        except Exception as exc:
             reason = _nvml_reason(exc)
             if self._seen_gpus:
-                return GpuSnapshot(**base, cpu_only=False,
+                return GpuSnapshot(taken_at=taken_at, host=host, cpu_only=False,
                                    error=f"GPU status unavailable (NVML: {reason}); no GPU job starts until it "
                                          "is back")
-            return GpuSnapshot(**base, cpu_only=True, error=f"no GPUs found (NVML: {reason})")
+            return GpuSnapshot(taken_at=taken_at, host=host, cpu_only=True, error=f"no GPUs found (NVML: {reason})")
         if not gpus:
-            return GpuSnapshot(**base, driver_version=driver, cpu_only=True,
+            return GpuSnapshot(taken_at=taken_at, host=host, driver_version=driver, cpu_only=True,
                                error="no GPUs found (NVML sees 0 devices)")
         self._seen_gpus = True
-        return GpuSnapshot(**base, driver_version=driver, gpus=gpus)
+        return GpuSnapshot(taken_at=taken_at, host=host, driver_version=driver, gpus=gpus)
 
     def _load(self) -> Any:
         if self._nvml is None:
@@ -185,7 +185,7 @@ def _optional(call: Callable[[], Any]) -> Any:
     """A per-GPU query some GPUs do not support (utilisation under MIG, processes in some containers)."""
     try:
         return call()
-    except Exception:  # noqa: BLE001 - NVMLError_NotSupported and friends: the field stays empty
+    except Exception:
         return None
 
 

@@ -52,10 +52,13 @@ def default_exec_path() -> Path:
     return Path(sys.executable).absolute().parent / "ftmllmd"
 
 
-def systemd_quote(word: str) -> str:
+def systemd_quote(word: str, *, executable: bool = False) -> str:
     """Quote one command-line word for ExecStart= (systemd.service(5), "Command lines")."""
-    # "%" starts a specifier and "$" a variable in ExecStart=; both are doubled to stay literal.
-    escaped = word.replace("%", "%%").replace("$", "$$")
+    # "%" starts a specifier anywhere on the line; "$" starts a variable only in the arguments (systemd does
+    # not expand the executable's path). Both are doubled where they would be expanded.
+    escaped = word.replace("%", "%%")
+    if not executable:
+        escaped = escaped.replace("$", "$$")
     if escaped and not any(c in escaped for c in " \t\"'\\;"):
         return escaped
     return '"' + escaped.replace("\\", "\\\\").replace('"', '\\"') + '"'
@@ -88,7 +91,7 @@ def render_unit(user: bool, exec_path: Path, config: Path | None = None,
             rest = line[len("ExecStart=" + PLACEHOLDER):]
             if config is not None:
                 rest = " --config " + systemd_quote(str(config.absolute()))
-            line = "ExecStart=" + systemd_quote(str(exec_path)) + rest
+            line = "ExecStart=" + systemd_quote(str(exec_path), executable=True) + rest
         out.append(line)
         if line.startswith("ReadWritePaths=") and not user:
             out.extend("ReadWritePaths=" + systemd_quote(str(p.absolute())) for p in read_write_paths)
@@ -152,7 +155,10 @@ def _reachability_warnings(exec_path: Path) -> list[str]:
     # The system unit runs as user ftmllm, which is neither root nor the installing user: a venv under a
     # private home (or an interpreter under /root/.pyenv) fails at start with status 203/EXEC.
     warnings = []
-    for what, path in (("ftmllmd", exec_path), ("its Python interpreter", _interpreter(exec_path))):
+    checks = (("ftmllmd", exec_path), ("its Python interpreter", _interpreter(exec_path)),
+              # an editable install runs the code from the checkout, which must be reachable too
+              ("the ftmllm code", Path(__file__).resolve().parent))
+    for what, path in checks:
         if path is None:
             continue
         blocked = unreachable_for_others(path)
@@ -202,10 +208,11 @@ def install(user: bool, dest: Path | None = None, *, exec_path: Path | None = No
                 written.append(config_path)
             commands = _system_commands(unit_path, sysusers, tmpfiles, dest is not None)
     except PermissionError as exc:
-        where = exc.filename or unit_dir
+        # exc.filename is the temp file; the directory is what the user can act on
+        where = Path(exc.filename).parent if exc.filename else unit_dir
         raise InstallError(
-            f"{where}: permission denied; run `sudo {Path(sys.argv[0]).name} install-service` for the system "
-            "service, add --user for your own, or write elsewhere with --dest DIR"
+            f"{where}: permission denied; run `sudo ftctl install-service` for the system service, add --user "
+            "for your own, or write elsewhere with --dest DIR"
         ) from None
     return InstallResult(unit_path=unit_path, written=written, commands=commands, warnings=warnings)
 

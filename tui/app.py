@@ -80,12 +80,12 @@ class FtuiApp(App[None]):
         Binding("5", "switch_mode('engine')", "Engine", show=False),
         Binding("6", "switch_mode('try')", "Try", show=False),
         Binding("question_mark", "help", "Help"),
-        Binding("n", "submit_ocr", "OCR a file"),
-        Binding("t", "submit_train", "Train"),
-        Binding("c", "cancel_job", "Cancel job"),
-        Binding("r", "retry_job", "Retry job"),
-        Binding("p", "toggle_queue", "Pause/resume queue"),
-        Binding("q", "quit", "Quit"),
+        Binding("n", "submit_ocr", "OCR", tooltip="convert a PDF or image to Markdown (file picker)"),
+        Binding("t", "submit_train", "Train", tooltip="submit a training run from a template (a form)"),
+        Binding("c", "cancel_job", "Cancel", tooltip="cancel the job under the cursor (asks first)"),
+        Binding("r", "retry_job", "Retry", tooltip="queue the failed or canceled job under the cursor again"),
+        Binding("p", "toggle_queue", "Queue", tooltip="pause or resume the queue"),
+        Binding("q", "quit", "Quit", tooltip="leave ftui (the daemon and its jobs go on)"),
     ]
 
     def __init__(self, source_factory: Callable[[], Source], *, clock: Callable[[], float] = time.time,
@@ -214,7 +214,7 @@ class FtuiApp(App[None]):
 
     def action_submit_selftest(self) -> None:
         """A job that only reports progress: shows the daemon, the queue and ftui working end to end."""
-        self.send(Submit(kind="selftest", spec={"steps": 50, "rate": 10}))
+        self.send(Submit(kind="selftest", spec={"steps": 50, "rate": 25}))
 
     def action_cancel_job(self, job_id: int | None = None) -> None:
         job = self.link.state.job(job_id) if job_id is not None else self.current_job()

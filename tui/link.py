@@ -90,7 +90,7 @@ class Link:
             try:
                 hello = await self.source.hello()
             except DaemonUnavailable as exc:
-                self._set_down(str(exc))
+                self._set_down(f"{exc}. ftui retries by itself.")
                 await asyncio.sleep(self.retry_s)  # a retry interval, not a synchronisation
                 continue
             except RemoteError as exc:

@@ -88,7 +88,10 @@ class CpuEngine:
                     )
                     timings["render_s"] = time.monotonic() - t
                     png, blank = r.png, r.blank
-                if blank:
+                if blank and page.text_layer.strip():
+                    text, method, model = page.text_layer, "fallback", "text-layer"
+                    detail = "the page renders blank; used its text layer"
+                elif blank:
                     text, detail = "", "blank page: nothing to OCR"
                 else:
                     t = time.monotonic()

@@ -85,8 +85,7 @@ def _regions(boxes: list[Box], body_h: float) -> list[list[Box]]:
     span = x_hi - x_lo
     if span <= 0:
         return [boxes]
-    narrow = [b for b in boxes if b.width < 0.55 * span]
-    gutter = _find_gutter(narrow, x_lo + span / 3, x_hi - span / 3, min_width=1.5 * body_h)
+    gutter = _find_gutter(boxes, x_lo + span / 3, x_hi - span / 3, min_width=1.5 * body_h)
     if gutter is None:
         return [boxes]
     left = [b for b in boxes if b.x1 <= gutter]
@@ -101,18 +100,24 @@ def _regions(boxes: list[Box], body_h: float) -> list[list[Box]]:
 
 
 def _find_gutter(boxes: list[Box], lo: float, hi: float, min_width: float) -> float | None:
-    """Middle of the widest x-interval within [lo, hi] that no box covers, if at least min_width wide."""
+    """Middle of the widest x-interval within [lo, hi], at least min_width wide, that almost no box crosses.
+
+    "Almost": a title or a figure caption spanning both columns must not hide the gutter.
+    """
     if len(boxes) < 8:
         return None
-    covered = sorted((b.x0, b.x1) for b in boxes)
+    allowance = max(1, len(boxes) // 8)
+    edges = sorted({lo, hi, *(x for b in boxes for x in (b.x0, b.x1) if lo < x < hi)})
     best: tuple[float, float] | None = None
-    reach = covered[0][1]
-    for x0, x1 in covered[1:]:
-        if x0 > reach:
-            gap_lo, gap_hi = max(reach, lo), min(x0, hi)
-            if gap_hi - gap_lo >= min_width and (best is None or gap_hi - gap_lo > best[1] - best[0]):
-                best = (gap_lo, gap_hi)
-        reach = max(reach, x1)
+    run_start: float | None = None
+    for a, b in zip(edges, edges[1:], strict=False):
+        mid = (a + b) / 2
+        if sum(1 for box in boxes if box.x0 < mid < box.x1) <= allowance:
+            run_start = a if run_start is None else run_start
+            if b - run_start >= min_width and (best is None or b - run_start > best[1] - best[0]):
+                best = (run_start, b)
+        else:
+            run_start = None
     return None if best is None else (best[0] + best[1]) / 2
 
 

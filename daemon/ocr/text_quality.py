@@ -15,6 +15,7 @@ MIN_CHARS = 16  # fewer visible characters than this: a page number or a stamp, 
 MIN_SCORE = 0.9  # fraction of visible characters that are real text
 SCAN_COVERAGE = 0.6  # images cover this much of the page ...
 SCAN_MIN_CHARS = 200  # ... and the text layer is this thin: a scan with a header line, OCR it
+NO_IMAGES = 0.05  # image coverage below this: no picture that could hold text
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
@@ -47,11 +48,17 @@ def text_score(text: str) -> tuple[int, float]:
     return len(visible), 1.0 - bad / len(visible)
 
 
-def text_layer_usable(text: str, image_coverage: float) -> tuple[bool, float]:
-    """(usable, score) for a page whose text layer is ``text`` and whose area is ``image_coverage`` images."""
+def text_layer_usable(text: str, image_coverage: float, has_annotations: bool = False) -> tuple[bool, float]:
+    """(usable, score) for a page whose text layer is ``text`` and whose area is ``image_coverage`` images.
+
+    ``has_annotations``: the page has form fields or annotations, whose visible text is not in the text layer.
+    """
     chars, score = text_score(text)
-    if chars < MIN_CHARS or score < MIN_SCORE:
+    if score < MIN_SCORE:
         return False, score
+    if chars < MIN_CHARS:
+        # A short text with nothing else on the page ("Hello world") is all there is: OCR would add nothing.
+        return chars > 0 and image_coverage < NO_IMAGES and not has_annotations, score
     if image_coverage >= SCAN_COVERAGE and chars < SCAN_MIN_CHARS:
         return False, score
     return True, score

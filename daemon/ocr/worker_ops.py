@@ -45,6 +45,7 @@ class Worker:
     def __init__(self, cfg: WorkerConfig) -> None:
         self.cfg = cfg
         self._docs: OrderedDict[tuple[Any, ...], pymupdf.Document] = OrderedDict()
+        self._needs_pass: dict[tuple[Any, ...], bool] = {}
         self._headers: dict[tuple[Any, ...], Any] = {}
         self._ocr: Any = None
         self._md: Any = None
@@ -128,7 +129,11 @@ class Worker:
         except (pymupdf.FileDataError, pymupdf.mupdf.FzErrorBase) as e:
             raise PdfError("corrupt", f"{name} is damaged and MuPDF cannot open it ({_reason(e)}); "
                            "re-export or re-download it")
-        if doc.needs_pass:
+        # read needs_pass once, here: pymupdf 2.0 returns empty text for every page of an authenticated
+        # document once needs_pass has been read after authenticate() (seen with AES-256 files)
+        needs_pass = bool(doc.needs_pass)
+        self._needs_pass[key] = needs_pass
+        if needs_pass:
             if password is None:
                 raise PdfError("encrypted", f"encrypted: {name} needs a password; {_hint_password(name)}")
             prepared = saslprep(password)
@@ -137,13 +142,19 @@ class Worker:
             ):
                 raise PdfError("bad_password", f"the password given for {name} does not open it; "
                                f"correct it ({_hint_password(name)})")
-        if doc.page_count == 0:
+        try:
+            count = doc.page_count
+        except (pymupdf.mupdf.FzErrorBase, RuntimeError) as e:
+            raise PdfError("corrupt", f"{name} is damaged: MuPDF cannot count its pages ({_reason(e)}); "
+                           "re-export or re-download it")
+        if count == 0:
             raise PdfError("zero_pages", f"{name} has no pages (it is probably truncated or damaged); "
                            "nothing to convert: re-export or re-download it")
         self._docs[key] = doc
         while len(self._docs) > 2:
             old_key, old = self._docs.popitem(last=False)
             self._headers.pop(old_key, None)
+            self._needs_pass.pop(old_key, None)
             old.close()
         return doc, key
 
@@ -157,7 +168,7 @@ class Worker:
     # -- requests ------------------------------------------------------------------------------------------
 
     def op_inspect(self, path: str, password: str | None) -> PdfInfo:
-        doc, _ = self._open(path, password)
+        doc, key = self._open(path, password)
         sizes: list[tuple[float, float]] = []
         for i in range(doc.page_count):
             try:
@@ -168,8 +179,8 @@ class Worker:
         meta = doc.metadata or {}
         return PdfInfo(
             page_count=doc.page_count,
-            encrypted=bool(meta.get("encryption")) or bool(doc.needs_pass),
-            needs_password=bool(doc.needs_pass),
+            encrypted=bool(meta.get("encryption")) or self._needs_pass.get(key, False),
+            needs_password=self._needs_pass.get(key, False),
             page_sizes=sizes,
             title=clean_text(meta.get("title") or ""),
             encryption=clean_text(meta.get("encryption") or ""),
@@ -181,7 +192,8 @@ class Worker:
     ) -> RenderedPage:
         page, _ = self._page(path, password, page_no)
         text = clean_text(page.get_text("text", sort=True))
-        usable, score = text_layer_usable(text, _image_coverage(page))
+        annotated = page.first_annot is not None or page.first_widget is not None
+        usable, score = text_layer_usable(text, _image_coverage(page), annotated)
         if not with_png:
             return RenderedPage(b"", 0, 0, 0.0, text, usable, score, False)
         rect = page.rect
@@ -276,6 +288,10 @@ def serve(conn: Connection) -> None:
                      "the file is damaged: re-export or re-download it")
         except MemoryError:
             reply = ("err", "internal", f"{_where(kwargs)}: out of memory while converting it")
+        except RuntimeError as e:
+            # Some MuPDF failures reach Python as RuntimeError("code=N: …") rather than as FzError*.
+            code = "corrupt" if str(e).startswith("code=") else "internal"
+            reply = ("err", code, f"{_where(kwargs)} cannot be read, MuPDF says: {_reason(e)}")
         except Exception as e:
             reply = ("err", "internal", f"{_where(kwargs)} failed in {op}: {type(e).__name__}: {_reason(e)}")
         _warnings()

@@ -73,9 +73,10 @@ def explain_failure(
     returncode: int | None = None,
     disk_free_bytes: int | None = None,
 ) -> Failure:
-    """``disk_free_bytes``: free space where the job writes (:func:`disk_free`), to recognise a full disk
-    behind torch's vague write errors. ``gpus``: the physical GPU indices the job ran on (its CUDA_VISIBLE_DEVICES), to name the real GPU;
-    ``last_step``: the last step seen in trainer_log.jsonl (else the log's progress bar is read)."""
+    """Params: ``gpus``, the physical GPU indices the job ran on (its CUDA_VISIBLE_DEVICES), to name the
+    real GPU; ``last_step``, the last step seen in trainer_log.jsonl (else the log's progress bar is read);
+    ``disk_free_bytes``, free space where the job writes (:func:`disk_free`), to recognise a full disk
+    behind torch's vague write errors."""
     params = params or {}
     lines = clean_lines(log_text)
     # match messages, not the source lines a traceback quotes (they hold the same words in f-strings)

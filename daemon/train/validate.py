@@ -135,7 +135,8 @@ def _check_value(key: str, value: Any, info: KeyInfo) -> str | None:
         "str": isinstance(value, (str, int, float)) and not isinstance(value, bool),
     }.get(info.kind, True)
     if not ok:
-        return f"{key}: {value!r} is not a {info.kind}; write e.g. --set {key}={_example(info.kind)}"
+        what = {"bool": "true or false", "int": "an integer", "float": "a number"}.get(info.kind, "text")
+        return f"{key}: {value!r} is not {what}; write e.g. --set {key}={_example(info.kind)}"
     if info.choices and str(value) not in info.choices:
         return _bad_choice(key, value, info.choices, "allowed values")
     return None

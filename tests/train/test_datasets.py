@@ -113,7 +113,7 @@ def test_existing_name_is_kept_unless_replace(tiny: dict[str, Path], tmp_path: P
 
 
 def test_bad_names_and_files_are_one_line_errors(tiny: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(DatasetProblem, match="name '../x' is not allowed"):
+    with pytest.raises(DatasetProblem, match=r"name '\.\./x' is not allowed"):
         add_dataset("../x", tiny["sft"], dataset_dir=tmp_path / "ds")
     with pytest.raises(DatasetProblem, match="file not found"):
         add_dataset("x", tmp_path / "nope.json", dataset_dir=tmp_path / "ds")

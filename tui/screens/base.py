@@ -14,7 +14,7 @@ from textual.widgets import Footer
 
 from shared.protocol import JobInfo
 from tui.state import Changes, State
-from tui.widgets.chrome import Banner, TopBar
+from tui.widgets.chrome import Banner, Chrome, TopBar
 
 if TYPE_CHECKING:
     from tui.app import FtuiApp
@@ -40,8 +40,7 @@ class FtScreen(Screen[None]):
         return self.ftapp.clock()
 
     def compose(self) -> ComposeResult:
-        yield TopBar()
-        yield Banner()
+        yield Chrome()
         yield from self.compose_body()
         yield Footer(compact=True)
 

@@ -56,14 +56,14 @@ def help_markdown(app: App[Any], screen: FtScreen | None) -> str:
     lines += ["", "## Everywhere", ""]
     for b in app.BINDINGS:
         if isinstance(b, Binding) and b.description and not b.key.isdigit():
-            lines.append(f"- **{_key_name(b.key)}** {b.description}")
+            lines.append(f"- **{_key_name(b.key)}** {b.tooltip or b.description}")
     lines.append("- **ctrl+p** command palette (every action, jobs by number)")
     lines.append("- **tab / shift+tab** move between panes; **escape** leaves a text field")
     if screen is not None:
         lines += ["", f"## This screen ({screen.MODE})", ""]
         for b in type(screen).BINDINGS:
             if isinstance(b, Binding) and b.description and b.key != "escape":
-                lines.append(f"- **{_key_name(b.key)}** {b.description}")
+                lines.append(f"- **{_key_name(b.key)}** {b.tooltip or b.description}")
     lines += ["", "When the daemon is not running, the banner says where ftui looked and how to start it "
               "(`systemctl start ftmllmd`, or `ftmllmd` in another terminal); ftui reconnects by itself."]
     return "\n".join(lines)

@@ -216,9 +216,9 @@ class OcrScreen(FtScreen):
         t = Text(no_wrap=True, overflow="ellipsis")
         t.append(f"page {page.page_no}", style="bold")
         pt = page_time(page)
-        t.append(f" — {page.state}, {page.method or '?'}, {duration(pt) if pt is not None else '-'}",
+        t.append(f" · {page.state} · {page.method or '?'} · {duration(pt) if pt is not None else '-'}",
                  style=PAGE_STYLE.get(page.state, ""))
-        t.append("  (f: follow live)", style="dim")
+        t.append(" · f: live", style="dim")
         self.query_one("#ocr-page-title", Static).update(t)
         self.query_one("#ocr-md-scroll", VerticalScroll).scroll_home(animate=False)
 

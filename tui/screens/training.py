@@ -159,7 +159,7 @@ class TrainingScreen(FtScreen):
             first = pts[0]
             lp = [(x_of(p, first, self.by_time), p.loss) for p in pts if p.loss is not None]
             if lp:
-                loss.append(Series(lp, color, dim=True))
+                loss.append(Series(lp, color, dim=True, dots=True))
                 sm = ema([y for _, y in lp], weight)
                 loss.append(Series([(x, y) for (x, _), y in zip(lp, sm, strict=True)], color))
             ev = [(x_of(p, first, self.by_time), p.eval_loss) for p in pts if p.eval_loss is not None]
@@ -178,7 +178,7 @@ class TrainingScreen(FtScreen):
         xf = duration if self.by_time else (lambda v: f"{v:.0f}")
         self.query_one("#train-legend", Static).update(legend)
         self.query_one("#train-loss", LineChart).set_series(loss, x_fmt=xf)
-        self.query_one("#train-lr", LineChart).set_series(lr, x_fmt=xf)
+        self.query_one("#train-lr", LineChart).set_series(lr, x_fmt=xf, y_floor=0.0)
         self._stats()
 
     def _stats(self) -> None:

@@ -25,7 +25,8 @@ class Series:
     points: Sequence[tuple[float, float]]
     color: str
     dim: bool = False
-    markers: bool = False  # points only (eval loss), not joined
+    markers: bool = False  # a blob per point (eval loss), not joined
+    dots: bool = False  # one dot per point, not joined (raw loss under its smoothed line)
 
 
 def fmt_num(v: float) -> str:
@@ -151,6 +152,10 @@ class LineChart(Widget):
                     px, py = to_px(x), to_py(yv)
                     for dx, dy in ((0, 0), (1, 0), (0, 1), (1, 1), (-1, 0), (0, -1)):
                         dot(px + dx, py + dy, idx)
+                continue
+            if s.dots:
+                for x, yv in ok:
+                    dot(to_px(x), to_py(yv), idx)
                 continue
             prev: tuple[int, int] | None = None
 

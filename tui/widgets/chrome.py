@@ -4,6 +4,8 @@ that says when the daemon is not there, where ftui looked, and how to start it."
 from __future__ import annotations
 
 from rich.text import Text
+from textual.app import ComposeResult
+from textual.containers import Vertical
 from textual.widgets import Static
 
 from tui.state import State
@@ -20,7 +22,7 @@ SCREENS: tuple[tuple[str, str, str], ...] = (
 
 class TopBar(Static):
     DEFAULT_CSS = """
-    TopBar { dock: top; height: 1; background: $panel; color: $text; }
+    TopBar { height: 1; background: $panel; color: $text; }
     """
 
     _last: tuple[State, str] | None = None
@@ -67,7 +69,7 @@ class Banner(Static):
     """Hidden while connected; otherwise the reason, where ftui looked, and how to start the daemon."""
 
     DEFAULT_CSS = """
-    Banner { dock: top; height: auto; max-height: 6; padding: 0 1; display: none; }
+    Banner { height: auto; max-height: 6; padding: 0 1; display: none; }
     Banner.-down { display: block; background: $error 30%; color: $text; }
     Banner.-connecting { display: block; background: $warning 20%; color: $text; }
     """
@@ -78,3 +80,15 @@ class Banner(Static):
         self.set_class(c.kind == "connecting", "-connecting")
         if c.kind != "connected":
             self.update(c.message)
+
+
+class Chrome(Vertical):
+    """The top bar and the banner, docked together (two widgets docked on one edge would overlap)."""
+
+    DEFAULT_CSS = """
+    Chrome { dock: top; height: auto; }
+    """
+
+    def compose(self) -> ComposeResult:
+        yield TopBar()
+        yield Banner()

@@ -72,7 +72,7 @@ class KeyedTable(DataTable[object]):
                 continue
             for col, cell, was, text in zip(self.column_keys, cells, old or plain, plain, strict=True):
                 if old is None or was != text:
-                    self.update_cell(str(key), col, cell)
+                    self.update_cell(str(key), col, cell, update_width=True)
             self._plain[key] = plain
         return False
 

@@ -1,0 +1,188 @@
+"""The GPU scheduler on recorded NVML snapshots of 8-GPU boxes (tests/fixtures/nvml: recorded-format
+fixtures standing in for NVML, which cannot run here), fed to the real plan()."""
+
+from __future__ import annotations
+
+from itertools import chain, combinations
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from daemon.gpus import GpuSnapshot
+from daemon.scheduler import EngineAction, EngineView, Policy, QueuedJob, RunningJob, Start, plan
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "nvml"
+IDLE = GpuSnapshot.load(FIXTURES / "box8_idle.json")
+FOREIGN = GpuSnapshot.load(FIXTURES / "box8_foreign.json")
+ENGINE = GpuSnapshot.load(FIXTURES / "box8_engine.json")
+ENGINE_ASLEEP = GpuSnapshot.load(FIXTURES / "box8_engine_asleep.json")
+MIXED = GpuSnapshot.load(FIXTURES / "box8_mixed_memory.json")
+VLLM = EngineView(gpus=(0, 1), state="running", can_sleep=True, pids=(7301, 7302))
+
+
+def test_fifo_allocation_on_an_idle_box_never_shares_a_gpu() -> None:
+    d = plan([QueuedJob(1, 2), QueuedJob(2, 4), QueuedJob(3, 1), QueuedJob(4, 2)], [], IDLE)
+    assert d.starts == [Start(1, (0, 1)), Start(2, (2, 3, 4, 5)), Start(3, (6,))]
+    assert d.waiting[4].startswith("needs 2 GPU(s), 1 usable now") and d.engine is None
+
+
+def test_foreign_processes_make_gpus_busy_and_are_named() -> None:
+    d = plan([QueuedJob(1, 6)], [], FOREIGN)
+    assert d.starts == []
+    assert "bob's python (pid 48211, 30.5 GiB)" in d.waiting[1]
+    assert "carol's python3 (pid 50117, 50.8 GiB) and 1 more" in d.waiting[1]
+    assert "GPU 7: 40.0 GiB in use by processes not visible here" in d.waiting[1]
+    assert plan([QueuedJob(2, 5)], [], FOREIGN).starts == [Start(2, (0, 1, 3, 4, 6))]
+
+
+def test_blocked_head_does_not_stop_jobs_it_could_never_use() -> None:
+    # job 1 can only start once foreign processes leave (nothing running frees GPUs): later jobs go ahead
+    d = plan([QueuedJob(1, 6), QueuedJob(2, 2), QueuedJob(3, 3)], [], FOREIGN)
+    assert d.starts == [Start(2, (0, 1)), Start(3, (3, 4, 6))] and 1 in d.waiting
+
+
+def test_backfill_takes_no_gpu_the_head_will_need() -> None:
+    running = [RunningJob(10, (0, 1, 2, 3)), RunningJob(11, (4, 5))]
+    # head needs 4, has 2: if job 11 ends first, the head needs both free GPUs → no backfill
+    d = plan([QueuedJob(1, 4), QueuedJob(2, 1)], running, IDLE)
+    assert d.starts == [] and set(d.waiting) == {1, 2}
+
+
+def test_backfill_uses_gpus_the_head_can_spare() -> None:
+    running = [RunningJob(10, (0, 1, 2)), RunningJob(11, (3, 4, 5))]
+    # head needs 3, has 2; whichever job ends first frees 3, so 2 of the free GPUs are spare
+    d = plan([QueuedJob(1, 3), QueuedJob(2, 1), QueuedJob(3, 1)], running, IDLE)
+    assert d.starts == [Start(2, (6,)), Start(3, (7,))] and 1 in d.waiting
+
+
+def test_job_needing_the_engines_gpus_puts_it_to_sleep_then_runs_then_wakes_it() -> None:
+    d = plan([QueuedJob(1, 7)], [], ENGINE, VLLM)
+    assert d.starts == [] and d.engine == EngineAction("sleep", "job 1 needs GPU(s) the engine holds")
+    assert d.waiting[1] == "waiting for the vLLM engine to sleep (it holds GPU 0,1)"
+    asleep = EngineView(gpus=(0, 1), state="sleeping", parked=True, pids=(7301, 7302))
+    d = plan([QueuedJob(1, 7)], [], ENGINE_ASLEEP, asleep)
+    assert d.starts == [Start(1, (0, 1, 2, 3, 4, 5, 7))] and d.engine is None
+    d = plan([], [RunningJob(1, (0, 1, 2, 3, 4, 5, 7))], ENGINE_ASLEEP, asleep)
+    assert d.engine is None  # still in use
+    d = plan([], [], ENGINE_ASLEEP, asleep)
+    assert d.engine == EngineAction("wake", "no job uses the engine's GPUs any more")
+
+
+def test_engine_without_sleep_mode_is_stopped_and_small_jobs_leave_it_alone() -> None:
+    no_sleep = EngineView(gpus=(0, 1), state="running", can_sleep=False, pids=(7301, 7302))
+    assert plan([QueuedJob(1, 7)], [], ENGINE, no_sleep).engine == EngineAction(
+        "stop", "job 1 needs GPU(s) the engine holds")
+    d = plan([QueuedJob(2, 5)], [], ENGINE, VLLM)
+    assert d.starts == [Start(2, (2, 3, 4, 5, 7))] and d.engine is None
+    assert "pid 61002" in plan([QueuedJob(3, 8)], [], ENGINE, VLLM).waiting[3]
+
+
+def test_an_engine_the_user_stopped_is_not_woken() -> None:
+    stopped = EngineView(gpus=(0, 1), state="stopped", parked=False)
+    d = plan([QueuedJob(1, 2)], [], IDLE, stopped)
+    assert d.starts == [Start(1, (0, 1))] and d.engine is None
+
+
+def test_min_free_gib_picks_gpus_with_room_and_refuses_the_impossible() -> None:
+    d = plan([QueuedJob(1, 2, min_free_gib=60), QueuedJob(2, 4, min_free_gib=30)], [], MIXED)
+    assert d.starts == [Start(1, (0, 1)), Start(2, (2, 3, 4, 5))]
+    d = plan([QueuedJob(3, 1, min_free_gib=100), QueuedJob(4, 9)], [], MIXED)
+    assert "lower min_free_gib" in d.impossible[3] and "this machine has 8" in d.impossible[4]
+    assert d.starts == []
+
+
+def test_sharing_needs_a_memory_figure_and_honours_it() -> None:
+    share = Policy(share_gpus=True)
+    running = [RunningJob(10, tuple(range(8)), min_free_gib=40)]
+    assert plan([QueuedJob(1, 1)], running, IDLE, policy=share).starts == []  # no figure: no sharing
+    d = plan([QueuedJob(1, 1, min_free_gib=30), QueuedJob(2, 8, min_free_gib=30)], running, IDLE, policy=share)
+    assert d.starts == [Start(1, (0,))] and 2 in d.waiting  # GPU 0 now has 79.6 - 40 - 30 < 30 GiB left
+    assert plan([QueuedJob(1, 1, min_free_gib=30)], running, IDLE).starts == []  # sharing is off by default
+
+
+def test_no_gpus_runs_jobs_on_the_cpu_one_at_a_time() -> None:
+    cpu = GpuSnapshot(cpu_only=True, error="no GPUs found (NVML: NVML Shared Library Not Found)")
+    d = plan([QueuedJob(1, 2), QueuedJob(2, 1)], [], cpu)
+    assert d.starts == [Start(1, ())] and "one at a time" in d.waiting[2]
+    assert plan([QueuedJob(2, 1)], [RunningJob(1, ())], cpu).starts == []
+
+
+def test_lost_nvml_starts_only_cpu_jobs() -> None:
+    lost = GpuSnapshot(error="GPU status unavailable (NVML: Unknown Error); no GPU job starts until it is back")
+    d = plan([QueuedJob(1, 1), QueuedJob(2, 0)], [], lost)
+    assert d.starts == [Start(2, ())] and d.waiting[1] == lost.error
+
+
+# ---------------------------------------------------------------------------------------- properties
+
+SNAPSHOTS = [IDLE, FOREIGN, ENGINE, ENGINE_ASLEEP, MIXED]
+
+
+@st.composite
+def situations(draw: st.DrawFn) -> tuple[GpuSnapshot, list[RunningJob], list[QueuedJob], EngineView]:
+    snap = draw(st.sampled_from(SNAPSHOTS))
+    engine = draw(st.sampled_from([
+        EngineView(),
+        EngineView(gpus=(0, 1), state="running", can_sleep=draw(st.booleans()), pids=(7301, 7302)),
+        EngineView(gpus=(0, 1), state="sleeping", parked=True, pids=(7301, 7302)),
+    ]))
+    free = [g for g in range(8) if g not in engine.gpus]
+    order = draw(st.permutations(free))
+    running: list[RunningJob] = []
+    pos = 0
+    for job_id in range(100, 100 + draw(st.integers(0, 3))):
+        n = draw(st.integers(1, 3))
+        if pos + n > len(order):
+            break
+        running.append(RunningJob(job_id, tuple(sorted(order[pos:pos + n]))))
+        pos += n
+    queue = [QueuedJob(i, draw(st.integers(0, 9)), draw(st.sampled_from([0.0, 0.0, 30.0, 60.0])))
+             for i in range(draw(st.integers(0, 8)))]
+    return snap, running, queue, engine
+
+
+@settings(max_examples=400, deadline=None)
+@given(situations())
+def test_a_plan_never_over_commits_a_gpu(sit: tuple[GpuSnapshot, list[RunningJob], list[QueuedJob],
+                                                   EngineView]) -> None:
+    snap, running, queue, engine = sit
+    d = plan(queue, running, snap, engine)
+    wanted = {j.job_id: j for j in queue}
+    held = [g for r in running for g in r.gpus]
+    new = [g for s in d.starts for g in s.gpus]
+    assert len(set(held + new)) == len(held + new)  # no GPU in two jobs
+    busy = {g.index for g in snap.gpus
+            if any(p.pid not in engine.pids for p in g.processes) or (not g.processes and g.memory_used_mib > 1024)}
+    assert not set(new) & busy  # nothing lands next to a foreign process
+    if engine.state == "running":
+        assert not set(new) & set(engine.gpus)  # the engine sleeps first
+    for s in d.starts:
+        job = wanted[s.job_id]
+        assert len(s.gpus) == job.gpus
+        for g in s.gpus:
+            assert snap.gpus[g].memory_free_mib >= job.min_free_gib * 1024
+    decided = [s.job_id for s in d.starts] + list(d.waiting) + list(d.impossible)
+    assert sorted(decided) == sorted(wanted)  # every job gets exactly one answer
+
+
+@settings(max_examples=300, deadline=None)
+@given(situations())
+def test_backfill_never_delays_the_head(sit: tuple[GpuSnapshot, list[RunningJob], list[QueuedJob],
+                                                  EngineView]) -> None:
+    snap, running, queue, _ = sit
+    snap = IDLE  # count-based guarantee: all GPUs alike, no foreign processes
+    queue = [QueuedJob(j.job_id, j.gpus) for j in queue]
+    d = plan(queue, running, snap)
+    blocked = [j for j in queue if j.job_id in d.waiting and j.gpus > 0]
+    if not blocked:
+        return
+    head = blocked[0]
+    started_before = {s.job_id for s in d.starts if s.job_id < head.job_id}
+    free_now = 8 - sum(len(r.gpus) for r in running) - sum(
+        len(s.gpus) for s in d.starts if s.job_id in started_before)
+    later = sum(len(s.gpus) for s in d.starts if s.job_id > head.job_id)
+    holders = [len(r.gpus) for r in running] + [len(s.gpus) for s in d.starts if s.job_id in started_before]
+    for subset in chain.from_iterable(combinations(holders, k) for k in range(len(holders) + 1)):
+        if free_now + sum(subset) >= head.gpus:  # the head could start when these end…
+            assert free_now - later + sum(subset) >= head.gpus  # …and still can, with the backfilled jobs
