@@ -9,15 +9,17 @@ from daemon.jobs.base import Caller
 from daemon.ocr.cpu_engine import CpuEngine
 from daemon.ocr.pdfworker import PdfWorkerPool
 from daemon.ocr.pipeline import EngineChoice, OcrKind
+from daemon.sdnotify import Notifier
 from daemon.service import Daemon
 from shared.config import Settings
 from shared.protocol import EngineInfo, JobInfo
 
 
-def assemble(settings: Settings) -> Daemon:
-    daemon = Daemon(settings)
+def assemble(settings: Settings, notifier: Notifier | None = None) -> Daemon:
+    daemon = Daemon(settings, notifier=notifier)
     cfg = settings.config.ocr
-    pool = PdfWorkerPool(size=max(1, cfg.workers), log_path=settings.paths.state_dir / "pdfworkers.log")
+    pool = PdfWorkerPool(size=max(1, cfg.workers), markdown_mode=cfg.markdown_mode,
+                         log_path=settings.paths.state_dir / "pdfworkers.log")
     cpu = CpuEngine(pool, page_timeout_s=cfg.page_timeout_s, dpi=cfg.dpi)
     choice = EngineChoice(engines={"cpu": cpu}, default="cpu",
                           reason="auto: no GPU engine configured, using the CPU engine (text layer + offline OCR)")
@@ -35,9 +37,6 @@ def assemble(settings: Settings) -> Daemon:
         if settings.config.hotfolder.enabled:
             hot.start()
             daemon.add_task(hot.run(), "hotfolder")
-        # the MuPDF workers load their models for a few seconds: in the background, so the daemon is
-        # ready at once and the first OCR job waits for them instead
-        daemon.add_task(pool.start(), "pdfworkers")
 
     async def stop_parts() -> None:
         hot.stop()

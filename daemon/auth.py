@@ -16,12 +16,14 @@ import logging
 import os
 import pwd
 import re
+import time
 from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
 
 from daemon.jobs.base import Caller
+from shared.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +97,28 @@ class Identities:
         return Caller(user="anonymous", uid=-1)
 
 
-async def serve_zap(ctx: zmq.asyncio.Context, identities: Identities) -> None:
-    """The ZAP handler: runs for the daemon's lifetime on the shared context."""
+def socket_gid(group: str) -> int | None:
+    """The gid the socket files should belong to (``daemon.socket_group``), None to leave them as created."""
+    if not group:
+        return None
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ConfigError(f"daemon.socket_group: there is no Unix group '{group}'; create it "
+                          f"(groupadd {group}) or change the config") from None
+
+
+def bind_zap(ctx: zmq.asyncio.Context) -> zmq.asyncio.Socket:
+    """Bind the ZAP handler's socket; must happen before the ctl socket is bound (see service.bind)."""
     sock = ctx.socket(zmq.REP)
     sock.linger = 0
     sock.bind(ZAP_ENDPOINT)
+    return sock
+
+
+async def serve_zap(sock: zmq.asyncio.Socket, identities: Identities) -> None:
+    """The ZAP handler: answers every new connection for the daemon's lifetime."""
+    refused: dict[int, float] = {}
     try:
         while True:
             frames = await sock.recv_multipart()
@@ -110,9 +129,11 @@ async def serve_zap(ctx: zmq.asyncio.Context, identities: Identities) -> None:
             elif identities.allowed(peer[0]):
                 status, text, user = b"200", b"OK", str(peer[0]).encode()
             else:
-                name = user_name(peer[0])
-                log.warning("refused connection from %s (uid %d, pid %d): not in group %s",
-                            name, peer[0], peer[2], identities.allowed_group)
+                # libzmq retries a refused handshake: say it once a minute per user, not per retry
+                if time.monotonic() - refused.get(peer[0], -1e9) > 60:
+                    refused[peer[0]] = time.monotonic()
+                    log.warning("refused connection from %s (uid %d, pid %d): not in group %s",
+                                user_name(peer[0]), peer[0], peer[2], identities.allowed_group)
                 status, text, user = b"400", b"not a member of the daemon's group", b""
             await sock.send_multipart([version, request_id, status, text, user, b""])
     finally:

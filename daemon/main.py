@@ -12,6 +12,7 @@ import time
 from daemon import __version__
 from daemon.lock import AlreadyRunning, StateLock
 from daemon.logsetup import setup_logging
+from daemon.sdnotify import Notifier
 from shared.config import ConfigError, Settings, load_settings
 
 log = logging.getLogger("ftmllmd")
@@ -38,31 +39,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-async def run_daemon(settings: Settings, ready_t0: float) -> int:
+async def run_daemon(settings: Settings, notifier: Notifier, ready_t0: float) -> int:
     from daemon.assemble import assemble
 
-    daemon = assemble(settings)
+    daemon = assemble(settings, notifier)
     daemon.bind()
     await daemon.start()
+    # pinged from this loop, so a loop that hangs stops the pings and systemd restarts us
+    watchdog = asyncio.get_running_loop().create_task(notifier.run_watchdog(), name="watchdog")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     loop.add_signal_handler(signal.SIGHUP, daemon.reload)
-    daemon.notify_ready()
+    notifier.ready(daemon.status_line())
     log.info("ready in %.2fs: sockets in %s, state in %s, hot folder %s (engine: %s)",
              time.monotonic() - ready_t0, settings.paths.runtime_dir, settings.paths.state_dir,
              settings.paths.inbox, daemon.engine.kind)
     await stop.wait()
+    notifier.stopping("stopping: no new work; running jobs stop so they can resume at the next start")
     log.info("stopping: no new work; running jobs will resume at the next start")
-    daemon.notify_stopping()
     await daemon.stop(timeout=settings.config.train.graceful_stop_s)
+    watchdog.cancel()
     log.info("stopped")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
+    # first, before any thread or child exists: no child may inherit NOTIFY_SOCKET
+    notifier = Notifier.from_environ(unset=True)
     args = build_parser().parse_args(argv)
     if args.print_config:
         from shared.config import default_config_toml
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ftmllmd: {exc}", file=sys.stderr)
         return EXIT_RUNNING
     try:
-        return asyncio.run(run_daemon(settings, t0))
+        return asyncio.run(run_daemon(settings, notifier, t0))
     finally:
         lock.release()
 

@@ -19,14 +19,15 @@ import zmq
 import zmq.asyncio
 
 from daemon import __version__
-from daemon.auth import ZAP_DOMAIN, Identities, serve_zap
+from daemon.auth import ZAP_DOMAIN, Identities, bind_zap, serve_zap, socket_gid
 from daemon.events import EventBus
 from daemon.jobs.base import Caller, JobKind
 from daemon.jobs.manager import JobManager
 from daemon.jobs.selftest import SelftestKind
 from daemon.server import CtlServer, Handler
 from daemon.store import Store
-from shared.config import Settings
+from daemon.sdnotify import Notifier
+from shared.config import ConfigError, Settings, load_settings
 from shared.protocol import (
     MAX_WIRE_BYTES,
     Cancel,
@@ -68,8 +69,11 @@ EVENT_HWM = 100_000
 
 
 class Daemon:
-    def __init__(self, settings: Settings, kinds: dict[str, JobKind] | None = None) -> None:
+    def __init__(self, settings: Settings, kinds: dict[str, JobKind] | None = None,
+                 notifier: Notifier | None = None) -> None:
         self.settings = settings
+        self.notifier = notifier or Notifier(None)
+        self._status_pending = False
         self.paths = settings.paths
         self.session = uuid.uuid4().hex[:12]
         self.started = time.monotonic()
@@ -82,7 +86,7 @@ class Daemon:
         self.pub.sndhwm = EVENT_HWM
         self.pub.linger = 0
         self.bus = EventBus(self.pub, self.session, self.store.seq)
-        self.store.on_commit = self.bus.committed
+        self.store.on_commit = self._committed
         self.kinds: dict[str, JobKind] = {"selftest": SelftestKind()}
         if kinds:
             self.kinds.update(kinds)
@@ -101,6 +105,10 @@ class Daemon:
         self.start_callbacks: list[Callable[[], Awaitable[None]]] = []
         self.stop_callbacks: list[Callable[[], Awaitable[None]]] = []
 
+    def _committed(self) -> None:
+        self.bus.committed()
+        self.on_change()
+
     # ------------------------------------------------------------------------------------ startup
 
     def bind(self) -> None:
@@ -110,18 +118,25 @@ class Daemon:
         for name in ("ctl.sock", "events.sock"):
             # a socket file left by a killed daemon: we hold the lock, so nobody else owns it
             (run / name).unlink(missing_ok=True)
+        # the ZAP handler is bound before the ROUTER, and the domain is enforced: no connection can slip
+        # in unauthenticated (and stay anonymous) in between
+        self.zap_sock = bind_zap(self.ctx)
         self.router.zap_domain = ZAP_DOMAIN.encode()
+        self.router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         self.router.bind(self.paths.ctl_endpoint)
         self.pub.bind(self.paths.events_endpoint)
+        gid = socket_gid(self.settings.config.daemon.socket_group)
         for name in ("ctl.sock", "events.sock"):
             os.chmod(run / name, 0o660)
+            if gid is not None:
+                os.chown(run / name, -1, gid)
         self.ctl.handlers.update(self.extra_handlers)
 
     async def start(self) -> None:
         self.jobs.recover()
         loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(serve_zap(self.ctx, self.identities), name="zap"),
+            loop.create_task(serve_zap(self.zap_sock, self.identities), name="zap"),
             loop.create_task(self.ctl.serve(), name="ctl"),
             loop.create_task(self.bus.run_heartbeat(self.settings.config.daemon.heartbeat_s), name="hb"),
             loop.create_task(self.jobs.run(), name="jobs"),
@@ -153,15 +168,37 @@ class Daemon:
         self.ctx.term()
         self.store.close()
 
-    def notify_ready(self) -> None:
-        """Tell systemd we are ready (sockets bound, store open, watchers running)."""
+    def status_line(self) -> str:
+        """One line for systemd's STATUS= (shown by `systemctl status ftmllmd`)."""
+        counts = self.store.counts()
+        queue = "paused" if self.jobs.paused else "open"
+        return (f"{counts.get('running', 0)} running, {counts.get('queued', 0)} queued (queue {queue}); "
+                f"engine {self.engine.kind} {self.engine.state}")
 
-    def notify_stopping(self) -> None:
-        pass
+    def on_change(self) -> None:
+        """After a commit: refresh systemd's STATUS= at most once a second."""
+        if self._status_pending or not self.notifier.enabled:
+            return
+        self._status_pending = True
+
+        def send() -> None:
+            self._status_pending = False
+            self.notifier.status(self.status_line())
+
+        asyncio.get_running_loop().call_later(1.0, send)
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config file; parts that can change live pick it up."""
-        log.info("SIGHUP: reloading the config from %s", self.settings.source)
+        """SIGHUP: re-read the config file; the log level changes live, other keys at the next start."""
+        self.notifier.reloading(f"reloading {self.settings.source}")
+        try:
+            fresh = load_settings(self.settings.config_file, self.settings.home)
+        except ConfigError as exc:
+            log.error("reload failed, still running with the previous config: %s", exc)
+            self.notifier.ready(f"reload failed: {exc}; still running with the previous config")
+            return
+        logging.getLogger().setLevel(fresh.config.daemon.log_level.upper())
+        log.info("reloaded %s (log level %s)", fresh.source, fresh.config.daemon.log_level)
+        self.notifier.ready(self.status_line())
 
     # ----------------------------------------------------------------------------------- handlers
 

@@ -65,6 +65,8 @@ class OcrConfig(_Section):
     workers: int = 2
     max_concurrent_jobs: int = 2
     prompt: str = "default"  # a file name in configs/prompts/ (without .txt) or a path
+    # the CPU engine's text-layer Markdown: layout (better headings and tables) or legacy (≈5× faster)
+    markdown_mode: Literal["layout", "legacy"] = "layout"
 
 
 class VllmConfig(_Section):
@@ -161,6 +163,8 @@ class Settings:
     config: Config
     paths: Paths
     source: str  # where the config came from, for messages
+    config_file: Path | None = None
+    home: Path | None = None
 
 
 _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
@@ -205,7 +209,7 @@ def resolve_paths(cfg: Config, home: Path | None, env: dict[str, str] | None = N
         # systemd may list several dirs separated by ':'; ours is the first
         state = Path(env["STATE_DIRECTORY"].split(":")[0])
         runtime = Path(env["RUNTIME_DIRECTORY"].split(":")[0])
-        hot = state / "hotfolder"
+        hot = _user_paths()[2]  # ~/ftmllm for a user unit; the system config sets [paths] hotfolder
     else:
         state, runtime, hot = _user_paths()
     if cfg.paths.state_dir:
@@ -224,12 +228,22 @@ def resolve_paths(cfg: Config, home: Path | None, env: dict[str, str] | None = N
     return paths
 
 
-def load_settings(config_file: str | Path | None = None, home: str | Path | None = None) -> Settings:
-    """The one way both daemon and clients find their config (see the module docstring)."""
+SYSTEM_CONFIG = Path("/etc/ftmllm/ftmllm.toml")
+
+
+def load_settings(config_file: str | Path | None = None, home: str | Path | None = None,
+                  client: bool = False) -> Settings:
+    """The one way both daemon and clients find their config (see the module docstring).
+
+    A client given nothing uses the user's own daemon if one runs, else the system service's config."""
     env_file = os.environ.get("FTMLLM_CONFIG")
     env_home = os.environ.get("FTMLLM_HOME")
     file = Path(config_file) if config_file else (Path(env_file) if env_file else None)
     home_dir = Path(home) if home else (Path(env_home) if env_home else None)
+    if client and file is None and home_dir is None and SYSTEM_CONFIG.exists():
+        own = resolve_paths(Config(), None)
+        if not own.ctl_socket.exists():
+            file = SYSTEM_CONFIG
     if file is not None:
         try:
             text = file.read_text(encoding="utf-8")
@@ -243,7 +257,7 @@ def load_settings(config_file: str | Path | None = None, home: str | Path | None
     else:
         cfg = Config()
         source = "built-in defaults"
-    return Settings(config=cfg, paths=resolve_paths(cfg, home_dir), source=source)
+    return Settings(config=cfg, paths=resolve_paths(cfg, home_dir), source=source, config_file=file, home=home_dir)
 
 
 def default_config_toml() -> str:

@@ -144,7 +144,9 @@ class FtuiApp(App[None]):
                     await screen.apply(ch)
             self.batches_handled += 1
         finally:
-            self.link.ack()
+            # the next batch waits until this one is on the screen: a slow terminal or a busy CPU gets
+            # fewer, bigger batches instead of a growing queue
+            self.call_after_refresh(self.link.ack)
 
     def _tick(self) -> None:
         for screen in self.screen_stack:

@@ -343,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     if local is not None:
         return int(local(args))
     try:
-        settings: Settings = load_settings(args.config, args.home)
+        settings: Settings = load_settings(args.config, args.home, client=True)
     except ConfigError as exc:
         err.print(f"ftctl: {exc}")
         return EXIT_USAGE

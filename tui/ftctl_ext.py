@@ -9,6 +9,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tui import ftctl_ocr
+from tui import ftctl_ocr, ftctl_service
 
-EXTENSIONS: list[Callable[[Any, Any], None]] = [ftctl_ocr.extend]
+EXTENSIONS: list[Callable[[Any, Any], None]] = [ftctl_ocr.extend, ftctl_service.extend]

@@ -23,7 +23,6 @@ from shared.protocol import (
     TERMINAL_STATES,
     EngineChanged,
     GpusSampled,
-    Heartbeat,
     HelloReply,
     JobChanged,
     JobPages,
@@ -44,9 +43,9 @@ log = logging.getLogger(__name__)
 
 # Train jobs whose loss history is fetched at a (re)load; older ones are fetched when someone looks.
 PRELOAD_TRAIN_JOBS = 8
-# Handing the loop back every this many events keeps a firehose from starving key handling: zmq's
-# recv returns an already-finished future when data is queued, and awaiting that never yields.
-YIELD_EVERY = 32
+# Handing the loop back after this long keeps a firehose from starving key handling: zmq's recv returns
+# an already-finished future when data is queued, and awaiting that never yields.
+YIELD_AFTER_S = 0.004
 
 
 class Source(Protocol):
@@ -98,16 +97,17 @@ class Link:
                 await asyncio.sleep(self.retry_s)
                 continue
             self._set_hello(hello)
-            n = 0
+            budget_end = time.monotonic() + YIELD_AFTER_S
             async for update in self.source.watch():
                 self._apply(update)
-                n += 1
-                if n % YIELD_EVERY == 0:
+                if time.monotonic() > budget_end:
                     await asyncio.sleep(0)
+                    budget_end = time.monotonic() + YIELD_AFTER_S
 
     def _apply(self, update: Update) -> None:
+        # called for every event (thousands a second in a flood): it folds into the pending batch in place
         st = self.state
-        ch = Changes()
+        ch = self._pending
         if update.kind == "lost":
             self._set_down(self._lost_message(update.reason))
             return
@@ -131,15 +131,15 @@ class Link:
             ev = update.event
             assert ev is not None
             st.events_seen += 1
-            ch.events = 1
+            ch.events += 1
             body = ev.body
-            if isinstance(body, TextDelta):
-                st.add_text(body)
-                ch.text.add(body.key)
-            elif isinstance(body, JobChanged):
+            if isinstance(body, JobChanged):
                 ch.jobs.add(body.job.id)
                 if body.job.kind == "train" and body.job.id not in self._train_loaded:
                     self.want_train(body.job.id)
+            elif isinstance(body, TextDelta):
+                st.add_text(body)
+                ch.text.add(body.key)
             elif isinstance(body, PageChanged):
                 st.set_page(body.page)
                 ch.pages.add(body.page.job_id)
@@ -152,9 +152,7 @@ class Link:
                 ch.gpus = True
             elif isinstance(body, QueueChanged):
                 ch.queue = True
-            elif isinstance(body, Heartbeat) and not ch:
-                return
-        self._mark(ch)
+        self._schedule()
 
     def _lost_message(self, reason: str) -> str:
         where = "not running" if not self.source.paths.ctl_socket.exists() else "not answering"
@@ -189,6 +187,9 @@ class Link:
 
     def _mark(self, ch: Changes) -> None:
         self._pending.merge(ch)
+        self._schedule()
+
+    def _schedule(self) -> None:
         if self._flush_handle is None and self._pending:
             delay = max(0.0, self._last_flush + self.flush_s - time.monotonic())
             self._flush_handle = asyncio.get_running_loop().call_later(delay, self._flush)

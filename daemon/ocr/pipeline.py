@@ -137,6 +137,9 @@ class OcrKind:
         if not src.exists():
             raise JobFailed(f"{src}: the file is gone; put it back and `ftctl retry {ctx.job.id}`")
         engine = self.choice.get(spec.engine)
+        # the MuPDF workers (≈270 MB each with their OCR models) start with the first OCR job, not with
+        # the daemon: a daemon that only trains never pays for them
+        await self.pool.start()
         await engine.start()
         cfg = self.settings.config.ocr
         password = spec.password or None

@@ -122,11 +122,15 @@ class Worker:
             return doc, key
         if not head:
             raise PdfError("not_pdf", f"{name} is empty (0 bytes); copy the whole file again")
-        if b"%PDF-" not in head:
-            raise PdfError("not_pdf", f"{name} is not a PDF (no %PDF- header); only PDF files can be converted")
+        # No header: not a PDF, unless MuPDF still finds pages in it (pdf.js' bug1606566.pdf lacks "%PDF-"
+        # and is otherwise sound; viewers open it, so do we).
+        not_pdf = PdfError("not_pdf", f"{name} is not a PDF (no %PDF- header); only PDF files can be converted")
+        has_header = b"%PDF-" in head
         try:
             doc = pymupdf.open(path, filetype="pdf")
         except (pymupdf.FileDataError, pymupdf.mupdf.FzErrorBase) as e:
+            if not has_header:
+                raise not_pdf from None
             raise PdfError("corrupt", f"{name} is damaged and MuPDF cannot open it ({_reason(e)}); "
                            "re-export or re-download it")
         # read needs_pass once, here: pymupdf 2.0 returns empty text for every page of an authenticated
@@ -147,6 +151,8 @@ class Worker:
         except (pymupdf.mupdf.FzErrorBase, RuntimeError) as e:
             raise PdfError("corrupt", f"{name} is damaged: MuPDF cannot count its pages ({_reason(e)}); "
                            "re-export or re-download it")
+        if count == 0 and not has_header:
+            raise not_pdf
         if count == 0:
             raise PdfError("zero_pages", f"{name} has no pages (it is probably truncated or damaged); "
                            "nothing to convert: re-export or re-download it")

@@ -44,10 +44,20 @@ class LossPoint:
 
     @property
     def kind(self) -> PointKind:
-        """train (has loss), eval (has eval_loss only) or progress (a predict step or the closing line)."""
-        if self.loss is not None:
-            return "train"
-        return "eval" if self.eval_loss is not None else "progress"
+        return point_kind(self.loss, self.eval_loss)
+
+
+def point_kind(loss: float | None, eval_loss: float | None) -> PointKind:
+    """train (has loss), eval (has eval_loss only) or progress (a predict step or the closing line)."""
+    if loss is not None:
+        return "train"
+    return "eval" if eval_loss is not None else "progress"
+
+
+def seen_keys(points: Iterable[Any]) -> set[tuple[int, PointKind]]:
+    """The (step, kind) pairs of stored points (anything with step/loss/eval_loss, e.g. protocol.TrainPoint),
+    for :class:`TrainerLogTail` after a daemon restart."""
+    return {(p.step, point_kind(p.loss, p.eval_loss)) for p in points}
 
 
 def parse_duration(text: Any) -> float | None:

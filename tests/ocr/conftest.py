@@ -28,6 +28,7 @@ def pdf_dir(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "zero_pages": pdfs.zero_pages(d / "zero.pdf"),
         "corrupt": pdfs.corrupt(d / "corrupt.pdf"),
         "not_pdf": pdfs.not_pdf(d / "list.pdf"),
+        "headerless": pdfs.headerless(d / "headerless.pdf"),
         "heavy": pdfs.heavy(d / "heavy.pdf"),
     }
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.ocr.cpu_engine import CpuEngine, paragraphs
+from daemon.ocr.cpu_engine import CpuEngine
 from daemon.ocr.engine import PageInput, PageResult, TextDelta, load_page_input, run_page
 from daemon.ocr.pdfworker import PdfWorkerPool
 from tests.fixtures import pdfs
@@ -112,7 +112,7 @@ async def test_blank_page_is_not_ocrd(pool: PdfWorkerPool, tmp_path: Path) -> No
 async def test_engine_given_a_rendered_page_ocrs_it_without_rendering_again(
     pool: PdfWorkerPool, pdf_dir: dict[str, Path]
 ) -> None:
-    rendered = await pool.render_page(pdf_dir["mixed"], 1, None, timeout=60)
+    rendered = await pool.render_page(pdf_dir["mixed"], 1, None, dpi=96, timeout=60)  # 18 pt text: plenty
     page = PageInput(
         job_id="t", page_no=1, pdf=pdf_dir["mixed"], password=None, png=rendered.png, width=rendered.width,
         height=rendered.height, text_layer="", text_layer_usable=False,
@@ -120,9 +120,3 @@ async def test_engine_given_a_rendered_page_ocrs_it_without_rendering_again(
     result = await run_page(CpuEngine(pool), page)
     assert "BRAVO" in result.text and "render_s" not in result.timings
 
-
-def test_paragraph_chunks_concatenate_to_the_original() -> None:
-    md = "# Title\n\nfirst para\nline two\n\n\n|a|b|\n|---|---|\n\nlast"
-    chunks = paragraphs(md)
-    assert "".join(chunks) == md
-    assert chunks == ["# Title\n\n", "first para\nline two\n\n\n", "|a|b|\n|---|---|\n\n", "last"]

@@ -73,6 +73,14 @@ async def test_unconvertible_files_raise_pdf_error_with_code_and_advice(
     assert pdf_dir[name].name in str(e.value) and hint in str(e.value)
 
 
+async def test_a_sound_pdf_without_its_header_line_still_opens(
+    pool: PdfWorkerPool, pdf_dir: dict[str, Path]
+) -> None:
+    assert not pdf_dir["headerless"].read_bytes()[:1024].count(b"%PDF-")
+    page = await pool.page_text(pdf_dir["headerless"], 0, None, timeout=30)
+    assert pdfs.HEADERLESS_TEXT in " ".join(page.text.split())
+
+
 async def test_empty_and_missing_files_are_named_in_the_error(pool: PdfWorkerPool, tmp_path: Path) -> None:
     empty = tmp_path / "empty.pdf"
     empty.write_bytes(b"")

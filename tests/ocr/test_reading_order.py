@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from daemon.ocr.cpu_engine import paragraphs
 from daemon.ocr.reading_order import Box, boxes_from_ocr, to_markdown
 
 
@@ -54,3 +55,10 @@ def test_boxes_from_ocr_takes_quads_and_drops_empty_text() -> None:
     quads = [[[10, 20], [110, 22], [110, 60], [10, 58]], [[0, 0], [1, 0], [1, 1], [0, 1]]]
     assert boxes_from_ocr(quads, ["  some   text ", "   "]) == [Box(10, 20, 110, 60, "some text")]
     assert to_markdown([]) == ""
+
+
+def test_cpu_engine_paragraph_chunks_concatenate_to_the_original() -> None:
+    md = "# Title\n\nfirst para\nline two\n\n\n|a|b|\n|---|---|\n\nlast"
+    chunks = paragraphs(md)
+    assert "".join(chunks) == md
+    assert chunks == ["# Title\n\n", "first para\nline two\n\n\n", "|a|b|\n|---|---|\n\n", "last"]

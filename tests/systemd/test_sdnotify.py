@@ -132,7 +132,7 @@ def test_ready_pings_and_stopping_arrive_in_order_and_a_blocked_loop_stops_the_p
 ) -> None:
     fake, address = request.getfixturevalue(which)
     interval = 0.05  # WATCHDOG_USEC=100ms → a ping every 50 ms
-    block_s = 1.0
+    block_s = 1.5
     proc = _run_program(tmp_path, address, block_s, watchdog_usec=int(2 * interval * 1e6))
     got = fake.collect_until_exit(proc, deadline_s=60)
     assert proc.returncode == 0

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from daemon import main
 from daemon.service_install import render_unit, templates_dir
 from tests.systemd.units import make_executable, tool, unit_settings, verify_problems
 
@@ -66,6 +67,7 @@ def test_system_unit_keeps_the_decisions_the_daemon_relies_on(ftmllmd: Path) -> 
     assert s["ExecStart"] == [f"{ftmllmd} --config /etc/ftmllm/ftmllm.toml"]
     # stop: SIGTERM to the daemon only; it stops its children; a crashing child does not stop the unit
     assert s["KillMode"] == ["mixed"] and s["OOMPolicy"] == ["continue"] and s["Restart"] == ["on-failure"]
+    assert s["RestartPreventExitStatus"] == [f"{main.EXIT_CONFIG} {main.EXIT_RUNNING}"]
     # identity and socket access
     assert s["User"] == ["ftmllm"] and s["Group"] == ["ftmllm"] and s["RuntimeDirectoryMode"] == ["0750"]
     # GPUs stay reachable inside the sandbox; code generation (CUDA JIT, triton) stays possible
@@ -123,3 +125,13 @@ def test_tmpfiles_make_a_shared_inbox_and_daemon_only_outputs(tmp_path: Path) ->
     for name in ("hotfolder", "outbox", "done", "failed", "models"):
         assert modes[name] == (0o2750, uid, gid), name
     assert pwd.getpwuid(0).pw_name == "root"  # the host's own accounts were not touched
+
+
+def test_system_unit_sandbox_exposure_stays_at_most_3_of_10(tmp_path: Path, ftmllmd: Path) -> None:
+    # systemd's own score (0 = locked down, 10 = nothing restricted; an unhardened unit scores 9.6). The
+    # unit scores 2.3; losing a sandbox setting by accident pushes it over 3.0 and fails here.
+    unit = tmp_path / "ftmllmd.service"
+    unit.write_text(render_unit(False, ftmllmd))
+    res = subprocess.run([tool("systemd-analyze"), "security", "--offline=true", "--threshold=30", str(unit)],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 0, res.stdout.splitlines()[-1:]

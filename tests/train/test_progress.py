@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from daemon.train.progress import LossPoint, TrainerLogTail, parse_duration, parse_line
+from daemon.train.progress import LossPoint, TrainerLogTail, parse_duration, parse_line, seen_keys
 
 # Lines as LLaMA-Factory 0.9.5's LogCallback writes them (seen in a real run on the tiny model).
 LF_LINES = [
@@ -76,7 +76,8 @@ def test_resume_appends_repeated_steps_which_are_reported_once(tmp_path: Path) -
 def test_daemon_restart_skips_points_already_stored(tmp_path: Path) -> None:
     path = tmp_path / "trainer_log.jsonl"
     path.write_text("".join(json.dumps(x) + "\n" for x in LF_LINES))
-    tail = TrainerLogTail(path, seen=[(1, "train"), (2, "train")])
+    stored = [LossPoint(step=1, total_steps=4, loss=6.2), LossPoint(step=2, total_steps=4, loss=6.18)]
+    tail = TrainerLogTail(path, seen=seen_keys(stored))
     assert [(p.step, p.kind) for p in tail.poll()] == [(2, "eval"), (4, "progress")]
 
 

@@ -42,7 +42,7 @@ async def settle(pilot: Pilot[Any]) -> None:
     def quiet() -> bool:
         busy = [w for w in app.workers if w.group == "requests" and w.state in
                 (WorkerState.PENDING, WorkerState.RUNNING)]
-        screens = [s for s in app.screen_stack if isinstance(s, FtScreen) and s.loading]
+        screens = [s for s in app.screen_stack if isinstance(s, FtScreen) and s.settling]
         return app.link.idle and app.batches_handled > 0 and not busy and not screens
 
     await wait_until(pilot, quiet, "the fixed data to be drawn")

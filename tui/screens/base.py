@@ -83,7 +83,7 @@ class FtScreen(Screen[None]):
         self.refresh_chrome()
 
     @property
-    def loading(self) -> bool:
+    def settling(self) -> bool:
         """Whether this screen still waits for an answer or a redraw it asked for."""
         return False
 

@@ -30,7 +30,7 @@ class DashboardScreen(FtScreen):
     def compose_body(self) -> Iterable[Widget]:
         yield GpuPanel(id="dash-gpus")
         yield Static(id="dash-jobs-title", classes="section-title")
-        yield JobTable(id="dash-jobs")
+        yield JobTable(lambda: self.st.jobs_by_recency()[:MAX_ROWS], self.now, id="dash-jobs")
         yield EngineCard(id="dash-engine")
 
     def focus_target(self) -> Widget:
@@ -41,7 +41,7 @@ class DashboardScreen(FtScreen):
 
     async def refresh_all(self) -> None:
         self._gpus()
-        self._jobs()
+        self._jobs(now=True)
         self.query_one(EngineCard).show(self.st.engine)
 
     async def on_changes(self, changes: Changes) -> None:
@@ -55,19 +55,24 @@ class DashboardScreen(FtScreen):
     def tick(self) -> None:
         self._jobs()
 
+    @property
+    def settling(self) -> bool:
+        return self.query_one(JobTable).pending
+
     def _gpus(self) -> None:
         m = self.st.mirror
         self.query_one(GpuPanel).show(m.gpus, m.gpu_note, m.jobs)
 
-    def _jobs(self) -> None:
-        jobs = self.st.jobs_by_recency()
+    def _jobs(self, now: bool = False) -> None:
+        jobs = self.st.jobs.values()
         running = sum(1 for j in jobs if j.state == "running")
         queued = sum(1 for j in jobs if j.state == "queued")
         title = Text.assemble(("Jobs ", "bold"), (f"{running} running · {queued} queued · {len(jobs)} in all", "dim"))
         if self.st.mirror.queue_paused:
             title.append("  queue PAUSED (p resumes)", style="bold yellow")
         self.query_one("#dash-jobs-title", Static).update(title)
-        self.query_one(JobTable).sync(jobs[:MAX_ROWS], self.now())
+        table = self.query_one(JobTable)
+        table.sync_now() if now else table.request_sync()
 
     def selected_job(self) -> JobInfo | None:
         return self.st.job(self.query_one(JobTable).job_id)

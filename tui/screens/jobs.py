@@ -115,7 +115,7 @@ class JobsScreen(FtScreen):
         with Horizontal(id="jobs-filter-row"):
             yield Input(placeholder="/ filter: words, state:running kind:ocr owner:alice", id="jobs-filter")
             yield Static(id="jobs-sort")
-        yield JobTable(id="jobs-table")
+        yield JobTable(self.visible_jobs, self.now, id="jobs-table")
         with TabbedContent(id="jobs-detail", initial="jobs-info"):
             with TabPane("Detail", id="jobs-info"), VerticalScroll(id="jobs-info-scroll"):
                 yield Static("no job selected", id="jobs-info-text")
@@ -138,7 +138,7 @@ class JobsScreen(FtScreen):
 
     async def on_changes(self, changes: Changes) -> None:
         if changes.jobs:
-            self._table()
+            self.query_one(JobTable).request_sync()
             if self.job_id in changes.jobs:
                 self._show_info()
                 self._request_detail()
@@ -147,7 +147,7 @@ class JobsScreen(FtScreen):
                     self._poll_log()
 
     def tick(self) -> None:
-        self._table()
+        self.query_one(JobTable).request_sync()
 
     def visible_jobs(self) -> list[JobInfo]:
         name, key = SORTS[self.sort_index]
@@ -156,7 +156,7 @@ class JobsScreen(FtScreen):
         return sorted(jobs, key=key, reverse=reverse)
 
     def _table(self) -> None:
-        self.query_one(JobTable).sync(self.visible_jobs(), self.now())
+        self.query_one(JobTable).sync_now()
 
     def _sort_label(self) -> None:
         name = SORTS[self.sort_index][0]
@@ -202,7 +202,9 @@ class JobsScreen(FtScreen):
         return self.st.job(self.job_id)
 
     @property
-    def loading(self) -> bool:
+    def settling(self) -> bool:
+        if self.query_one(JobTable).pending:
+            return True
         if self.job_id is None:
             return False
         return self._detail is None or self._detail_in_flight or self._log_in_flight or self._log_offset is None

@@ -75,7 +75,7 @@ class OcrScreen(FtScreen):
         self.opened_page: int | None = None
 
     def compose_body(self) -> Iterable[Widget]:
-        yield JobTable(id="ocr-jobs")
+        yield JobTable(self.ocr_jobs, self.now, id="ocr-jobs")
         with Horizontal(id="ocr-body"):
             yield PageTable(id="ocr-pages")
             with Vertical(id="ocr-view"):
@@ -94,7 +94,7 @@ class OcrScreen(FtScreen):
         return self.st.jobs_of_kind("ocr")
 
     async def refresh_all(self) -> None:
-        self.query_one(JobTable).sync(self.ocr_jobs(), self.now())
+        self.query_one(JobTable).sync_now()
         if self.job_id is not None:
             self.ftapp.link.want_pages(self.job_id)
         self._pages()
@@ -102,23 +102,25 @@ class OcrScreen(FtScreen):
 
     async def on_changes(self, changes: Changes) -> None:
         if changes.jobs:
-            self.query_one(JobTable).sync(self.ocr_jobs(), self.now())
+            self.query_one(JobTable).request_sync()
         if self.job_id in changes.pages:
             self._pages()
         if changes.text or (self.job_id in changes.jobs):
             await self._follow()
 
     def tick(self) -> None:
-        self.query_one(JobTable).sync(self.ocr_jobs(), self.now())
+        self.query_one(JobTable).request_sync()
 
     def selected_job(self) -> JobInfo | None:
         return self.st.job(self.job_id)
 
     @property
-    def loading(self) -> bool:
+    def settling(self) -> bool:
+        if self.query_one(JobTable).pending:
+            return True
         # MarkdownStream appends in its own task; it is done when nothing waits in it
         s = self._stream
-        return s is not None and bool(getattr(s, "_pending", None) or getattr(s, "_new_markup").is_set())
+        return s is not None and bool(getattr(s, "_pending", None) or s._new_markup.is_set())
 
     async def on_job_highlighted(self, message: JobHighlighted) -> None:
         if message.job_id == self.job_id:

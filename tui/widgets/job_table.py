@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 
 from rich.text import Text
 from textual import events
+from textual.timer import Timer
 from textual.widgets import DataTable
 
 from shared.protocol import JobInfo
@@ -13,6 +15,7 @@ from tui.format import STATE_STYLE, ago, progress_text, run_time
 from tui.messages import JobHighlighted
 from tui.widgets.keyed_table import KeyedTable
 
+SYNC_INTERVAL_S = 0.25  # job tables redraw at most 4 times a second
 WIDE = 110  # terminal columns from which the table shows run time and age, and longer names
 NARROW_COLUMNS = (("id", "ID"), ("kind", "KIND"), ("state", "STATE"), ("owner", "OWNER"), ("name", "NAME"),
                   ("progress", "PROGRESS"))
@@ -45,14 +48,20 @@ def job_cells(job: JobInfo, now: float, wide: bool) -> tuple[object, ...]:
 
 
 class JobTable(KeyedTable):
+    """Rows come from ``source`` (read when the table redraws, so a deferred redraw shows fresh data)."""
+
     COLUMNS = WIDE_COLUMNS
     DEFAULT_CSS = """
     JobTable { height: 1fr; }
     """
 
-    def __init__(self, *, id: str | None = None, classes: str | None = None) -> None:
+    def __init__(self, source: Callable[[], Sequence[JobInfo]], clock: Callable[[], float], *,
+                 id: str | None = None, classes: str | None = None) -> None:
         super().__init__(id=id, classes=classes)
-        self._last: tuple[Sequence[JobInfo], float] = ((), 0.0)
+        self.source = source
+        self.clock = clock
+        self._synced_at = -1.0
+        self._deferred: Timer | None = None
 
     def columns_for_width(self, width: int) -> tuple[tuple[str, str], ...]:
         return WIDE_COLUMNS if width >= WIDE else NARROW_COLUMNS
@@ -62,15 +71,33 @@ class JobTable(KeyedTable):
         key = self.current_key
         return key if isinstance(key, int) else None
 
-    def sync(self, jobs: Sequence[JobInfo], now: float) -> None:
-        self._last = (jobs, now)
+    @property
+    def pending(self) -> bool:
+        """A throttled redraw is due."""
+        return self._deferred is not None
+
+    def request_sync(self) -> None:
+        """Redraw soon: at once if the last redraw is old enough, else once the interval has passed.
+        Progress ticking 20 times a second is noise to a reader and costs a full table render each time."""
+        wait = self._synced_at + SYNC_INTERVAL_S - time.monotonic()
+        if wait <= 0:
+            self.sync_now()
+        elif self._deferred is None:
+            self._deferred = self.set_timer(wait, self.sync_now)
+
+    def sync_now(self) -> None:
+        if self._deferred is not None:
+            self._deferred.stop()
+            self._deferred = None
+        self._synced_at = time.monotonic()
+        now = self.clock()
         wide = len(self.column_keys) > len(NARROW_COLUMNS)
-        if self.sync_rows([(j.id, job_cells(j, now, wide)) for j in jobs]):
+        if self.sync_rows([(j.id, job_cells(j, now, wide)) for j in self.source()]):
             self.post_message(JobHighlighted(self.job_id))
 
     def on_resize(self, event: events.Resize) -> None:
         if self._set_columns(self.columns_for_width(self.app.size.width)):
-            self.sync(*self._last)
+            self.sync_now()
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         event.stop()

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
+from rich.cells import cell_len
 from textual.widgets import DataTable
+from textual.widgets.data_table import ColumnKey
 
 
 class KeyedTable(DataTable[object]):
@@ -72,7 +74,10 @@ class KeyedTable(DataTable[object]):
                 continue
             for col, cell, was, text in zip(self.column_keys, cells, old or plain, plain, strict=True):
                 if old is None or was != text:
-                    self.update_cell(str(key), col, cell, update_width=True)
+                    # re-measuring a column costs a pass over it: only when the text no longer fits
+                    column = self.columns.get(ColumnKey(col))
+                    wider = column is None or cell_len(text) > column.content_width
+                    self.update_cell(str(key), col, cell, update_width=wider)
             self._plain[key] = plain
         return False
 

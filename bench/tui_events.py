@@ -1,0 +1,162 @@
+"""ftui under an event flood: CPU use and key-to-screen latency (issue 6's benchmark).
+
+A real ftmllmd runs ``--jobs`` selftest jobs, each stepping ``--rate`` times a second with ``--deltas`` token
+deltas per step: every step is a durable JobChanged event, the deltas are coalesced per job by the daemon
+(~20 events/s each), so ftui's SUB socket receives about jobs×rate + 20×jobs events a second. The rate
+actually published is measured by a separate SUB socket in this script.
+
+ftui runs in a real terminal (tmux, 100×30, 256 colours) on the Dashboard, whose job table and engine card
+follow every job. Measured while the flood runs:
+* CPU of the ftui process (psutil, % of one core) over ``--window`` seconds without key presses;
+* key-to-screen latency: send-keys "2" (Jobs screen) / "1" (Dashboard), time until capture-pane shows the
+  other screen — what a person sees, including Textual's render and tmux's redraw.
+
+Last line: ``cpu_pct=… key_latency_ms=…`` (median; p95 and the event rate follow as extra keys).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import psutil
+import zmq
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from shared.protocol import JobDetail, Submit  # noqa: E402
+from tests.daemon_proc import DaemonProc  # noqa: E402
+
+FTUI = Path(sys.executable).parent / "ftui"
+
+
+class Tmux:
+    def __init__(self) -> None:
+        self.base = ["tmux", "-L", f"ftui-bench-{os.getpid()}", "-f", "/dev/null"]
+
+    def run(self, *args: str) -> str:
+        return subprocess.run([*self.base, *args], check=True, capture_output=True, text=True).stdout
+
+    def screen(self) -> str:
+        return self.run("capture-pane", "-p", "-t", "bench")
+
+    def wait_for(self, text: str, timeout: float) -> float:
+        """Seconds until ``text`` is on screen (polled as fast as tmux answers)."""
+        t0 = time.perf_counter()
+        while text not in self.screen():
+            if time.perf_counter() - t0 > timeout:
+                raise SystemExit(f"bench: {text!r} did not appear within {timeout}s; screen:\n{self.screen()}")
+        return time.perf_counter() - t0
+
+    def kill(self) -> None:
+        subprocess.run([*self.base, "kill-server"], capture_output=True)
+
+
+def count_events(endpoint: str, stop: threading.Event, counts: Counter[str], window: list[float]) -> None:
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.rcvhwm = 0
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.connect(endpoint)
+    try:
+        while not stop.is_set():
+            if sub.poll(100):
+                topic, _frame = sub.recv_multipart()
+                if window:
+                    counts[topic.split(b".")[0].decode()] += 1
+    finally:
+        sub.close(0)
+        ctx.term()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--jobs", type=int, default=25)
+    p.add_argument("--rate", type=float, default=200.0, help="steps per second per job")
+    p.add_argument("--deltas", type=int, default=1, help="token deltas per step")
+    p.add_argument("--window", type=float, default=10.0, help="seconds of CPU measurement")
+    p.add_argument("--presses", type=int, default=20, help="key presses for the latency")
+    args = p.parse_args()
+
+    daemon = DaemonProc().start()
+    tmux = Tmux()
+    stop = threading.Event()
+    counts: Counter[str] = Counter()
+    window: list[float] = []
+    counter = threading.Thread(target=count_events, args=(daemon.paths.events_endpoint, stop, counts, window),
+                               daemon=True)
+    counter.start()
+    try:
+        cmd = f"env TERM=xterm-256color COLORTERM= {shlex.quote(str(FTUI))} --home {shlex.quote(str(daemon.home))}"
+        tmux.run("new-session", "-d", "-s", "bench", "-x", "100", "-y", "30", cmd)
+        tmux.wait_for("0 in all", 30)  # connected, snapshot drawn
+        pid = int(tmux.run("display", "-p", "-t", "bench", "#{pane_pid}").strip())
+        proc = psutil.Process(pid)
+        proc.cpu_percent(None)
+        time.sleep(3)
+        idle_cpu = proc.cpu_percent(None)
+
+        client = daemon.client()
+        steps = int(args.rate * (args.window + args.presses * 1.5 + 20))
+        for _ in range(args.jobs):
+            client.call(Submit(kind="selftest", spec={"steps": steps, "rate": args.rate, "deltas": args.deltas}),
+                        JobDetail)
+        tmux.wait_for(f"{args.jobs} running", 30)
+        time.sleep(2)  # let the flood reach its steady rate before measuring
+
+        window.append(time.monotonic())
+        proc.cpu_percent(None)
+        time.sleep(args.window)
+        cpu = proc.cpu_percent(None)
+        events_per_s = sum(counts.values()) / (time.monotonic() - window[0])
+        by_topic = {k: round(v / (time.monotonic() - window[0])) for k, v in counts.items()}
+
+        latencies: list[float] = []
+        for _ in range(args.presses):
+            for key, text in (("2", "/ filter"), ("1", "GPUs ")):
+                tmux.run("send-keys", "-t", "bench", key)
+                latencies.append(tmux.wait_for(text, 10) * 1000)
+        still = client.call(Submit(kind="selftest", spec={"steps": 1, "rate": 0}), JobDetail)  # noqa: F841
+        done_jobs = sum(1 for j in daemon.client().mirror.jobs.values())  # noqa: F841
+    finally:
+        stop.set()
+        tmux.kill()
+        daemon.close()
+
+    latencies.sort()
+    p50 = statistics.median(latencies)
+    p95 = latencies[min(len(latencies) - 1, int(0.95 * len(latencies)))]
+    print(f"daemon: {args.jobs} selftest jobs × {args.rate:g} steps/s × {args.deltas} token deltas/step "
+          f"= {args.jobs * args.rate * args.deltas:.0f} tokens/s emitted")
+    print(f"events at a SUB socket: {events_per_s:.0f}/s  by topic {by_topic} (job = durable JobChanged, "
+          f"ocr = coalesced token deltas, hb = heartbeats)")
+    print(f"ftui CPU: idle {idle_cpu:.1f}%, under the flood {cpu:.1f}% of one core (goal < 50%)")
+    print(f"key-to-screen latency over {len(latencies)} screen switches: median {p50:.0f} ms, p95 {p95:.0f} ms, "
+          f"max {latencies[-1]:.0f} ms (goal < 100 ms; includes ~{measure_capture_ms():.0f} ms per capture-pane)")
+    print(f"cpu_pct={cpu:.1f} key_latency_ms={p50:.0f} key_latency_p95_ms={p95:.0f} events_per_s={events_per_s:.0f}")
+    return 0
+
+
+def measure_capture_ms() -> float:
+    t = Tmux()
+    try:
+        t.run("new-session", "-d", "-s", "bench", "-x", "100", "-y", "30", "sleep 5")
+        t0 = time.perf_counter()
+        for _ in range(20):
+            t.screen()
+        return (time.perf_counter() - t0) / 20 * 1000
+    finally:
+        t.kill()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
