@@ -17,8 +17,8 @@ import zmq
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared.client import Client  # noqa: E402
-from shared.protocol import (  # noqa: E402
+from shared.client import Client
+from shared.protocol import (
     PROTOCOL_VERSION,
     JobDetail,
     Ping,
@@ -29,7 +29,7 @@ from shared.protocol import (  # noqa: E402
     decode_reply,
     encode,
 )
-from tests.daemon_proc import DaemonProc, wait_for  # noqa: E402
+from tests.daemon_proc import DaemonProc, wait_for
 
 RATE = 5000
 SECONDS = 4
@@ -133,10 +133,10 @@ def main() -> int:
         expected = set(range(start_seq + 1, end_seq + 1))
         lost = 0
         lat: list[float] = []
-        for seqs, l in results:
+        for seqs, sample in results:
             for s in seqs:
                 lost += len(expected - set(s))
-            lat += l
+            lat += sample
         rate = (end_seq - start_seq) / flood_s
         fan_p99 = pct(lat, 0.99)
         print(f"fan-out: {end_seq - start_seq} durable events in {flood_s:.1f}s ({rate:.0f}/s) to {SUBSCRIBERS} "

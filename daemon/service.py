@@ -24,12 +24,14 @@ from daemon.events import EventBus
 from daemon.jobs.base import Caller, JobKind
 from daemon.jobs.manager import JobManager
 from daemon.jobs.selftest import SelftestKind
+from daemon.sdnotify import Notifier
 from daemon.server import CtlServer, Handler
 from daemon.store import Store
-from daemon.sdnotify import Notifier
 from shared.config import ConfigError, Settings, load_settings
 from shared.protocol import (
     MAX_WIRE_BYTES,
+    PROTOCOL_VERSION,
+    TERMINAL_STATES,
     Cancel,
     Done,
     EngineInfo,
@@ -49,7 +51,6 @@ from shared.protocol import (
     PauseQueue,
     Ping,
     Pong,
-    PROTOCOL_VERSION,
     ResumeQueue,
     Retry,
     ShowJob,
@@ -57,7 +58,6 @@ from shared.protocol import (
     Status,
     StatusReply,
     Submit,
-    TERMINAL_STATES,
     TrainPoints,
     TrainPointsReply,
 )

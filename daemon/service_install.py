@@ -13,10 +13,11 @@ from __future__ import annotations
 import os
 import stat
 import sys
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from daemon.atomic import write_atomic
 
 UNIT_NAME = "ftmllmd.service"
 SERVICE_USER = "ftmllm"
@@ -100,22 +101,6 @@ def render_unit(user: bool, exec_path: Path, config: Path | None = None,
         raise InstallError(f"{templates_dir()}: template still contains {PLACEHOLDER} after rendering; "
                            "its ExecStart= line must start with ExecStart=@FTMLLMD@")
     return text
-
-
-def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory and rename()."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def user_unit_dir() -> Path:

@@ -32,13 +32,13 @@ class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True, frozen=
     pass
 
 
-class PathsConfig(_Section):
+class PathsConfig(_Section, frozen=True):
     state_dir: str = ""
     runtime_dir: str = ""
     hotfolder: str = ""
 
 
-class DaemonConfig(_Section):
+class DaemonConfig(_Section, frozen=True):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     heartbeat_s: float = 1.0
     # members of this Unix group may cancel and retry anyone's jobs
@@ -50,7 +50,7 @@ class DaemonConfig(_Section):
     curve_authorized_keys: str = ""
 
 
-class HotfolderConfig(_Section):
+class HotfolderConfig(_Section, frozen=True):
     enabled: bool = True
     # a file is taken once its size and mtime have been quiet this long (and it parses)
     settle_s: float = 2.0
@@ -58,7 +58,7 @@ class HotfolderConfig(_Section):
     rescan_s: float = 30.0
 
 
-class OcrConfig(_Section):
+class OcrConfig(_Section, frozen=True):
     engine: Literal["auto", "vllm", "remote", "cpu"] = "auto"
     dpi: int = 144
     page_timeout_s: float = 120.0
@@ -69,7 +69,7 @@ class OcrConfig(_Section):
     markdown_mode: Literal["layout", "legacy"] = "layout"
 
 
-class VllmConfig(_Section):
+class VllmConfig(_Section, frozen=True):
     executable: str = "vllm"  # or the full path of a vllm in its own venv
     model: str = ""
     served_name: str = ""
@@ -92,13 +92,13 @@ class VllmConfig(_Section):
     gpus: int = 1
 
 
-class RemoteConfig(_Section):
+class RemoteConfig(_Section, frozen=True):
     urls: list[str] = []
     model: str = ""
     api_key: str = ""
 
 
-class TrainConfig(_Section):
+class TrainConfig(_Section, frozen=True):
     llamafactory_cli: str = "llamafactory-cli"
     env: dict[str, str] = {}
     save_total_limit: int = 3
@@ -106,13 +106,13 @@ class TrainConfig(_Section):
     templates_dir: str = ""  # "" = configs/llamafactory of this installation
 
 
-class SchedulerConfig(_Section):
+class SchedulerConfig(_Section, frozen=True):
     share_gpus: bool = False
     min_free_gib: float = 0.0
     gpu_poll_s: float = 2.0
 
 
-class Config(_Section):
+class Config(_Section, frozen=True):
     paths: PathsConfig = PathsConfig()
     daemon: DaemonConfig = DaemonConfig()
     hotfolder: HotfolderConfig = HotfolderConfig()

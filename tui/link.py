@@ -24,6 +24,7 @@ from shared.protocol import (
     EngineChanged,
     GpusSampled,
     HelloReply,
+    HistoryEntry,
     JobChanged,
     JobPages,
     PageChanged,
@@ -135,6 +136,8 @@ class Link:
             body = ev.body
             if isinstance(body, JobChanged):
                 ch.jobs.add(body.job.id)
+                if body.what:
+                    st.add_history(body.job.id, HistoryEntry(seq=ev.seq, ts=ev.ts, what=body.what))
                 if body.job.kind == "train" and body.job.id not in self._train_loaded:
                     self.want_train(body.job.id)
             elif isinstance(body, TextDelta):

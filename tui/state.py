@@ -9,12 +9,13 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from shared.client import Mirror
-from shared.protocol import TERMINAL_STATES, EngineInfo, JobInfo, PageInfo, TextDelta, TrainPoint
+from shared.protocol import TERMINAL_STATES, EngineInfo, HistoryEntry, JobInfo, PageInfo, TextDelta, TrainPoint
 
 # Streamed text kept per key (a page being decoded, an answer): enough for any page, bounded for a runaway.
 MAX_TEXT_CHARS = 200_000
 MAX_TEXT_KEYS = 64
 ENGINE_HISTORY = 600
+HISTORY_PER_JOB = 200  # what the daemon's ShowJob returns at most
 
 
 @dataclass
@@ -108,6 +109,9 @@ class State:
         self.train: dict[int, dict[int, TrainPoint]] = {}
         self.text: OrderedDict[str, TextStream] = OrderedDict()
         self.engine_history: deque[EngineSample] = deque(maxlen=ENGINE_HISTORY)
+        # history lines seen in JobChanged events, so a detail view fetched once (ShowJob) stays current
+        # without asking the daemon again at every step
+        self.history: dict[int, deque[HistoryEntry]] = {}
         self.events_seen = 0
         self.loaded = False  # a snapshot arrived at least once
 
@@ -158,6 +162,19 @@ class State:
         self.pages.clear()
         self.train.clear()
         self.text.clear()
+        self.history.clear()
+
+    def add_history(self, job_id: int, entry: HistoryEntry) -> None:
+        tail = self.history.get(job_id)
+        if tail is None:
+            tail = self.history[job_id] = deque(maxlen=HISTORY_PER_JOB)
+        tail.append(entry)
+
+    def merged_history(self, job_id: int, fetched: list[HistoryEntry]) -> list[HistoryEntry]:
+        """A job's history as fetched, plus the lines that arrived as events since."""
+        last = fetched[-1].seq if fetched else 0
+        newer = [h for h in self.history.get(job_id, ()) if h.seq > last]
+        return (fetched + newer)[-HISTORY_PER_JOB:]
 
     def set_pages(self, job_id: int, pages: list[PageInfo]) -> None:
         self.pages[job_id] = {p.page_no: p for p in pages}

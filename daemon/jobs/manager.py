@@ -223,6 +223,6 @@ class JobManager:
         for t in tasks:
             t.cancel()
         if tasks:
-            done, pending = await asyncio.wait(tasks, timeout=timeout)
+            _done, pending = await asyncio.wait(tasks, timeout=timeout)
             for t in pending:
                 log.warning("job task %s did not stop within %.0fs", t.get_name(), timeout)

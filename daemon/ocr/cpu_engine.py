@@ -65,7 +65,7 @@ class CpuEngine:
         def remaining() -> float:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise PdfError("timeout", f"{where} took longer than {self.page_timeout_s:g} s ({TIMEOUT_SETTING})")
+                raise PdfError("timeout", "no time was left for its next step")
             return left
 
         timings: dict[str, float] = {}
@@ -101,8 +101,12 @@ class CpuEngine:
                         text, method, model = page.text_layer, "fallback", "text-layer"
                         detail = "OCR found no text; used the page's own (thin) text layer"
         except PdfError as e:
+            if e.code == "timeout":
+                # The worker's message names the step and the time it had left; say what the budget was.
+                e = PdfError("timeout", f"{where} was not done within {self.page_timeout_s:g} s ({TIMEOUT_SETTING}): "
+                             f"{e}")
             if e.code in _FILE_LEVEL or not page.text_layer.strip():
-                raise
+                raise e from None
             text, method, model = page.text_layer, "fallback", "text-layer"
             detail = f"{e.code}: {e}; used the page's plain text layer instead"
         for chunk in paragraphs(text):

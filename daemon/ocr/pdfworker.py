@@ -125,6 +125,10 @@ class _Worker:
         reply: tuple[Any, ...] = self.conn.recv()
         return reply
 
+    def reap(self, timeout: float) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout)
+
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError, OSError):
             self.proc.kill()
@@ -177,6 +181,7 @@ class PdfWorkerPool:
         self._workers: set[_Worker] = set()
         self._respawns: set[asyncio.Task[None]] = set()
         self._closed = False
+        self._closed_event = asyncio.Event()
         self._started = False
         self.replaced = 0  # workers killed for a timeout or found dead; for status and tests
         self.last_spawn_error = ""
@@ -213,6 +218,7 @@ class PdfWorkerPool:
     async def close(self) -> None:
         """Kill every worker; pending and later calls raise PdfError('closed')."""
         self._closed = True
+        self._closed_event.set()
         for task in list(self._respawns):
             task.cancel()
         loop = asyncio.get_running_loop()
@@ -249,6 +255,9 @@ class PdfWorkerPool:
                 stderr=subprocess.STDOUT if log_file else None,
                 env=env,
             )
+        except BaseException:
+            conn.close()
+            raise
         finally:
             os.close(child_fd)
             if log_file:
@@ -276,6 +285,8 @@ class PdfWorkerPool:
         """Kill a worker (in the background) and start a fresh one in its place."""
         self._workers.discard(worker)
         self.replaced += failed
+        with contextlib.suppress(ProcessLookupError, OSError):
+            worker.proc.kill()  # now: a respawn task cancelled by close() must not leave it running
         task = asyncio.get_running_loop().create_task(self._respawn(worker))
         self._respawns.add(task)
         task.add_done_callback(self._respawns.discard)
@@ -287,7 +298,7 @@ class PdfWorkerPool:
         while not self._closed:
             try:
                 fresh = await self._spawn()
-            except PdfError as e:
+            except Exception as e:  # PdfError, or OSError from Popen (out of fds or memory)
                 self.last_spawn_error = str(e)
                 log.error("%s; trying again in %.0f s", e, delay)
                 await asyncio.sleep(delay)  # back-off between attempts, not synchronisation
@@ -301,17 +312,43 @@ class PdfWorkerPool:
 
     # -- requests ------------------------------------------------------------------------------------------
 
+    async def _next_idle(self) -> _Worker | None:
+        """The next free worker, or None once the pool is closed (waiters must not hang on a closed pool)."""
+        if self._closed:
+            return None
+        get = asyncio.ensure_future(self._idle.get())
+        closing = asyncio.ensure_future(self._closed_event.wait())
+        try:
+            await asyncio.wait({get, closing}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            closing.cancel()
+            if get.done() and not get.cancelled():
+                self._idle.put_nowait(get.result())  # taken just as we were cancelled: give it back
+            else:
+                get.cancel()
+            raise
+        closing.cancel()
+        if not get.done():
+            get.cancel()
+            return None
+        worker = get.result()
+        if self._closed:
+            self._idle.put_nowait(worker)
+            return None
+        return worker
+
     async def _call(self, op: str, kwargs: dict[str, Any], *, timeout: float, what: str) -> Any:
         if not self._started:
             await self.start()
         if self._closed:
             raise PdfError("closed", f"{what}: the PDF workers were shut down; submit the file again")
-        worker = await self._idle.get()
-        while not worker.alive():  # died while idle (OOM killer, a stray signal)
+        closed = PdfError("closed", f"{what}: the PDF workers were shut down; submit the file again")
+        worker = await self._next_idle()
+        while worker is not None and not worker.alive():  # died while idle (OOM killer, a stray signal)
             self._replace(worker)
-            worker = await self._idle.get()
-        if self._closed:
-            raise PdfError("closed", f"{what}: the PDF workers were shut down; submit the file again")
+            worker = await self._next_idle()
+        if worker is None:
+            raise closed
         loop = asyncio.get_running_loop()
         worker.busy = True
         release = True
@@ -324,13 +361,14 @@ class PdfWorkerPool:
                 self._replace(worker)
                 raise PdfError(
                     "timeout",
-                    f"{what} took longer than {timeout:g} s ({TIMEOUT_SETTING}); its PDF worker was stopped "
+                    f"{what} took longer than {timeout:.3g} s ({TIMEOUT_SETTING}); its PDF worker was stopped "
                     f"and replaced. Raise {TIMEOUT_SETTING} if the file is large but sound",
                 ) from None
-            except (EOFError, OSError, BrokenPipeError):
+            except (EOFError, OSError):
                 release = False
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    worker.proc.wait(1)
+                if self._closed:
+                    raise closed from None
+                await loop.run_in_executor(self._executor, worker.reap, 1.0)
                 reason = _exit_reason(worker.proc.returncode)
                 self._replace(worker)
                 raise PdfError(

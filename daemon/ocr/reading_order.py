@@ -15,6 +15,7 @@ Pure Python on plain tuples so it can be tested without a model.
 
 from __future__ import annotations
 
+import itertools
 import statistics
 import unicodedata
 from collections.abc import Sequence
@@ -110,7 +111,7 @@ def _find_gutter(boxes: list[Box], lo: float, hi: float, min_width: float) -> fl
     edges = sorted({lo, hi, *(x for b in boxes for x in (b.x0, b.x1) if lo < x < hi)})
     best: tuple[float, float] | None = None
     run_start: float | None = None
-    for a, b in zip(edges, edges[1:], strict=False):
+    for a, b in itertools.pairwise(edges):
         mid = (a + b) / 2
         if sum(1 for box in boxes if box.x0 < mid < box.x1) <= allowance:
             run_start = a if run_start is None else run_start

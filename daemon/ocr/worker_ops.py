@@ -114,7 +114,9 @@ class Worker:
             with open(path, "rb") as f:
                 head = f.read(HEADER_WINDOW)
         except OSError as e:
-            raise PdfError("unreadable", f"cannot read {name}: {e.strerror}; check that it exists and is readable")
+            raise PdfError(
+                "unreadable", f"cannot read {name}: {e.strerror}; check that it exists and is readable"
+            ) from None
         key = (path, password, st.st_size, st.st_mtime_ns)
         doc = self._docs.get(key)
         if doc is not None:
@@ -131,8 +133,10 @@ class Worker:
         except (pymupdf.FileDataError, pymupdf.mupdf.FzErrorBase) as e:
             if not has_header:
                 raise not_pdf from None
-            raise PdfError("corrupt", f"{name} is damaged and MuPDF cannot open it ({_reason(e)}); "
-                           "re-export or re-download it")
+            raise PdfError(
+                "corrupt",
+                f"{name} is damaged and MuPDF cannot open it ({_reason(e)}); re-export or re-download it",
+            ) from None
         # read needs_pass once, here: pymupdf 2.0 returns empty text for every page of an authenticated
         # document once needs_pass has been read after authenticate() (seen with AES-256 files)
         needs_pass = bool(doc.needs_pass)
@@ -149,8 +153,10 @@ class Worker:
         try:
             count = doc.page_count
         except (pymupdf.mupdf.FzErrorBase, RuntimeError) as e:
-            raise PdfError("corrupt", f"{name} is damaged: MuPDF cannot count its pages ({_reason(e)}); "
-                           "re-export or re-download it")
+            raise PdfError(
+                "corrupt",
+                f"{name} is damaged: MuPDF cannot count its pages ({_reason(e)}); re-export or re-download it",
+            ) from None
         if count == 0 and not has_header:
             raise not_pdf
         if count == 0:

@@ -29,6 +29,9 @@ from daemon.train.images import ImageProblem, probe_image
 from daemon.train.spec import atomic_write_text
 
 DATASET_INFO = "dataset_info.json"
+# Beside each added dataset: its media files, one absolute path a line, so a submit checks they are still
+# there without parsing a JSON file of maybe 100k records (validate.py).
+MEDIA_LIST_SUFFIX = ".media"
 IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"
 MAX_LISTED_PROBLEMS = 10
@@ -247,13 +250,14 @@ class _Checker:
 
 
 def check_records(
-    records: Sequence[Any], *, source: Path, media_root: Path, ranking: bool | None = None
+    records: Sequence[Any], *, source: Path, media_root: Path, ranking: bool | None = None,
+    layout: Layout | None = None,
 ) -> tuple[list[dict[str, Any]], DatasetSummary]:
     """Check every record; return them with absolute image paths. ``ranking=None`` detects it from the
     first record (``chosen`` present). Raises DatasetProblem listing the first problems by record index."""
     if not records:
         raise DatasetProblem([f"{source}: holds no records; add at least one"])
-    layout = detect_layout(records)
+    layout = layout or detect_layout(records)
     looks_ranked = isinstance(records[0], dict) and "chosen" in records[0]
     if ranking is None:
         ranking = looks_ranked
@@ -308,9 +312,9 @@ def add_dataset(
             raise DatasetProblem([f"--images {images_dir}: not a directory; give the folder the image paths "
                                   "in the records are relative to"])
     records = load_records(file)
-    checked, summary = check_records(records, source=file, media_root=images_dir or file.parent,
-                                     ranking=ranking)
     layout = detect_layout(records)
+    checked, summary = check_records(records, source=file, media_root=images_dir or file.parent,
+                                     ranking=ranking, layout=layout)
     dataset_dir.mkdir(parents=True, exist_ok=True)
     with _locked(dataset_dir):
         info = read_dataset_info(dataset_dir)
@@ -319,6 +323,9 @@ def add_dataset(
                                   "--replace"])
         file_name = f"{name}.json"
         atomic_write_text(dataset_dir / file_name, json.dumps(checked, ensure_ascii=False, indent=1) + "\n")
+        # after the records: validate.py trusts the list only when it is not older than them
+        media = dict.fromkeys(p for r in checked for col in ("images", "videos") for p in r.get(col, ()))
+        atomic_write_text(dataset_dir / f"{name}{MEDIA_LIST_SUFFIX}", "".join(f"{p}\n" for p in media))
         info[name] = dataset_info_entry(file_name, layout, summary.ranking,
                                         has_images=any("images" in r for r in checked),
                                         has_videos=any("videos" in r for r in checked))
@@ -354,6 +361,7 @@ def remove_dataset(name: str, dataset_dir: Path) -> None:
         atomic_write_text(dataset_dir / DATASET_INFO, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
         if isinstance(entry, dict) and entry.get("file_name") == f"{name}.json":
             (dataset_dir / f"{name}.json").unlink(missing_ok=True)
+            (dataset_dir / f"{name}{MEDIA_LIST_SUFFIX}").unlink(missing_ok=True)
 
 
 @contextmanager

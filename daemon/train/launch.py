@@ -129,7 +129,6 @@ class TrainProcess:
         self.log_path = log_path
         self.pid = proc.pid
         self.pgid = proc.pid  # start_new_session: the child leads its own session and group
-        self.started = time.monotonic()
         self.record = ProcessRecord(pid=proc.pid, pgid=proc.pid, start_ticks=_start_ticks(proc.pid) or 0)
 
     @classmethod
@@ -176,24 +175,24 @@ class TrainProcess:
         return [pid for pid in group_members(self.pgid) if _catches(pid, signal.SIGABRT)]
 
     async def stop(self, graceful_s: float, term_s: float = 15.0, kill_s: float = 10.0) -> StopOutcome:
-        """Stop the trainer, saving what can be saved: SIGABRT (sent again every 2 s, it only sets a flag)
-        while the trainer finishes its step and saves; SIGTERM to the group; SIGKILL to the group."""
+        """Stop the trainer, saving what can be saved: SIGABRT to each trainer process once (its flag stays
+        set) while it finishes its step and saves; then SIGTERM to the group; then SIGKILL to the group."""
         t0 = time.monotonic()
         if not self._alive():
             return StopOutcome("already_exited", self._proc.poll(), 0.0)
         deadline = t0 + graceful_s
-        signalled = False
+        sent: set[int] = set()
         while graceful_s > 0 and time.monotonic() < deadline:
-            targets = self.abort_catchers()
-            if not targets and not signalled:
+            targets = [pid for pid in self.abort_catchers() if pid not in sent]
+            if not targets and not sent:
                 break  # still importing (nothing to save yet) or no LlamaBoard mode: go on to SIGTERM
-            # once signalled, a trainer that no longer catches SIGABRT is finishing: Python restores the
-            # default handlers while it shuts down; keep waiting for it
+            # Once per pid: a trainer shutting down gets Python's default handlers back, and a second
+            # SIGABRT then would abort it. Workers that appear later (torchrun) get theirs when seen.
             for pid in targets:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGABRT)
-                    signalled = True
-            if await self._wait_gone(min(2.0, deadline - time.monotonic())):
+                sent.add(pid)
+            if await self._wait_gone(min(1.0, deadline - time.monotonic())):
                 return StopOutcome("graceful", self._proc.poll(), time.monotonic() - t0)
         steps: tuple[tuple[signal.Signals, StopHow, float], ...] = (
             (signal.SIGTERM, "terminated", term_s), (signal.SIGKILL, "killed", kill_s))

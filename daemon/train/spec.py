@@ -178,6 +178,10 @@ def render(
     for key in given:
         if key in forced:
             problems.append(f"{key} is set by the daemon ({forced[key]}); remove --set {key}")
+    asked_limit = given.get("save_total_limit")
+    if kind != "export" and isinstance(asked_limit, int) and asked_limit > defaults.save_total_limit:
+        problems.append(f"save_total_limit {asked_limit} is above this server's limit of "
+                        f"{defaults.save_total_limit} checkpoints per job; use {defaults.save_total_limit} or less")
     if gpus < 0:
         problems.append(f"gpus must be 0 or more (got {gpus}); use --gpus N")
     names = tuple(n for d in datasets for n in (s.strip() for s in d.split(",")) if n)

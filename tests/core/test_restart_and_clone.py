@@ -7,8 +7,19 @@ import threading
 import msgspec
 
 from shared.client import Client, Update
-from shared.protocol import Done, HelloReply, JobDetail, JobList, ListJobs, PauseQueue, ResumeQueue, ShowJob, Snapshot, \
-    GetSnapshot, Submit
+from shared.protocol import (
+    Done,
+    GetSnapshot,
+    HelloReply,
+    JobDetail,
+    JobList,
+    ListJobs,
+    PauseQueue,
+    ResumeQueue,
+    ShowJob,
+    Snapshot,
+    Submit,
+)
 from tests.daemon_proc import DaemonProc, wait_for
 
 

@@ -16,9 +16,9 @@ pytestmark = pytest.mark.asyncio(loop_scope="package")
 
 
 async def convert(
-    pool: PdfWorkerPool, pdf: Path, page_no: int, password: str | None = None, **engine_kw: float
+    pool: PdfWorkerPool, pdf: Path, page_no: int, password: str | None = None, page_timeout_s: float = 120.0
 ) -> tuple[PageResult, list[TextDelta]]:
-    engine = CpuEngine(pool, **engine_kw)
+    engine = CpuEngine(pool, page_timeout_s=page_timeout_s)
     page = await load_page_input(
         pool, job_id="t", pdf=pdf, page_no=page_no, password=password, needs_image=engine.needs_image
     )

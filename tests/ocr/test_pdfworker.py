@@ -162,15 +162,19 @@ async def test_cancelling_a_call_stops_its_worker(bare_pool: PdfWorkerPool, pdf_
     assert (await bare_pool.inspect(pdf_dir["mixed"], None, timeout=60)).page_count == 3
 
 
-async def test_calls_after_close_raise_closed(pdf_dir: dict[str, Path]) -> None:
+async def test_close_kills_workers_and_ends_running_waiting_and_later_calls(pdf_dir: dict[str, Path]) -> None:
     p = PdfWorkerPool(size=1, preload=())
     await p.start()
     [pid] = p.pids()
+    running = asyncio.create_task(p.render_page(pdf_dir["heavy"], 0, None, timeout=120))
+    await wait_for(lambda: p.busy_pids(), "the worker to take the request")
+    waiting = asyncio.create_task(p.inspect(pdf_dir["born_digital"], None, timeout=30))
     await p.close()
     assert not _alive(pid)
-    with pytest.raises(PdfError) as e:
-        await p.inspect(pdf_dir["born_digital"], None, timeout=30)
-    assert e.value.code == "closed"
+    for call in (running, waiting, p.inspect(pdf_dir["born_digital"], None, timeout=30)):
+        with pytest.raises(PdfError) as e:
+            await call
+        assert e.value.code == "closed" and "submit the file again" in str(e.value)
 
 
 def _alive(pid: int) -> bool:

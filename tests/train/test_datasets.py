@@ -40,7 +40,10 @@ def test_sft_dataset_is_registered_with_absolute_image_paths(tiny: dict[str, Pat
     assert entry["tags"]["user_tag"] == "user" and entry["ranking"] is False
     copied = json.loads((dsdir / "shapes.json").read_text())
     assert copied[0]["images"] == [str(tiny["images"] / "img_0.png")]
-    assert sorted(p.name for p in dsdir.iterdir()) == [".dataset_info.lock", "dataset_info.json", "shapes.json"]
+    assert sorted(p.name for p in dsdir.iterdir()) == [".dataset_info.lock", "dataset_info.json", "shapes.json",
+                                                       "shapes.media"]
+    assert (dsdir / "shapes.media").read_text().splitlines() == [str(tiny["images"] / f"img_{i}.png")
+                                                                 for i in range(4)]
 
 
 def test_ranking_data_is_detected_and_registered_with_chosen_rejected(tiny: dict[str, Path], tmp_path: Path) -> None:
@@ -109,7 +112,8 @@ def test_existing_name_is_kept_unless_replace(tiny: dict[str, Path], tmp_path: P
         add_dataset("shapes", tiny["dpo"], dataset_dir=tmp_path / "ds")
     assert add_dataset("shapes", tiny["dpo"], dataset_dir=tmp_path / "ds", replace=True).ranking
     remove_dataset("shapes", tmp_path / "ds")
-    assert list_datasets(tmp_path / "ds") == {} and not (tmp_path / "ds" / "shapes.json").exists()
+    assert list_datasets(tmp_path / "ds") == {}
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == [".dataset_info.lock", "dataset_info.json"]
 
 
 def test_bad_names_and_files_are_one_line_errors(tiny: dict[str, Path], tmp_path: Path) -> None:

@@ -142,7 +142,7 @@ def situations(draw: st.DrawFn) -> tuple[GpuSnapshot, list[RunningJob], list[Que
     return snap, running, queue, engine
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(situations())
 def test_a_plan_never_over_commits_a_gpu(sit: tuple[GpuSnapshot, list[RunningJob], list[QueuedJob],
                                                    EngineView]) -> None:
@@ -166,7 +166,7 @@ def test_a_plan_never_over_commits_a_gpu(sit: tuple[GpuSnapshot, list[RunningJob
     assert sorted(decided) == sorted(wanted)  # every job gets exactly one answer
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(situations())
 def test_backfill_never_delays_the_head(sit: tuple[GpuSnapshot, list[RunningJob], list[QueuedJob],
                                                   EngineView]) -> None:

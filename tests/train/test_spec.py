@@ -56,14 +56,14 @@ def test_malformed_overrides_are_all_reported_at_once() -> None:
 
 
 def test_sft_spec_gets_dataset_and_daemon_owned_keys(tmp_path: Path) -> None:
-    spec = _render(tmp_path, overrides=["max_steps=20", "save_total_limit=50"], gpus=2)
+    spec = _render(tmp_path, overrides=["max_steps=20"], gpus=2)
     p = spec.params
     assert spec.kind == "train" and spec.command == "train" and spec.stage == "sft" and spec.max_steps == 20
     assert p["dataset"] == "tiny_sft" and spec.datasets == ("tiny_sft",)
     assert p["output_dir"] == str(tmp_path / "job-7" / "output") == str(spec.output_dir)
     assert p["overwrite_output_dir"] is False and p["report_to"] == "none"
     assert p["dataset_dir"] == str(tmp_path / "ds")
-    assert p["save_total_limit"] == SpecDefaults().save_total_limit  # capped: checkpoints cannot fill the disk
+    assert p["save_total_limit"] == SpecDefaults().save_total_limit
     assert p["logging_steps"] == 1
     assert spec.env == {"LLAMABOARD_ENABLED": "1", "LLAMABOARD_WORKDIR": str(spec.output_dir)}
     assert yaml.safe_load(spec.yaml_text) == p  # the frozen text is exactly the params
@@ -72,6 +72,13 @@ def test_sft_spec_gets_dataset_and_daemon_owned_keys(tmp_path: Path) -> None:
 def test_user_may_lower_save_limit_and_change_logging_steps(tmp_path: Path) -> None:
     spec = _render(tmp_path, overrides={"save_total_limit": 1, "logging_steps": 5})
     assert spec.params["save_total_limit"] == 1 and spec.params["logging_steps"] == 5
+
+
+def test_checkpoint_limit_is_capped_so_checkpoints_cannot_fill_the_disk(tmp_path: Path) -> None:
+    with pytest.raises(SpecProblem, match="save_total_limit 50 is above this server's limit of 2"):
+        _render(tmp_path, overrides=["save_total_limit=50"], defaults=SpecDefaults(save_total_limit=2))
+    # a template's own value above the limit is lowered to it
+    assert _render(tmp_path, defaults=SpecDefaults(save_total_limit=2)).params["save_total_limit"] == 2
 
 
 def test_daemon_owned_keys_cannot_be_overridden(tmp_path: Path) -> None:

@@ -92,7 +92,10 @@ def test_each_bad_spec_is_rejected_in_well_under_a_second_with_its_reason(env: d
 def test_missing_media_files_are_named(env: dict[str, Path]) -> None:
     (env["src"] / "images" / "img_1.png").unlink()
     text = _problems(env)
-    assert "dataset 'tiny_sft': 1 media files are gone (record 1: " in text and "img_1.png" in text
+    assert f"dataset 'tiny_sft': 1 media files are gone ({env['src'] / 'images' / 'img_1.png'})" in text
+    # a dataset placed by hand (no media list from `dataset add`): its records are read, the index named
+    (env["ds"] / "tiny_sft.media").unlink()
+    assert "dataset 'tiny_sft': 1 media files are gone (record 1: " in _problems(env)
 
 
 def test_model_without_tokenizer_or_config(env: dict[str, Path]) -> None:

@@ -25,7 +25,7 @@ def make_app(paths: Paths, **kw: object) -> FtuiApp:
 
 
 def cell(table: JobTable, job_id: int, column: str) -> str:
-    return str(table.get_cell(str(job_id), column))
+    return table.get_cell(job_id, column)
 
 
 def connected(app: FtuiApp) -> bool:

@@ -8,7 +8,6 @@ from typing import ClassVar
 from rich.text import Text
 from textual.binding import Binding, BindingType
 from textual.widget import Widget
-from textual.widgets import Static
 
 from shared.protocol import JobInfo
 from tui.screens.base import FtScreen
@@ -16,6 +15,7 @@ from tui.state import Changes
 from tui.widgets.engine_card import EngineCard
 from tui.widgets.gpus import GpuPanel
 from tui.widgets.job_table import JobTable
+from tui.widgets.live_static import LiveStatic
 
 MAX_ROWS = 200
 
@@ -29,7 +29,7 @@ class DashboardScreen(FtScreen):
 
     def compose_body(self) -> Iterable[Widget]:
         yield GpuPanel(id="dash-gpus")
-        yield Static(id="dash-jobs-title", classes="section-title")
+        yield LiveStatic(id="dash-jobs-title", classes="section-title")
         yield JobTable(lambda: self.st.jobs_by_recency()[:MAX_ROWS], self.now, id="dash-jobs")
         yield EngineCard(id="dash-engine")
 
@@ -70,14 +70,14 @@ class DashboardScreen(FtScreen):
         title = Text.assemble(("Jobs ", "bold"), (f"{running} running · {queued} queued · {len(jobs)} in all", "dim"))
         if self.st.mirror.queue_paused:
             title.append("  queue PAUSED (p resumes)", style="bold yellow")
-        self.query_one("#dash-jobs-title", Static).update(title)
+        self.query_one("#dash-jobs-title", LiveStatic).show_content(title)
         table = self.query_one(JobTable)
         table.sync_now() if now else table.request_sync()
 
     def selected_job(self) -> JobInfo | None:
         return self.st.job(self.query_one(JobTable).job_id)
 
-    async def on_data_table_row_selected(self) -> None:
+    async def on_keyed_table_selected(self) -> None:
         await self.action_open_job()
 
     async def action_open_job(self) -> None:

@@ -10,6 +10,7 @@ from rich.text import Text
 from textual import on
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, VerticalScroll
+from textual.timer import Timer
 from textual.widget import Widget
 from textual.widgets import Input, Log, Static, TabbedContent, TabPane
 
@@ -19,6 +20,7 @@ from tui.messages import JobHighlighted, Replied, RequestFailed
 from tui.screens.base import FtScreen
 from tui.state import Changes
 from tui.widgets.job_table import JobTable
+from tui.widgets.live_static import LiveStatic
 
 STATE_RANK = {"running": 0, "queued": 1, "interrupted": 2, "failed": 3, "canceled": 4, "succeeded": 5}
 SORTS: tuple[tuple[str, Callable[[JobInfo], Any]], ...] = (
@@ -34,6 +36,7 @@ FIELDS = ("id", "kind", "state", "owner", "name")
 LOG_TAIL = 200
 LOG_POLL_S = 1.0
 DETAIL_DEBOUNCE_S = 0.15
+INFO_INTERVAL_S = 0.25
 
 
 def job_matches(job: JobInfo, query: str) -> bool:
@@ -110,6 +113,7 @@ class JobsScreen(FtScreen):
         self._log_job: int | None = None
         self._log_in_flight = False
         self._log_finished = False
+        self._info_timer: Timer | None = None
 
     def compose_body(self) -> Iterable[Widget]:
         with Horizontal(id="jobs-filter-row"):
@@ -118,7 +122,7 @@ class JobsScreen(FtScreen):
         yield JobTable(self.visible_jobs, self.now, id="jobs-table")
         with TabbedContent(id="jobs-detail", initial="jobs-info"):
             with TabPane("Detail", id="jobs-info"), VerticalScroll(id="jobs-info-scroll"):
-                yield Static("no job selected", id="jobs-info-text")
+                yield LiveStatic("no job selected", id="jobs-info-text")
             with TabPane("Log", id="jobs-log"):
                 yield Log(id="jobs-log-view", highlight=False, max_lines=5000)
 
@@ -140,8 +144,10 @@ class JobsScreen(FtScreen):
         if changes.jobs:
             self.query_one(JobTable).request_sync()
             if self.job_id in changes.jobs:
-                self._show_info()
-                self._request_detail()
+                # the mirror has the job and the link keeps its new history lines: no need to ask again;
+                # redrawn at most 4 times a second, like the table
+                if self._info_timer is None:
+                    self._info_timer = self.set_timer(INFO_INTERVAL_S, self._show_info)
                 job = self.st.job(self.job_id)
                 if job is not None and job.state in TERMINAL_STATES:
                     self._poll_log()
@@ -203,7 +209,7 @@ class JobsScreen(FtScreen):
 
     @property
     def settling(self) -> bool:
-        if self.query_one(JobTable).pending:
+        if self.query_one(JobTable).pending or self._info_timer is not None:
             return True
         if self.job_id is None:
             return False
@@ -236,14 +242,18 @@ class JobsScreen(FtScreen):
         self.ftapp.send(ShowJob(job_id=self.job_id), reply_to=self, tag=f"show:{self.job_id}", announce=False)
 
     def _show_info(self) -> None:
+        if self._info_timer is not None:
+            self._info_timer.stop()
+            self._info_timer = None
         job = self.st.job(self.job_id)
-        info = self.query_one("#jobs-info-text", Static)
+        info = self.query_one("#jobs-info-text", LiveStatic)
         if job is None:
-            info.update("no job selected: move the cursor in the table above" if not self.st.jobs else
-                        "no job selected")
+            info.show_content("no job selected: move the cursor in the table above" if not self.st.jobs else
+                              "no job selected")
             return
         d = self._detail if self._detail is not None and self._detail.job.id == job.id else None
-        info.update(job_detail_text(job, d.history if d else [], d.log_path if d else "", self.now()))
+        history = self.st.merged_history(job.id, d.history) if d else []
+        info.show_content(job_detail_text(job, history, d.log_path if d else "", self.now()))
 
     def _reset_log(self) -> None:
         self.query_one(Log).clear()

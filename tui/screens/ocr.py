@@ -11,7 +11,7 @@ from textual import on
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.widget import Widget
-from textual.widgets import DataTable, Markdown, Static
+from textual.widgets import Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
 from shared.protocol import TERMINAL_STATES, JobInfo, PageInfo, PageText, PageTextReply
@@ -20,7 +20,7 @@ from tui.messages import JobHighlighted, Replied, RequestFailed
 from tui.screens.base import FtScreen
 from tui.state import Changes, TextStream
 from tui.widgets.job_table import JobTable
-from tui.widgets.keyed_table import KeyedTable
+from tui.widgets.keyed_table import Cell, Column, KeyedTable
 
 PAGE_STYLE = {"pending": "dim", "running": "cyan", "done": "green", "failed": "red"}
 METHOD_SHORT = {"text_layer": "text", "fallback": "fallback", "ocr": "ocr", "vlm": "vlm"}
@@ -32,19 +32,20 @@ def page_time(page: PageInfo) -> float | None:
     return page.timings.get("total", sum(page.timings.values()))
 
 
-def page_cells(page: PageInfo) -> tuple[object, ...]:
+def page_cells(page: PageInfo) -> tuple[Cell, ...]:
     t = page_time(page)
     return (
-        Text(str(page.page_no), justify="right"),
+        str(page.page_no),
         Text(page.state, style=PAGE_STYLE.get(page.state, "")),
         METHOD_SHORT.get(page.method, page.method) or "-",
-        Text(duration(t) if t is not None else "-", justify="right"),
-        Text(str(page.chars) if page.chars else "-", justify="right"),
+        duration(t) if t is not None else "-",
+        str(page.chars) if page.chars else "-",
     )
 
 
 class PageTable(KeyedTable):
-    COLUMNS = (("page", "PAGE"), ("state", "STATE"), ("method", "METHOD"), ("time", "TIME"), ("chars", "CHARS"))
+    COLUMNS = (Column("page", "PAGE", "right"), Column("state", "STATE"), Column("method", "METHOD"),
+               Column("time", "TIME", "right"), Column("chars", "CHARS", "right"))
 
     def sync(self, pages: list[PageInfo]) -> None:
         self.sync_rows([(p.page_no, page_cells(p)) for p in pages])
@@ -197,8 +198,8 @@ class OcrScreen(FtScreen):
         await self._reset_view()
         await self._follow()
 
-    @on(DataTable.RowSelected, "#ocr-pages")
-    def _open_page(self, event: DataTable.RowSelected) -> None:
+    @on(KeyedTable.Selected, "#ocr-pages")
+    def _open_page(self, event: KeyedTable.Selected) -> None:
         event.stop()
         page_no = self.query_one(PageTable).page_no
         if self.job_id is None or page_no is None:

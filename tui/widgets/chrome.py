@@ -6,9 +6,9 @@ from __future__ import annotations
 from rich.text import Text
 from textual.app import ComposeResult
 from textual.containers import Vertical
-from textual.widgets import Static
 
 from tui.state import State
+from tui.widgets.live_static import LiveStatic
 
 SCREENS: tuple[tuple[str, str, str], ...] = (
     ("1", "dashboard", "Dash"),
@@ -20,7 +20,7 @@ SCREENS: tuple[tuple[str, str, str], ...] = (
 )
 
 
-class TopBar(Static):
+class TopBar(LiveStatic):
     DEFAULT_CSS = """
     TopBar { height: 1; background: $panel; color: $text; }
     """
@@ -62,10 +62,10 @@ class TopBar(Static):
             t.append(" " * gap)
             t.append_text(right)
             t.append(" ")
-        self.update(t)
+        self.show_content(t)
 
 
-class Banner(Static):
+class Banner(LiveStatic):
     """Hidden while connected; otherwise the reason, where ftui looked, and how to start the daemon."""
 
     DEFAULT_CSS = """
@@ -79,7 +79,7 @@ class Banner(Static):
         self.set_class(c.kind == "down", "-down")
         self.set_class(c.kind == "connecting", "-connecting")
         if c.kind != "connected":
-            self.update(c.message)
+            self.show_content(c.message)
 
 
 class Chrome(Vertical):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual.widgets import Static
 
 from shared.protocol import EngineInfo
 from tui.format import bar
+from tui.widgets.live_static import LiveStatic
 
 ENGINE_STATE_STYLE = {"ready": "green", "starting": "yellow", "restarting": "yellow", "sleeping": "blue",
                       "stopped": "dim", "failed": "bold red"}
@@ -37,10 +37,10 @@ def engine_text(e: EngineInfo, width: int, compact: bool) -> Text:
     return t
 
 
-class EngineCard(Static):
+class EngineCard(LiveStatic):
     DEFAULT_CSS = """
     EngineCard { height: auto; padding: 0 1; border-top: solid $panel-lighten-2; }
     """
 
     def show(self, engine: EngineInfo, compact: bool = True) -> None:
-        self.update(engine_text(engine, self.size.width or 80, compact))
+        self.show_content(engine_text(engine, self.size.width or 80, compact))

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from rich.text import Text
-from textual.widgets import Static
 
 from shared.protocol import GpuInfo, JobInfo
 from tui.format import bar, mib
+from tui.widgets.live_static import LiveStatic
 
 
 def util_style(frac: float) -> str:
@@ -57,7 +57,7 @@ def gpu_text(gpus: list[GpuInfo], note: str, jobs: dict[int, JobInfo], width: in
     return t
 
 
-class GpuPanel(Static):
+class GpuPanel(LiveStatic):
     DEFAULT_CSS = """
     GpuPanel { height: auto; max-height: 10; padding: 0 1; text-wrap: nowrap; text-overflow: ellipsis; }
     """
@@ -70,4 +70,4 @@ class GpuPanel(Static):
 
     def show(self, gpus: list[GpuInfo], note: str, jobs: dict[int, JobInfo]) -> None:
         self._last = (gpus, note, jobs)
-        self.update(gpu_text(gpus, note, jobs, self.size.width or self.app.size.width))
+        self.show_content(gpu_text(gpus, note, jobs, self.size.width or self.app.size.width))

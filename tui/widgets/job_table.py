@@ -8,18 +8,21 @@ from collections.abc import Callable, Sequence
 from rich.text import Text
 from textual import events
 from textual.timer import Timer
-from textual.widgets import DataTable
 
 from shared.protocol import JobInfo
 from tui.format import STATE_STYLE, ago, progress_text, run_time
 from tui.messages import JobHighlighted
-from tui.widgets.keyed_table import KeyedTable
+from tui.widgets.keyed_table import Cell, Column, KeyedTable
 
 SYNC_INTERVAL_S = 0.25  # job tables redraw at most 4 times a second
 WIDE = 110  # terminal columns from which the table shows run time and age, and longer names
-NARROW_COLUMNS = (("id", "ID"), ("kind", "KIND"), ("state", "STATE"), ("owner", "OWNER"), ("name", "NAME"),
-                  ("progress", "PROGRESS"))
-WIDE_COLUMNS = (*NARROW_COLUMNS, ("ran", "RAN"), ("created", "CREATED"))
+NARROW_COLUMNS = (Column("id", "ID", "right"), Column("kind", "KIND"), Column("state", "STATE"),
+                  Column("owner", "OWNER", max_width=8), Column("name", "NAME", flex=True, max_width=20),
+                  Column("progress", "PROGRESS", max_width=14))
+WIDE_COLUMNS = (Column("id", "ID", "right"), Column("kind", "KIND"), Column("state", "STATE"),
+                Column("owner", "OWNER", max_width=16), Column("name", "NAME", flex=True, max_width=34),
+                Column("progress", "PROGRESS", max_width=40), Column("ran", "RAN", "right"),
+                Column("created", "CREATED", "right"))
 
 
 def _cut(text: str, width: int) -> str:
@@ -33,13 +36,13 @@ def short_progress(job: JobInfo) -> str:
     return _cut(p.note, 14) if p.note else "-"
 
 
-def job_cells(job: JobInfo, now: float, wide: bool) -> tuple[object, ...]:
-    cells: tuple[object, ...] = (
-        Text(str(job.id), justify="right"),
+def job_cells(job: JobInfo, now: float, wide: bool) -> tuple[Cell, ...]:
+    cells: tuple[Cell, ...] = (
+        str(job.id),
         job.kind,
         Text(job.state, style=STATE_STYLE.get(job.state, "")),
         _cut(job.owner, 16 if wide else 8),
-        _cut(job.name, 34 if wide else 20),
+        job.name,
         progress_text(job) if wide else short_progress(job),
     )
     if wide:
@@ -63,8 +66,11 @@ class JobTable(KeyedTable):
         self._synced_at = -1.0
         self._deferred: Timer | None = None
 
-    def columns_for_width(self, width: int) -> tuple[tuple[str, str], ...]:
+    def columns_for_width(self, width: int) -> tuple[Column, ...]:
         return WIDE_COLUMNS if width >= WIDE else NARROW_COLUMNS
+
+    def on_mount(self) -> None:
+        self.set_columns(self.columns_for_width(self.app.size.width))
 
     @property
     def job_id(self) -> int | None:
@@ -96,9 +102,10 @@ class JobTable(KeyedTable):
             self.post_message(JobHighlighted(self.job_id))
 
     def on_resize(self, event: events.Resize) -> None:
-        if self._set_columns(self.columns_for_width(self.app.size.width)):
+        super().on_resize(event)
+        if self.set_columns(self.columns_for_width(self.app.size.width)):
             self.sync_now()
 
-    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+    def on_keyed_table_highlighted(self, event: KeyedTable.Highlighted) -> None:
         event.stop()
         self.post_message(JobHighlighted(self.job_id))
