@@ -104,12 +104,19 @@ class TrainConfig(_Section, frozen=True):
     save_total_limit: int = 3
     graceful_stop_s: float = 60.0
     templates_dir: str = ""  # "" = configs/llamafactory of this installation
+    datasets_dir: str = ""  # "" = <state_dir>/datasets (holds dataset_info.json)
+    logging_steps: int = 1
+    stop_term_s: float = 15.0  # after the graceful stop: SIGTERM, then SIGKILL after this many seconds
 
 
 class SchedulerConfig(_Section, frozen=True):
     share_gpus: bool = False
     min_free_gib: float = 0.0
     gpu_poll_s: float = 2.0
+    # memory in use on a GPU with no listed process that still counts as idle (driver, display)
+    idle_used_mib: float = 1024.0
+    # jobs that run at once without GPUs (on the CPU)
+    cpu_slots: int = 1
 
 
 class Config(_Section, frozen=True):

@@ -213,13 +213,30 @@ class TrainPoints(Struct, tag="train_points"):
 
 class DatasetAdd(Struct, tag="dataset_add"):
     name: str
-    file: str
-    images: str = ""
-    ranking: bool = False
+    file: str  # absolute path of the sharegpt JSON (ftctl resolves it)
+    images: str = ""  # the folder image paths in the records are relative to ("" = next to the file)
+    ranking: bool | None = None  # None: detect from the first record (chosen/rejected)
+    replace: bool = False
+
+
+class DatasetRemove(Struct, tag="dataset_remove"):
+    name: str
 
 
 class DatasetList(Struct, tag="datasets"):
     pass
+
+
+class EvalCompare(Struct, tag="eval_compare"):
+    job_ids: list[int]
+
+
+class Deploy(Struct, tag="deploy"):
+    """A finished train job's adapter goes live in the vLLM engine (runtime LoRA) under ``name``, or an
+    export job's merged model becomes the engine's model (the engine restarts)."""
+
+    job_id: int
+    name: str = ""
 
 
 class Ask(Struct, tag="ask"):
@@ -249,7 +266,10 @@ RequestBody = (
     | JobPages
     | TrainPoints
     | DatasetAdd
+    | DatasetRemove
     | DatasetList
+    | EvalCompare
+    | Deploy
     | Ask
 )
 
@@ -341,9 +361,22 @@ class TrainPointsReply(Struct, tag="train_points"):
     points: list[TrainPoint]
 
 
+class DatasetEntry(Struct):
+    name: str
+    file: str
+    records: int = 0
+    images: int = 0
+    ranking: bool = False
+
+
 class DatasetsReply(Struct, tag="datasets"):
-    names: list[str]
+    datasets: list[DatasetEntry]
     message: str = ""
+
+
+class EvalCompareReply(Struct, tag="eval_compare"):
+    table: str  # the seeds' table (bleu-4, rouge-1/2/l, runtime, samples/s), as plain text
+    columns: list[dict[str, Any]] = []
 
 
 class AskReply(Struct, tag="ask"):
@@ -365,6 +398,7 @@ ReplyBody = (
     | PagesReply
     | TrainPointsReply
     | DatasetsReply
+    | EvalCompareReply
     | AskReply
 )
 

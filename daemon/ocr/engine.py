@@ -22,6 +22,8 @@ Contract:
 - ``needs_image``: the pipeline must render the page (``PageInput.png``) before calling. When False it still
   fills ``text_layer``/``text_layer_usable`` (cheap: :meth:`PdfWorkerPool.page_text`); the engine renders
   itself if it needs to. :func:`load_page_input` does exactly this.
+- ``max_pixels``: the largest image (width × height) the pipeline renders for this engine.
+- ``PageInput.adapter``: the LoRA adapter the job names; engines without adapters refuse such jobs at submit.
 - ``concurrency``: how many ``convert`` calls the pipeline should keep in flight for this engine (the CPU
   engine: one per PDF worker; vLLM: enough to keep its batch full).
 - ``start``/``stop`` bring up and tear down what the engine owns (a ``vllm serve`` child); both idempotent.
@@ -51,6 +53,7 @@ class PageInput:
     height: int
     text_layer: str  # the PDF's own text for the page, plain ("" for a scan)
     text_layer_usable: bool
+    adapter: str = ""  # the LoRA adapter the job names ("" = the served base model)
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,12 @@ class Engine(Protocol):
     model: str
     needs_image: bool
     concurrency: int
+
+    @property
+    def max_pixels(self) -> int | None:
+        """The render cap (width × height) of a page rendered for it (needs_image); None = no cap. VLM engines
+        derive it from their image-token budget."""
+        ...
 
     async def start(self) -> None: ...
 
@@ -114,6 +123,7 @@ async def load_page_input(
     dpi: float = 144,
     max_pixels: int | None = None,
     timeout: float = 120.0,
+    adapter: str = "",
 ) -> PageInput:
     """What the pipeline hands an engine: the rendered page if it needs one, and always the text layer."""
     if needs_image:
@@ -132,4 +142,5 @@ async def load_page_input(
         height=r.height,
         text_layer=r.text,
         text_layer_usable=r.text_usable,
+        adapter=adapter,
     )

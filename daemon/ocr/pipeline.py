@@ -95,7 +95,13 @@ class OcrKind:
         if not os.access(path, os.R_OK):
             raise SpecError(f"{path}: the daemon (user {os.getuid()}) cannot read it; make it readable "
                             "(chmod o+r) or drop it into the hot folder instead")
-        self.choice.get(s.engine)  # an unknown engine is a submit error, not a failed job
+        engine = self.choice.get(s.engine)  # an unknown engine is a submit error, not a failed job
+        if s.adapter:
+            check = getattr(engine, "check_adapter", None)
+            problem = check(s.adapter) if check is not None else (
+                f"engine {engine.name} cannot use LoRA adapters; name --engine vllm (or leave out --adapter)")
+            if problem:
+                raise SpecError(problem)
         digest = s.sha256 or await asyncio.to_thread(sha256_of, path)
         if not s.force:
             earlier = self.existing_job(digest)
@@ -169,7 +175,7 @@ class OcrKind:
                     n = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                await self._convert_page(ctx, engine, src, password, n, total, failures, finished)
+                await self._convert_page(ctx, engine, spec, src, password, n, total, failures, finished)
 
         workers = [asyncio.create_task(worker()) for _ in range(max(1, min(engine.concurrency, len(todo))))]
         try:
@@ -187,8 +193,8 @@ class OcrKind:
                             "failed pages again")
         return f"succeeded: {total} page(s) → {md_path}"
 
-    async def _convert_page(self, ctx: JobContext, engine: Engine, src: Path, password: str | None, n: int,
-                            total: int, failures: dict[int, str], finished: list[int]) -> None:
+    async def _convert_page(self, ctx: JobContext, engine: Engine, spec: OcrSpec, src: Path, password: str | None,
+                            n: int, total: int, failures: dict[int, str], finished: list[int]) -> None:
         cfg = self.settings.config.ocr
         job_id = ctx.job.id
         key = f"{job_id}:{n}"
@@ -203,7 +209,8 @@ class OcrKind:
         try:
             page = await load_page_input(self.pool, job_id=str(job_id), pdf=src, page_no=n - 1, password=password,
                                          needs_image=engine.needs_image, dpi=cfg.dpi,
-                                         timeout=cfg.page_timeout_s)
+                                         max_pixels=engine.max_pixels, timeout=cfg.page_timeout_s,
+                                         adapter=spec.adapter)
             result: PageResult = await run_page(engine, page, on_delta)
         except OcrError as exc:
             failures[n] = exc.message

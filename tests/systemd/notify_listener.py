@@ -29,7 +29,7 @@ class Datagram:
 @dataclass
 class NotifyListener:
     probe: Callable[[], object] = lambda: None
-    received: list[Datagram] = field(default_factory=list)
+    received: list[Datagram] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         # pytest's tmp_path can exceed the 107-byte limit of a unix socket path

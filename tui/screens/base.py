@@ -10,14 +10,24 @@ from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.screen import Screen
 from textual.widget import Widget
-from textual.widgets import Footer
 
 from shared.protocol import JobInfo
 from tui.state import Changes, State
-from tui.widgets.chrome import Banner, Chrome, TopBar
+from tui.widgets.chrome import Banner, Chrome, KeyBar, TopBar
 
 if TYPE_CHECKING:
     from tui.app import FtuiApp
+
+KEY_LABELS = {"question_mark": "?", "slash": "/", "plus": "+", "equals_sign": "=", "minus": "-",
+              "escape": "esc", "enter": "⏎"}
+
+
+def key_label(keys: str) -> str:
+    """How a binding's key is written for people ("ctrl+o" → "^o", "question_mark" → "?")."""
+    first = keys.split(",")[0]
+    if first.startswith("ctrl+"):
+        return "^" + first[5:]
+    return KEY_LABELS.get(first, first)
 
 
 class FtScreen(Screen[None]):
@@ -42,7 +52,7 @@ class FtScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Chrome()
         yield from self.compose_body()
-        yield Footer(compact=True)
+        yield KeyBar()
 
     def compose_body(self) -> Iterable[Widget]:
         return ()
@@ -64,6 +74,17 @@ class FtScreen(Screen[None]):
             bar.show(self.st, self.MODE)
         for banner in self.query(Banner):
             banner.show(self.st)
+        for keys in self.query(KeyBar):
+            keys.show_keys(self.key_hints())
+
+    def key_hints(self) -> list[tuple[str, str]]:
+        """This screen's keys first, then the app's (those marked to show)."""
+        hints: list[tuple[str, str]] = []
+        for b in [*type(self).BINDINGS, *type(self.app).BINDINGS]:
+            if isinstance(b, Binding) and b.show and b.description:
+                hints.append((key_label(b.key), b.description))
+        hints.append(("^p", "commands"))
+        return hints
 
     async def refresh_all(self) -> None:
         """Draw everything from the state (on show, and after a snapshot)."""

@@ -70,8 +70,9 @@ def help_markdown(app: App[Any], screen: FtScreen | None) -> str:
 
 
 def _key_name(key: str) -> str:
-    names = {"question_mark": "?", "slash": "/", "plus": "+", "equals_sign": "=", "minus": "-"}
-    return " / ".join(names.get(k, k) for k in key.split(","))
+    from tui.screens.base import key_label
+
+    return " / ".join(key_label(k) for k in key.split(","))
 
 
 class HelpScreen(ModalScreen[None]):

@@ -92,3 +92,22 @@ class Chrome(Vertical):
     def compose(self) -> ComposeResult:
         yield TopBar()
         yield Banner()
+
+
+class KeyBar(LiveStatic):
+    """The keys of this screen and the app, in one line at the bottom.
+
+    Textual's Footer rebuilds its widgets whenever focus or the screen changes (measured: most of the
+    cost of switching screens during an event flood); this line is drawn once per screen."""
+
+    DEFAULT_CSS = """
+    KeyBar { dock: bottom; height: 1; background: $panel; color: $text-muted; text-wrap: nowrap;
+             text-overflow: ellipsis; }
+    """
+
+    def show_keys(self, keys: list[tuple[str, str]]) -> None:
+        t = Text(no_wrap=True, overflow="ellipsis")
+        for key, what in keys:
+            t.append(f" {key}", style="bold")
+            t.append(f" {what} ")
+        self.show_content(t)

@@ -1,0 +1,298 @@
+"""One page through a vision-language model behind an OpenAI-compatible server (the ``vllm`` and ``remote``
+engines share this).
+
+For each page:
+
+1. Budget (:mod:`daemon.ocr.budget`): the pipeline rendered the page at :attr:`VlmConverter.max_pixels`;
+   the exact image-token count of the real pixel size is checked against ``max_model_len`` and the page is
+   rendered smaller if it still does not fit, so vLLM never gets a request it must refuse.
+2. Request: chat completion, ``stream: true``, the prompt text before the image (every page shares that
+   prefix, so vLLM's prefix cache serves it), the PNG as a data URL, sampling from the config, the model
+   name of the job's adapter if it names one. A slot of the shared :class:`InFlight` pool is held while the
+   request runs.
+3. Stream: each piece of text is passed on as a :class:`TextDelta`; the :class:`RepetitionGuard` watches it
+   and closes the stream when the tail repeats (vLLM aborts the request).
+4. Outcome: ``stop`` → the page's Markdown. A loop, ``length`` or vLLM's own ``repetition`` → the next
+   temperature of :data:`LADDER`, after a ``TextDelta(reset=True)``. When the ladder runs out → the page's
+   text layer (``method="fallback"``, the reasons in ``detail``).
+5. A broken stream (the server died, was stopped for training, restarts) is not the page's fault: the
+   backend waits until the server is back and the same attempt is sent again, without using up the ladder.
+   A 4xx answer fails the page with the server's message quoted.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+
+from daemon.ocr.budget import BudgetError, Limits, RenderPlan, check_image, plan_render
+from daemon.ocr.chat_stream import Piece, Rejected, ServerGone, stream_chat
+from daemon.ocr.engine import PageInput, PageResult, TextDelta
+from daemon.ocr.errors import OcrError
+from daemon.ocr.inflight import InFlight
+from daemon.ocr.pdfworker import PdfWorkerPool
+from daemon.ocr.runaway import LADDER, RepetitionGuard, cut_loop, describe
+
+# A page survives this many broken streams (server restarts) before it fails: a server that dies on
+# every attempt at this page is probably crashing because of it.
+MAX_SERVER_BREAKS = 8
+# Renders tried to get a page under the budget (the first one is the pipeline's).
+MAX_RERENDERS = 3
+# Request fields the configuration may not override (the daemon sets them per page).
+RESERVED_FIELDS = frozenset({"model", "messages", "stream", "stream_options", "max_tokens", "temperature"})
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one request goes."""
+
+    root: str  # http://host:port (the server's /v1, /metrics and /health live below it)
+    model: str  # the served base model name
+    api_key: str = ""
+    generation: int = 0  # bumped by every (re)start of a supervised server
+
+
+class Backend(Protocol):
+    name: str
+
+    async def target(self) -> Target:
+        """A server that takes requests now; waits while one starts or wakes. OcrError when none will."""
+        ...
+
+    async def broken(self, target: Target, error: str) -> str | None:
+        """A request to ``target`` broke off. Wait until a retry makes sense and return None, or return why
+        the page must fail."""
+        ...
+
+    def page_done(self, tokens: int) -> None:
+        """A page finished on this backend (for pages/s)."""
+        ...
+
+
+@dataclass
+class Sampling:
+    prompt: str
+    temperature: float = 0.0
+    max_tokens: int = 4096
+    extra: dict[str, Any] = field(default_factory=dict)  # top_p, repetition_penalty, stop, min_tokens …
+    ladder: tuple[float, ...] = LADDER
+
+
+_FENCE = re.compile(r"\A\s*```(?:markdown|md)?[ \t]*\n(.*?)\n?```\s*\Z", re.S)
+
+
+def unfence(text: str) -> str:
+    """Qwen2-VL often wraps a page in ```markdown … ```; the page is the inside."""
+    m = _FENCE.match(text)
+    return m.group(1) if m else text
+
+
+def data_url(png: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(png).decode("ascii")
+
+
+def chat_body(model: str, prompt: str, image_url: str, *, temperature: float, max_tokens: int,
+              extra: dict[str, Any]) -> dict[str, Any]:
+    """The request: prompt text first, then the image (a shared prefix for vLLM's prefix cache)."""
+    body = {k: v for k, v in extra.items() if k not in RESERVED_FIELDS}
+    body.update({
+        "model": model,
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": prompt},
+            {"type": "image_url", "image_url": {"url": image_url}},
+        ]}],
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+    })
+    return body
+
+
+def new_http_client(max_in_flight: int) -> httpx.AsyncClient:
+    # read timeout: the longest silence between two streamed pieces before a server counts as hung
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(connect=10.0, read=300.0, write=60.0, pool=None),
+        limits=httpx.Limits(max_connections=max_in_flight + 8, max_keepalive_connections=max_in_flight + 8),
+    )
+
+
+class VlmConverter:
+    def __init__(self, backend: Backend, limiter: InFlight, pool: PdfWorkerPool, limits: Limits,
+                 sampling: Sampling, *, dpi: float = 144, render_timeout_s: float = 120.0) -> None:
+        self.backend = backend
+        self.limiter = limiter
+        self.pool = pool
+        self.limits = limits  # replaced when the server tells the real prompt length or max_model_len
+        self.sampling = sampling
+        self.dpi = dpi
+        self.render_timeout_s = render_timeout_s
+        self.http: httpx.AsyncClient | None = None
+        self.aborted = 0  # requests this daemon closed because they ran away (for status and tests)
+
+    def client(self) -> httpx.AsyncClient:
+        if self.http is None:
+            self.http = new_http_client(self.limiter.maximum)
+        return self.http
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.aclose()
+            self.http = None
+
+    def plan(self) -> RenderPlan:
+        try:
+            return plan_render(self.limits)
+        except BudgetError as exc:
+            raise OcrError("budget", str(exc)) from None
+
+    @property
+    def max_pixels(self) -> int:
+        """The render cap the pipeline uses for a page (the budget's, never above [vllm] max_pixels)."""
+        try:
+            return plan_render(self.limits).max_pixels
+        except BudgetError:
+            return self.limits.max_pixels  # convert() fails the page with the reason
+
+    # ------------------------------------------------------------------------------------- one page
+
+    async def convert(self, page: PageInput) -> AsyncIterator[TextDelta | PageResult]:
+        started = time.monotonic()
+        where = f"page {page.page_no + 1} of {page.pdf.name}"
+        plan = self.plan()
+        timings: dict[str, float] = {}
+        png, notes = await self._fit(page, plan, timings, where)
+        image = data_url(png)
+        temps = (self.sampling.temperature, *self.sampling.ladder)
+        failures: list[str] = []
+        first_text: str | None = None
+        base_model = ""
+        shown = False
+        breaks = 0
+        attempt = 0
+        wait_s = gen_s = 0.0
+        while attempt < len(temps):
+            temperature = temps[attempt]
+            if shown:
+                yield TextDelta("", reset=True)
+                shown = False
+            t = time.monotonic()
+            target = await self.backend.target()
+            base_model = target.model
+            model = page.adapter or target.model
+            body = chat_body(model, self.sampling.prompt, image, temperature=temperature,
+                             max_tokens=plan.max_tokens, extra=self.sampling.extra)
+            guard = RepetitionGuard()
+            outcome = ""
+            tokens: int | None = None
+            pieces = 0
+            try:
+                async with self.limiter.slot():
+                    wait_s += time.monotonic() - t
+                    t = time.monotonic()
+                    stream = stream_chat(self.client(), target.root, body, target.api_key)
+                    try:
+                        async for piece in stream:
+                            if piece.finish is not None:
+                                outcome, tokens = piece.finish, piece.completion_tokens
+                                continue
+                            pieces += 1
+                            yield TextDelta(piece.text)
+                            shown = True
+                            if guard.feed(piece.text) is not None:
+                                outcome = "loop"
+                                self.aborted += 1
+                                break  # closing the stream makes vLLM abort the request
+                    finally:
+                        await stream.aclose()
+                        gen_s += time.monotonic() - t
+            except ServerGone as exc:
+                await self._server_broke(target, str(exc), breaks, where)
+                breaks += 1
+                continue
+            except Rejected as exc:
+                raise OcrError("rejected", f"{self.backend.name} refused {where} (HTTP {exc.status}): "
+                                           f"\"{exc.message}\"") from None
+            if outcome == "abort":
+                # the server dropped it (going to sleep, shutting down): not the page's fault
+                await self._server_broke(target, "the server aborted the request", breaks, where)
+                breaks += 1
+                continue
+            text = guard.text
+            if outcome == "stop":
+                self.backend.page_done(tokens or pieces)
+                timings.update({"wait_s": wait_s, "generate_s": gen_s, "attempts": float(attempt + 1)})
+                detail = "; ".join([*notes, *(f"retried after {f}" for f in failures)])
+                yield PageResult(text=unfence(text), method="vlm", model=_model_label(target.model, page.adapter),
+                                 timings=timings, tokens=tokens if tokens is not None else pieces, detail=detail)
+                return
+            if first_text is None:
+                first_text = cut_loop(text, guard.loop) if guard.loop is not None else text
+            failures.append(describe(outcome, guard.loop, temperature, tokens or pieces))
+            attempt += 1
+        timings.update({"wait_s": wait_s, "generate_s": gen_s, "attempts": float(attempt)})
+        reasons = f"{len(failures)} attempts failed ({'; '.join(failures)})"
+        if page.text_layer.strip():
+            detail = "; ".join([*notes, f"{reasons}; used the page's text layer"])
+            yield TextDelta(page.text_layer, reset=True)
+            yield PageResult(text=page.text_layer, method="fallback", model="text-layer", timings=timings,
+                             tokens=None, detail=detail)
+            return
+        if first_text and first_text.strip():
+            detail = "; ".join([*notes, f"{reasons}; the page has no text layer: kept the first attempt's text "
+                                        "up to where it started repeating"])
+            yield TextDelta(unfence(first_text), reset=True)
+            yield PageResult(text=unfence(first_text), method="fallback", model=_model_label(base_model, page.adapter),
+                             timings=timings, tokens=None, detail=detail)
+            return
+        raise OcrError("runaway", f"{where}: {reasons}, and the page has no text layer to fall back on; "
+                                  "try another adapter or prompt ([ocr] prompt), or the cpu engine "
+                                  "(`ftctl submit ocr --engine cpu`)")
+
+    async def _server_broke(self, target: Target, error: str, breaks: int, where: str) -> None:
+        if breaks + 1 >= MAX_SERVER_BREAKS:
+            raise OcrError("engine", f"{where}: the {self.backend.name} server broke off this page "
+                                     f"{breaks + 1} times (last: {error}); its log says why")
+        why = await self.backend.broken(target, error)
+        if why is not None:
+            raise OcrError("engine", f"{where}: {why}")
+
+    async def _fit(self, page: PageInput, plan: RenderPlan, timings: dict[str, float],
+                   where: str) -> tuple[bytes, list[str]]:
+        """The page's PNG, rendered smaller until it fits the budget; notes for the page's detail."""
+        if page.png is None:
+            raise OcrError("internal", f"{where}: the page was not rendered (the engine needs an image)")
+        png, width, height = page.png, page.width, page.height
+        notes: list[str] = []
+        if plan.detail and width * height > 0.9 * plan.max_pixels:
+            notes.append(plan.detail)
+        for _ in range(MAX_RERENDERS):
+            try:
+                check = check_image(width, height, self.limits, plan.max_tokens)
+            except BudgetError as exc:
+                raise OcrError("budget", f"{where}: {exc}") from None
+            if check.fits:
+                return png, notes
+            t = time.monotonic()
+            r = await self.pool.render_page(page.pdf, page.page_no, page.password, dpi=self.dpi,
+                                            max_pixels=check.smaller_pixels, timeout=self.render_timeout_s)
+            timings["render_s"] = timings.get("render_s", 0.0) + time.monotonic() - t
+            notes.append(f"the {width}×{height} image needed {check.image_tokens} tokens, more than "
+                         f"max_model_len {self.limits.max_model_len} leaves; rendered again at "
+                         f"{r.width}×{r.height}")
+            png, width, height = r.png, r.width, r.height
+        raise OcrError("budget", f"{where}: the image does not fit max_model_len {self.limits.max_model_len} even "
+                                 f"at {width}×{height}; raise [vllm] max_model_len or lower max_tokens")
+
+
+def _model_label(base: str, adapter: str) -> str:
+    return f"{base}+{adapter}" if adapter else base
+
+
+__all__ = ["Backend", "Piece", "Sampling", "Target", "VlmConverter", "chat_body", "data_url", "unfence"]
