@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from daemon import engine_control
 from daemon.hotfolder import HotFolder
 from daemon.jobs.base import Caller
-from daemon.ocr.cpu_engine import CpuEngine
 from daemon.ocr.pdfworker import PdfWorkerPool
-from daemon.ocr.pipeline import EngineChoice, OcrKind
+from daemon.ocr.pipeline import OcrKind
 from daemon.sdnotify import Notifier
 from daemon.service import Daemon
 from shared.config import Settings
-from shared.protocol import EngineInfo, JobInfo
+from shared.protocol import JobInfo
 
 
 def assemble(settings: Settings, notifier: Notifier | None = None) -> Daemon:
@@ -20,12 +20,10 @@ def assemble(settings: Settings, notifier: Notifier | None = None) -> Daemon:
     cfg = settings.config.ocr
     pool = PdfWorkerPool(size=max(1, cfg.workers), markdown_mode=cfg.markdown_mode,
                          log_path=settings.paths.state_dir / "pdfworkers.log")
-    cpu = CpuEngine(pool, page_timeout_s=cfg.page_timeout_s, dpi=cfg.dpi)
-    choice = EngineChoice(engines={"cpu": cpu}, default="cpu",
-                          reason="auto: no GPU engine configured, using the CPU engine (text layer + offline OCR)")
-    ocr = OcrKind(settings, pool, choice, daemon.store)
+    # the engines (cpu, vllm, remote), which one serves and why, `ftctl engine …` and `ask` requests
+    engines = engine_control.install(daemon, settings, pool)
+    ocr = OcrKind(settings, pool, engines.choice, daemon.store)
     daemon.kinds["ocr"] = ocr
-    daemon.engine = EngineInfo(kind="cpu", state="ready", model=cpu.model, reason=choice.reason)
 
     async def submit(spec: dict[str, Any], name: str, caller: Caller) -> JobInfo:
         return await daemon.jobs.submit("ocr", spec, name, caller)

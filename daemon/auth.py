@@ -17,6 +17,7 @@ import os
 import pwd
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
@@ -29,12 +30,17 @@ log = logging.getLogger(__name__)
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_DOMAIN = "ftmllm"
-_PEER_RE = re.compile(r"(\d+):(\d+):(\d+)$")
+# Anchored: libzmq writes "<peer ip>:UID:GID:PID" for a unix socket peer, where the ip part is "localhost"
+# (or empty). A tcp peer's address is just its IP, and an IPv6 one such as "2001:db8:5:0:0" would match an
+# unanchored "(\d+):(\d+):(\d+)$" and pass for uid 5 (or root).
+_PEER_RE = re.compile(r"(?:localhost)?:(\d+):(\d+):(\d+)")
+# Group membership is re-read this often, so `gpasswd -d USER ftmllm-admin` takes effect without a restart.
+IDENTITY_TTL_S = 30.0
 
 
 def parse_peer(address: str) -> tuple[int, int, int] | None:
     """``localhost:UID:GID:PID`` (or ``:UID:GID:PID``) → (uid, gid, pid); None if it carries no creds."""
-    m = _PEER_RE.search(address)
+    m = _PEER_RE.fullmatch(address)
     if m is None:
         return None
     return int(m.group(1)), int(m.group(2)), int(m.group(3))
@@ -68,18 +74,25 @@ class Identities:
     admin_group: str = ""
     allowed_group: str = ""  # "" = anyone who can open the socket file
     daemon_uid: int = field(default_factory=os.getuid)
-    _cache: dict[int, Caller] = field(default_factory=dict)
+    ttl_s: float = IDENTITY_TTL_S
+    clock: Callable[[], float] = time.monotonic
+    _cache: dict[int, tuple[float, Caller]] = field(default_factory=dict)
 
     def caller(self, uid: int) -> Caller:
+        now = self.clock()
         cached = self._cache.get(uid)
-        if cached is not None:
-            return cached
+        if cached is not None and now - cached[0] < self.ttl_s:
+            return cached[1]
         name = user_name(uid)
         groups = group_names(uid)
         is_admin = uid == 0 or uid == self.daemon_uid or (bool(self.admin_group) and self.admin_group in groups)
         caller = Caller(user=name, uid=uid, groups=groups, is_admin=is_admin)
-        self._cache[uid] = caller
+        self._cache[uid] = (now, caller)
         return caller
+
+    def forget(self) -> None:
+        """Drop every cached lookup (on SIGHUP: an admin who just changed groups wants it applied now)."""
+        self._cache.clear()
 
     def allowed(self, uid: int) -> bool:
         if not self.allowed_group or uid in (0, self.daemon_uid):
@@ -125,7 +138,14 @@ async def serve_zap(sock: zmq.asyncio.Socket, identities: Identities) -> None:
             version, request_id, _domain, address = frames[0], frames[1], frames[2], frames[3]
             peer = parse_peer(address.decode(errors="replace"))
             if peer is None:
-                status, text, user = b"200", b"OK", b""
+                # not a unix socket peer (no kernel credentials): nobody to attribute requests to, so no
+                # entry until tcp:// gets its CURVE key check; fail closed rather than admit "anonymous"
+                key = -1
+                if time.monotonic() - refused.get(key, -1e9) > 60:
+                    refused[key] = time.monotonic()
+                    log.warning("refused connection from %s: no peer credentials (only local ipc:// clients "
+                                "are accepted)", address.decode(errors="replace"))
+                status, text, user = b"400", b"no peer credentials: connect over the local ipc socket", b""
             elif identities.allowed(peer[0]):
                 status, text, user = b"200", b"OK", str(peer[0]).encode()
             else:

@@ -114,7 +114,13 @@ class Daemon:
     def bind(self) -> None:
         """Bind both sockets (called once the single-instance lock is held)."""
         run = self.paths.runtime_dir
+        created = not run.exists()
         run.mkdir(parents=True, exist_ok=True, mode=0o770)
+        gid = socket_gid(self.settings.config.daemon.socket_group)
+        if created and gid is not None:
+            # as systemd's RuntimeDirectory would: the group must be able to reach the sockets inside
+            os.chown(run, -1, gid)
+            os.chmod(run, 0o2750)
         for name in ("ctl.sock", "events.sock"):
             # a socket file left by a killed daemon: we hold the lock, so nobody else owns it
             (run / name).unlink(missing_ok=True)
@@ -125,7 +131,6 @@ class Daemon:
         self.router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         self.router.bind(self.paths.ctl_endpoint)
         self.pub.bind(self.paths.events_endpoint)
-        gid = socket_gid(self.settings.config.daemon.socket_group)
         for name in ("ctl.sock", "events.sock"):
             os.chmod(run / name, 0o660)
             if gid is not None:
@@ -197,6 +202,7 @@ class Daemon:
             self.notifier.ready(f"reload failed: {exc}; still running with the previous config")
             return
         logging.getLogger().setLevel(fresh.config.daemon.log_level.upper())
+        self.identities.forget()  # group changes apply at once, not after the cache expires
         log.info("reloaded %s (log level %s)", fresh.source, fresh.config.daemon.log_level)
         self.notifier.ready(self.status_line())
 

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import grp
 import itertools
 import queue
 import socket
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import zmq
@@ -61,6 +63,16 @@ class RemoteError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+def _group_of(path: Path) -> str:
+    """The group that may use a socket: the file's group, or its folder's when the file cannot be seen."""
+    for p in (path, path.parent):
+        try:
+            return grp.getgrgid(p.stat().st_gid).gr_name
+        except (OSError, KeyError):
+            continue
+    return "ftmllm"
 
 
 def unavailable_message(paths: Paths, why: str) -> str:
@@ -127,6 +139,7 @@ class AsyncClient:
         self.heartbeat_s = heartbeat_s
         self.ctx = zmq.asyncio.Context()
         self._dealer: zmq.asyncio.Socket | None = None
+        self._monitor: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
@@ -140,6 +153,8 @@ class AsyncClient:
             sock.linger = 0
             sock.reconnect_ivl = 100
             sock.reconnect_ivl_max = 1000
+            # a handshake the daemon refused (not in its group) shows only here, not as an error on sends
+            self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
             sock.connect(self.paths.ctl_endpoint)
             self._dealer = sock
             self._reader = asyncio.get_running_loop().create_task(self._read_replies())
@@ -169,9 +184,10 @@ class AsyncClient:
         except ConnectionRefusedError:
             raise DaemonUnavailable(unavailable_message(self.paths, "not running (stale socket file)")) from None
         except PermissionError:
+            group = _group_of(self.paths.ctl_socket)
             raise DaemonUnavailable(
-                f"not allowed to connect to {path}: ask an admin to add you to the daemon's group "
-                "(e.g. `sudo usermod -aG ftmllm $USER`, then log in again)"
+                f"not allowed to connect to {path}: ask an admin to add you to group '{group}' "
+                f"(`sudo usermod -aG {group} $USER`, then log in again)"
             ) from None
         finally:
             probe.close()
@@ -189,12 +205,28 @@ class AsyncClient:
             reply = await asyncio.wait_for(fut, timeout or self.timeout)
         except TimeoutError:
             self._pending.pop(rid, None)
+            if self._refused():
+                group = _group_of(self.paths.ctl_socket)
+                raise DaemonUnavailable(
+                    f"ftmllmd refused the connection on {self.paths.ctl_socket}: you are not in group '{group}'; "
+                    f"ask an admin to add you (`sudo usermod -aG {group} $USER`, then log in again)") from None
             raise DaemonUnavailable(unavailable_message(
                 self.paths, f"not answering within {timeout or self.timeout:.0f}s")) from None
         if reply.error is not None:
             raise RemoteError(reply.error.code, reply.error.message)
         assert reply.result is not None
         return reply.result  # type: ignore[no-any-return]
+
+    def _refused(self) -> bool:
+        if self._monitor is None:
+            return False
+        refused = False
+        while True:
+            try:
+                self._monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return refused
+            refused = True
 
     async def call(self, body: RequestBody, expect: type[T], timeout: float | None = None) -> T:
         result = await self.request(body, timeout)

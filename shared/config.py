@@ -16,7 +16,7 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import msgspec
 
@@ -80,6 +80,8 @@ class VllmConfig(_Section, frozen=True):
     min_pixels: int = 3136
     max_tokens: int = 4096
     temperature: float = 0.0
+    # more fields for every OCR request (vLLM's chat API): top_p, top_k, repetition_penalty, min_tokens, stop …
+    sampling: dict[str, Any] = {}
     quantization: str = ""
     enable_lora: bool = True
     max_lora_rank: int = 64

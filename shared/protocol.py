@@ -231,6 +231,10 @@ class EvalCompare(Struct, tag="eval_compare"):
     job_ids: list[int]
 
 
+class ListTemplates(Struct, tag="templates"):
+    """The LLaMA-Factory job templates the daemon renders specs from (`ftctl templates`)."""
+
+
 class Deploy(Struct, tag="deploy"):
     """A finished train job's adapter goes live in the vLLM engine (runtime LoRA) under ``name``, or an
     export job's merged model becomes the engine's model (the engine restarts)."""
@@ -269,6 +273,7 @@ RequestBody = (
     | DatasetRemove
     | DatasetList
     | EvalCompare
+    | ListTemplates
     | Deploy
     | Ask
 )
@@ -373,10 +378,26 @@ class DatasetsReply(Struct, tag="datasets"):
     datasets: list[DatasetEntry]
     message: str = ""
 
+    @property
+    def names(self) -> list[str]:
+        return [d.name for d in self.datasets]
+
 
 class EvalCompareReply(Struct, tag="eval_compare"):
     table: str  # the seeds' table (bleu-4, rouge-1/2/l, runtime, samples/s), as plain text
     columns: list[dict[str, Any]] = []
+
+
+class TemplateEntry(Struct):
+    name: str
+    kind: str  # train | eval | export: which command submits it (`ftctl train|eval|export NAME`)
+    description: str = ""  # the template's first comment line
+    stage: str = ""  # sft, dpo, … for train templates
+
+
+class TemplatesReply(Struct, tag="templates"):
+    templates: list[TemplateEntry]
+    templates_dir: str = ""
 
 
 class AskReply(Struct, tag="ask"):
@@ -399,6 +420,7 @@ ReplyBody = (
     | TrainPointsReply
     | DatasetsReply
     | EvalCompareReply
+    | TemplatesReply
     | AskReply
 )
 

@@ -26,6 +26,7 @@ from shared.config import ConfigError, load_settings
 from shared.protocol import (
     TERMINAL_STATES,
     Cancel,
+    Deploy,
     Done,
     EngineCommand,
     EngineReply,
@@ -123,8 +124,8 @@ class FtuiApp(App[None]):
         if event.state != WorkerState.ERROR:
             return
         err = event.worker.error
-        self.notify(f"internal error in {event.worker.name}: {type(err).__name__}: {err}; "
-                    "please report it with ~/.ftui.log if present", severity="error", timeout=10)
+        self.notify(f"ftui bug in {event.worker.name}: {type(err).__name__}: {err}. It keeps running; "
+                    "please report this message", severity="error", timeout=10)
         if event.worker.name == "daemon":
             self.set_timer(1.0, self._follow_daemon)
 
@@ -212,7 +213,7 @@ class FtuiApp(App[None]):
             if body is not None:
                 self.send(body)
 
-        self.push_screen(TrainFormScreen(self.templates_dir), chosen)
+        self.push_screen(TrainFormScreen(self.templates_dir, self.file_root), chosen)
 
     def action_submit_selftest(self) -> None:
         """A job that only reports progress: shows the daemon, the queue and ftui working end to end."""
@@ -242,6 +243,22 @@ class FtuiApp(App[None]):
             self.notify("no job selected: move the cursor onto a job (Jobs screen: 2) first", severity="warning")
             return
         self.send(Retry(job_id=job.id))
+
+    def action_deploy_job(self, job_id: int | None = None) -> None:
+        """Serve a finished training run's adapter in the engine (asks first: the engine may restart)."""
+        job = self.link.state.job(job_id) if job_id is not None else self.current_job()
+        if job is None or job.kind not in ("train", "export") or job.state != "succeeded":
+            self.notify("pick a succeeded train or export job first (Training screen: 3)", severity="warning")
+            return
+        what = ("its LoRA adapter goes live in the engine" if job.kind == "train" else
+                "its merged model becomes the engine's model; the engine restarts")
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.send(Deploy(job_id=job.id))
+
+        self.push_screen(ConfirmScreen(f"Deploy job {job.id} “{job.name}” ({job.owner})?\n{what}.",
+                                       yes="Deploy", no="Not now"), answered)
 
     def action_toggle_queue(self) -> None:
         self.send(ResumeQueue() if self.link.state.mirror.queue_paused else PauseQueue())

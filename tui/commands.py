@@ -45,6 +45,8 @@ class FtCommands(Provider):
             cmds.append((f"Show {label}", "open on the Jobs screen", partial(app.action_show_job, job.id)))
             if job.state not in TERMINAL_STATES:
                 cmds.append((f"Cancel {label}", "asks first", partial(app.action_cancel_job, job.id)))
+            if job.kind in ("train", "export") and job.state == "succeeded":
+                cmds.append((f"Deploy {label}", "serve its adapter/model", partial(app.action_deploy_job, job.id)))
             if job.state in ("failed", "canceled", "interrupted"):
                 cmds.append((f"Retry {label}", "queue it again", partial(app.action_retry_job, job.id)))
         return cmds
@@ -64,7 +66,7 @@ class FtCommands(Provider):
 
     async def discover(self) -> Hits:
         for name, help_text, cb in self.commands():
-            if not name.startswith(("Show job", "Cancel job", "Retry job")):
+            if not name.startswith(("Show job", "Cancel job", "Retry job", "Deploy job")):
                 yield DiscoveryHit(name, cb, help=help_text)
 
     async def search(self, query: str) -> Hits:

@@ -61,18 +61,25 @@ class TextStream:
     text: str = ""
     total: int = 0
     final: bool = False
+    generation: int = 0  # bumped when the engine starts the text over (a retry): readers redraw
 
     def append(self, delta: TextDelta) -> None:
+        if delta.reset:
+            self.text = ""
+            self.total = 0
+            self.final = False
+            self.generation += 1
         self.text += delta.text
         self.total += len(delta.text)
         if len(self.text) > MAX_TEXT_CHARS:
             self.text = self.text[-MAX_TEXT_CHARS:]
         self.final = self.final or delta.final
 
-    def since(self, seen: int) -> str | None:
-        """The text after the first ``seen`` characters, or None when that part was already dropped."""
+    def since(self, seen: int, generation: int) -> str | None:
+        """The text after the first ``seen`` characters of ``generation``; None when the reader must
+        redraw from :attr:`text` (the text was started over, or the part after ``seen`` was dropped)."""
         new = self.total - seen
-        if new < 0 or new > len(self.text):
+        if generation != self.generation or new < 0 or new > len(self.text):
             return None
         return self.text[len(self.text) - new:] if new else ""
 

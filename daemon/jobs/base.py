@@ -62,6 +62,9 @@ class JobContext:
     bus: EventBus
     gpus: list[int] = field(default_factory=list)
     resumed: bool = False  # this run continues an interrupted one
+    # why the job's task is being cancelled: "canceled by alice" for a user's cancel, "" while it runs on
+    # its own or when the daemon is stopping (then the job must stop so that it can resume later)
+    cancel_reason: Callable[[], str] = lambda: ""
     _rate_t0: float = field(default_factory=time.monotonic)
     _rate_done0: float = 0.0
 
@@ -78,11 +81,13 @@ class JobContext:
         seq, self.job = self.store.update_job(self.job.id, what, **changes)
         self.bus.durable(seq, JobChanged(job=self.job, what=what))
 
-    def progress(self, done: float, total: float, unit: str, note: str = "", history: str = "") -> None:
+    def progress(self, done: float, total: float, unit: str, note: str = "", history: str = "",
+                 eta_s: float | None = None) -> None:
+        """``eta_s``: the child's own estimate when it has one (a trainer's remaining_time), else the rate's."""
         now = time.monotonic()
         elapsed = now - self._rate_t0
         rate = (done - self._rate_done0) / elapsed if elapsed > 0 and done > self._rate_done0 else 0.0
-        eta = (total - done) / rate if rate > 0 and total > done else None
+        eta = eta_s if eta_s is not None else (total - done) / rate if rate > 0 and total > done else None
         self._update(history, progress=Progress(done=done, total=total, unit=unit, note=note, rate=rate,
                                                 eta_s=eta))
 

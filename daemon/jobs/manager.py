@@ -90,7 +90,10 @@ class JobManager:
         self.bus.durable(seq, JobChanged(job=job, what=what))
         on_created = getattr(handler, "on_created", None)
         if on_created is not None:
-            on_created(job)
+            # a kind may finish the spec now that the job has its id (e.g. paths under jobs/<id>/)
+            final = on_created(job)
+            if isinstance(final, dict):
+                job = self._update(job.id, "", spec=final)
         log.info("job %d (%s) %s", job.id, kind, what)
         self.kick()
         return job
@@ -182,7 +185,9 @@ class JobManager:
         ctx = JobContext(job=job, dir=self.job_dir(job.id), settings=self.settings, store=self.store,
                          bus=self.bus, gpus=gpus, resumed=resumed)
         task = asyncio.get_running_loop().create_task(self._run_one(handler, ctx), name=f"job-{job.id}")
-        self.running[job.id] = RunningJob(job=job, resources=res, task=task, gpus=gpus)
+        run = RunningJob(job=job, resources=res, task=task, gpus=gpus)
+        self.running[job.id] = run
+        ctx.cancel_reason = lambda: run.cancel_reason
 
     async def _run_one(self, handler: JobKind, ctx: JobContext) -> None:
         job_id = ctx.job.id

@@ -103,7 +103,7 @@ def plan_render(limits: Limits) -> RenderPlan:
         if image_room < max(1, lim.min_pixels // (FACTOR * FACTOR)):
             raise BudgetError(
                 f"max_model_len {lim.max_model_len} cannot hold the prompt ({lim.prompt_tokens} tokens), a page "
-                f"image and an answer of {floor} tokens; raise [vllm] max_model_len or shorten the prompt")
+                f"image and an answer of {floor} tokens; raise vllm.max_model_len or shorten the prompt")
         if max_tokens < lim.max_tokens:
             notes.append(f"the answer was limited to {max_tokens} tokens (max_tokens {lim.max_tokens})")
     pixels = _pixels_for_tokens(image_room)

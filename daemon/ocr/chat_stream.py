@@ -16,7 +16,7 @@ the disconnect and aborts the request (counted as ``finished_reason="abort"`` in
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,7 +74,7 @@ def error_message(raw: bytes | str) -> str:
 
 
 async def stream_chat(client: httpx.AsyncClient, root: str, body: dict[str, Any], api_key: str = "",
-                      ) -> AsyncIterator[Piece]:
+                      ) -> AsyncGenerator[Piece, None]:
     """POST /v1/chat/completions with ``stream: true`` and yield what comes back."""
     finish: str | None = None
     tokens: int | None = None

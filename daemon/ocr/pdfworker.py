@@ -26,10 +26,11 @@ the work cannot be stopped any other way). Page numbers are 0-based, as in PyMuP
 
 Markdown mode (``markdown_mode``): ``layout`` (default) uses pymupdf4llm's layout model: section headings
 found by layout rather than font size, paragraphs joined, two-column papers in reading order. ``legacy`` is
-pymupdf4llm's font-size heuristic: 1.5–13× faster on the same pages, but it misses bold body-size headings
-and keeps hard line breaks. Measured here (2 cores, per-page calls): layout 0.8–2.2 pages/s, legacy
-1.6–29 pages/s on the pdf.js papers and books. The CPU engine is the fallback for machines without a GPU, so
-quality wins; ``legacy`` is there for throughput.
+pymupdf4llm's font-size heuristic (heading statistics computed once per document, not once per page call):
+2–7× faster, but on tracemonkey.pdf it finds none of the section headings (bold body-size text) that layout
+finds, and it keeps hard line breaks. Measured here, one worker, CPU time per page of pdf.js papers and
+books: layout 0.7–1.3 s, legacy 0.1–0.6 s. The CPU engine is the fallback for machines without a GPU, so
+quality wins; ``legacy`` is there for throughput (config ``ocr.markdown_mode``).
 """
 
 from __future__ import annotations

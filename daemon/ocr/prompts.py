@@ -1,4 +1,4 @@
-"""The OCR prompt: a text file in ``configs/prompts/`` (``default``, ``zh``) or any path ([ocr] prompt)."""
+"""The OCR prompt: a text file in ``configs/prompts/`` (``default``, ``zh``) or any path (ocr.prompt)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ def load_prompt(name: str, directory: Path = PROMPTS_DIR) -> str:
         text = path.read_text(encoding="utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise OcrError("prompt", f"the OCR prompt {path} cannot be read ({reason}); set [ocr] prompt to one of "
+        raise OcrError("prompt", f"the OCR prompt {path} cannot be read ({reason}); set ocr.prompt to one of "
                        f"{', '.join(prompt_names(directory)) or 'the files in ' + str(directory)} or to "
                        "the path of a UTF-8 text file") from None
     if not text:

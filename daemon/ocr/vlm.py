@@ -23,25 +23,36 @@ For each page:
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import httpx
 
-from daemon.ocr.budget import BudgetError, Limits, RenderPlan, check_image, plan_render
+from daemon.ocr.budget import (
+    SAFETY_TOKENS,
+    BudgetError,
+    Limits,
+    RenderPlan,
+    check_image,
+    estimate_prompt_tokens,
+    plan_render,
+)
 from daemon.ocr.chat_stream import Piece, Rejected, ServerGone, stream_chat
 from daemon.ocr.engine import PageInput, PageResult, TextDelta
 from daemon.ocr.errors import OcrError
 from daemon.ocr.inflight import InFlight
 from daemon.ocr.pdfworker import PdfWorkerPool
-from daemon.ocr.runaway import LADDER, RepetitionGuard, cut_loop, describe
+from daemon.ocr.runaway import LADDER, Loop, RepetitionGuard, cut_loop, describe
 
 # A page survives this many broken streams (server restarts) before it fails: a server that dies on
 # every attempt at this page is probably crashing because of it.
 MAX_SERVER_BREAKS = 8
+# The shortest answer worth asking for when an image leaves little room.
+MIN_ANSWER = 64
 # Renders tried to get a page under the budget (the first one is the pipeline's).
 MAX_RERENDERS = 3
 # Request fields the configuration may not override (the daemon sets them per page).
@@ -61,8 +72,9 @@ class Target:
 class Backend(Protocol):
     name: str
 
-    async def target(self) -> Target:
-        """A server that takes requests now; waits while one starts or wakes. OcrError when none will."""
+    async def target(self, adapter: str = "") -> Target:
+        """A server (with ``adapter`` loaded, if named) that takes requests now; waits while one starts or
+        wakes. OcrError when none will."""
         ...
 
     async def broken(self, target: Target, error: str) -> str | None:
@@ -70,9 +82,23 @@ class Backend(Protocol):
         the page must fail."""
         ...
 
+    def release(self, target: Target) -> None:
+        """The request sent to ``target`` is over (however it ended)."""
+        ...
+
     def page_done(self, tokens: int) -> None:
         """A page finished on this backend (for pages/s)."""
         ...
+
+
+@dataclass(frozen=True)
+class _Attempt:
+    outcome: str  # stop | length | loop | repetition | abort (the server dropped it) | gone (it went away)
+    text: str
+    loop: Loop | None
+    tokens: int
+    target: Target
+    error: str = ""
 
 
 @dataclass
@@ -154,7 +180,7 @@ class VlmConverter:
 
     @property
     def max_pixels(self) -> int:
-        """The render cap the pipeline uses for a page (the budget's, never above [vllm] max_pixels)."""
+        """The render cap the pipeline uses for a page (the budget's, never above vllm.max_pixels)."""
         try:
             return plan_render(self.limits).max_pixels
         except BudgetError:
@@ -163,7 +189,6 @@ class VlmConverter:
     # ------------------------------------------------------------------------------------- one page
 
     async def convert(self, page: PageInput) -> AsyncIterator[TextDelta | PageResult]:
-        started = time.monotonic()
         where = f"page {page.page_no + 1} of {page.pdf.name}"
         plan = self.plan()
         timings: dict[str, float] = {}
@@ -176,67 +201,47 @@ class VlmConverter:
         shown = False
         breaks = 0
         attempt = 0
-        wait_s = gen_s = 0.0
+        clock = {"wait_s": 0.0, "generate_s": 0.0}
         while attempt < len(temps):
             temperature = temps[attempt]
             if shown:
                 yield TextDelta("", reset=True)
                 shown = False
-            t = time.monotonic()
-            target = await self.backend.target()
-            base_model = target.model
-            model = page.adapter or target.model
-            body = chat_body(model, self.sampling.prompt, image, temperature=temperature,
-                             max_tokens=plan.max_tokens, extra=self.sampling.extra)
-            guard = RepetitionGuard()
-            outcome = ""
-            tokens: int | None = None
-            pieces = 0
+            result: _Attempt | None = None
             try:
-                async with self.limiter.slot():
-                    wait_s += time.monotonic() - t
-                    t = time.monotonic()
-                    stream = stream_chat(self.client(), target.root, body, target.api_key)
-                    try:
-                        async for piece in stream:
-                            if piece.finish is not None:
-                                outcome, tokens = piece.finish, piece.completion_tokens
-                                continue
-                            pieces += 1
-                            yield TextDelta(piece.text)
+                async with contextlib.aclosing(self._attempt(page.adapter, self.sampling.prompt, image, temperature,
+                                                             plan.max_tokens, clock)) as attempt_items:
+                    async for item in attempt_items:
+                        if isinstance(item, _Attempt):
+                            result = item
+                        else:
                             shown = True
-                            if guard.feed(piece.text) is not None:
-                                outcome = "loop"
-                                self.aborted += 1
-                                break  # closing the stream makes vLLM abort the request
-                    finally:
-                        await stream.aclose()
-                        gen_s += time.monotonic() - t
-            except ServerGone as exc:
-                await self._server_broke(target, str(exc), breaks, where)
-                breaks += 1
-                continue
+                            yield item
             except Rejected as exc:
                 raise OcrError("rejected", f"{self.backend.name} refused {where} (HTTP {exc.status}): "
                                            f"\"{exc.message}\"") from None
-            if outcome == "abort":
-                # the server dropped it (going to sleep, shutting down): not the page's fault
-                await self._server_broke(target, "the server aborted the request", breaks, where)
+            assert result is not None
+            base_model = result.target.model
+            if result.outcome in ("gone", "abort"):
+                # the server died, restarts, or dropped the request to sleep: not the page's fault
+                await self._server_broke(result.target, result.error or "the server aborted the request",
+                                         breaks, where)
                 breaks += 1
                 continue
-            text = guard.text
-            if outcome == "stop":
-                self.backend.page_done(tokens or pieces)
-                timings.update({"wait_s": wait_s, "generate_s": gen_s, "attempts": float(attempt + 1)})
+            if result.outcome == "stop":
+                self.backend.page_done(result.tokens)
+                timings.update({"wait_s": clock["wait_s"], "generate_s": clock["generate_s"],
+                                "attempts": float(attempt + 1)})
                 detail = "; ".join([*notes, *(f"retried after {f}" for f in failures)])
-                yield PageResult(text=unfence(text), method="vlm", model=_model_label(target.model, page.adapter),
-                                 timings=timings, tokens=tokens if tokens is not None else pieces, detail=detail)
+                yield PageResult(text=unfence(result.text), method="vlm",
+                                 model=_model_label(base_model, page.adapter), timings=timings,
+                                 tokens=result.tokens, detail=detail)
                 return
             if first_text is None:
-                first_text = cut_loop(text, guard.loop) if guard.loop is not None else text
-            failures.append(describe(outcome, guard.loop, temperature, tokens or pieces))
+                first_text = cut_loop(result.text, result.loop) if result.loop is not None else result.text
+            failures.append(describe(result.outcome, result.loop, temperature, result.tokens))
             attempt += 1
-        timings.update({"wait_s": wait_s, "generate_s": gen_s, "attempts": float(attempt)})
+        timings.update({"wait_s": clock["wait_s"], "generate_s": clock["generate_s"], "attempts": float(attempt)})
         reasons = f"{len(failures)} attempts failed ({'; '.join(failures)})"
         if page.text_layer.strip():
             detail = "; ".join([*notes, f"{reasons}; used the page's text layer"])
@@ -252,8 +257,94 @@ class VlmConverter:
                              timings=timings, tokens=None, detail=detail)
             return
         raise OcrError("runaway", f"{where}: {reasons}, and the page has no text layer to fall back on; "
-                                  "try another adapter or prompt ([ocr] prompt), or the cpu engine "
+                                  "try another adapter or prompt (ocr.prompt), or the cpu engine "
                                   "(`ftctl submit ocr --engine cpu`)")
+
+    # ------------------------------------------------------------------------------- a question
+
+    def question_limits(self, question: str) -> Limits:
+        return replace(self.limits, prompt_tokens=estimate_prompt_tokens(question))
+
+    async def answer(self, question: str, image: bytes, width: int, height: int, *, adapter: str = "",
+                     mime: str = "image/png") -> AsyncIterator[TextDelta]:
+        """A streamed answer about one image (ftui's Try screen): one attempt, stopped if it loops, sent
+        again after a server restart."""
+        limits = self.question_limits(question)
+        try:
+            plan = plan_render(limits)
+            check = check_image(width, height, limits, plan.max_tokens)
+        except BudgetError as exc:
+            raise OcrError("budget", str(exc)) from None
+        max_tokens = plan.max_tokens
+        if not check.fits:
+            max_tokens = limits.max_model_len - limits.prompt_tokens - SAFETY_TOKENS - check.image_tokens
+            if max_tokens < MIN_ANSWER:
+                raise OcrError("budget", f"a {width}×{height} image leaves no room for an answer in max_model_len "
+                                         f"{limits.max_model_len}; ask about a smaller image or a PDF page")
+        url = data_url(image, mime)
+        clock = {"wait_s": 0.0, "generate_s": 0.0}
+        for breaks in range(MAX_SERVER_BREAKS):
+            result: _Attempt | None = None
+            shown = False
+            try:
+                async with contextlib.aclosing(self._attempt(adapter, question, url, self.sampling.temperature,
+                                                             max_tokens, clock)) as items:
+                    async for item in items:
+                        if isinstance(item, _Attempt):
+                            result = item
+                        else:
+                            shown = True
+                            yield item
+            except Rejected as exc:
+                raise OcrError("rejected", f"{self.backend.name} refused the question (HTTP {exc.status}): "
+                                           f"\"{exc.message}\"") from None
+            assert result is not None
+            if result.outcome in ("gone", "abort"):
+                await self._server_broke(result.target, result.error or "the server aborted the request", breaks,
+                                         "the question")
+                if shown:
+                    yield TextDelta("", reset=True)
+                continue
+            if result.outcome == "loop":
+                yield TextDelta("\n\n[stopped: the answer kept repeating itself]")
+            elif result.outcome == "length":
+                yield TextDelta(f"\n\n[cut at {max_tokens} tokens]")
+            return
+
+    async def _attempt(self, adapter: str, prompt: str, image: str, temperature: float, max_tokens: int,
+                       clock: dict[str, float]) -> AsyncGenerator[TextDelta | _Attempt, None]:
+        """One request: its text as deltas, then an :class:`_Attempt` saying how it ended."""
+        t = time.monotonic()
+        async with self.limiter.slot():
+            target = await self.backend.target(adapter)
+            try:
+                clock["wait_s"] += time.monotonic() - t
+                t = time.monotonic()
+                body = chat_body(adapter or target.model, prompt, image, temperature=temperature,
+                                 max_tokens=max_tokens, extra=self.sampling.extra)
+                guard = RepetitionGuard()
+                outcome, error, tokens, pieces = "", "", None, 0
+                stream = stream_chat(self.client(), target.root, body, target.api_key)
+                try:
+                    async for piece in stream:
+                        if piece.finish is not None:
+                            outcome, tokens = piece.finish, piece.completion_tokens
+                            continue
+                        pieces += 1
+                        yield TextDelta(piece.text)
+                        if guard.feed(piece.text) is not None:
+                            outcome = "loop"
+                            self.aborted += 1
+                            break  # closing the stream makes vLLM abort the request
+                except ServerGone as exc:
+                    outcome, error = "gone", str(exc)
+                finally:
+                    await stream.aclose()
+                    clock["generate_s"] += time.monotonic() - t
+            finally:
+                self.backend.release(target)
+        yield _Attempt(outcome=outcome, text=guard.text, loop=guard.loop,
+                       tokens=tokens if tokens is not None else pieces, target=target, error=error)
 
     async def _server_broke(self, target: Target, error: str, breaks: int, where: str) -> None:
         if breaks + 1 >= MAX_SERVER_BREAKS:
@@ -288,7 +379,7 @@ class VlmConverter:
                          f"{r.width}×{r.height}")
             png, width, height = r.png, r.width, r.height
         raise OcrError("budget", f"{where}: the image does not fit max_model_len {self.limits.max_model_len} even "
-                                 f"at {width}×{height}; raise [vllm] max_model_len or lower max_tokens")
+                                 f"at {width}×{height}; raise vllm.max_model_len or lower max_tokens")
 
 
 def _model_label(base: str, adapter: str) -> str:

@@ -85,6 +85,8 @@ def _sample(cls: type) -> typing.Any:
         t = hints[name]
         if typing.get_origin(t) is dict:
             values[name] = {}
+        elif typing.get_origin(t) is list:
+            values[name] = []
         elif t is int:
             values[name] = 1
         elif t is str:

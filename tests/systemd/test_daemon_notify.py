@@ -166,6 +166,17 @@ def test_sighup_sends_reloading_then_ready_and_a_blocked_loop_stops_the_pings() 
         assert str(nd.config) in fields["STATUS"]
         reloaded = nd.sd.wait_index("READY", after=reloading)
 
+        # a rejected config still ends the reload with READY=1 (else systemd would wait for it forever),
+        # saying why in STATUS=, and the daemon keeps running on the previous config
+        _write_atomic(nd.config, CONFIG.replace('"info"', '"loud"'))
+        nd.signal(signal.SIGHUP)
+        rejected = nd.sd.wait_index("RELOADING", after=reloaded)
+        reloaded = nd.sd.wait_index("READY", after=rejected)
+        status = nd.sd.snapshot()[reloaded].fields["STATUS"]
+        assert status.startswith("reload failed") and str(nd.config) in status, status
+        assert nd.client().hello().pid == nd.pid
+        _write_atomic(nd.config, CONFIG)
+
         # now a reload that blocks the event loop: the config becomes a FIFO nobody writes yet
         fifo = nd.config.with_name("fifo.tmp")
         os.mkfifo(fifo)

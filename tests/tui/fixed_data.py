@@ -19,8 +19,11 @@ from shared.config import Paths
 from shared.protocol import (
     Ask,
     AskReply,
+    DatasetEntry,
     DatasetList,
     DatasetsReply,
+    Deploy,
+    Done,
     EngineChanged,
     EngineCommand,
     EngineInfo,
@@ -35,6 +38,7 @@ from shared.protocol import (
     JobInfo,
     JobLogs,
     JobPages,
+    ListTemplates,
     LogChunk,
     PageChanged,
     PageInfo,
@@ -46,12 +50,15 @@ from shared.protocol import (
     RequestBody,
     ShowJob,
     Snapshot,
+    TemplateEntry,
+    TemplatesReply,
     TextDelta,
     TrainPoint,
     TrainPoints,
     TrainPointsReply,
 )
 
+TEMPLATES = Path(__file__).parent / "fixtures" / "templates"
 NOW = 1_760_000_000.0  # the frozen clock of every snapshot (2025-10-09 08:53:20 UTC)
 SESSION = "f1xed5e55ion"
 
@@ -238,7 +245,18 @@ class FixedSource:
         if isinstance(body, TrainPoints):
             return TrainPointsReply(points=[p for p in train_points(body.job_id) if p.step > body.since_step])
         if isinstance(body, DatasetList):
-            return DatasetsReply(names=["invoices", "receipts", "forms-de"])
+            return DatasetsReply(datasets=[DatasetEntry(name=n, file=f"/srv/data/{n}.json", records=r)
+                                           for n, r in (("invoices", 1200), ("receipts", 800), ("forms-de", 300))])
+        if isinstance(body, ListTemplates):
+            return TemplatesReply(templates=[
+                TemplateEntry(name="qwen2vl_lora_sft", kind="train", description="LoRA SFT of Qwen2-VL-2B",
+                              stage="sft"),
+                TemplateEntry(name="qwen2vl_lora_dpo", kind="train", description="LoRA DPO of Qwen2-VL-2B",
+                              stage="dpo"),
+                TemplateEntry(name="qwen2vl_export", kind="export", description="merge a LoRA adapter")],
+                templates_dir=str(TEMPLATES))
+        if isinstance(body, Deploy):
+            return Done(message=f"job {body.job_id}'s adapter is live as {body.name or 'job-' + str(body.job_id)}")
         if isinstance(body, EngineCommand):
             return EngineReply(engine=self.mirror.engine, message=f"engine {body.action}: done")
         if isinstance(body, Ask):

@@ -17,7 +17,7 @@ from textual.screen import ModalScreen
 from textual.suggester import SuggestFromList
 from textual.widgets import DirectoryTree, Input, Label, Markdown, Select, Static, TextArea
 
-from shared.protocol import DatasetList, DatasetsReply, Submit
+from shared.protocol import DatasetList, DatasetsReply, ListTemplates, Submit, TemplateEntry, TemplatesReply
 from tui.messages import Replied, RequestFailed
 from tui.widgets.chrome import SCREENS
 
@@ -83,9 +83,10 @@ class HelpScreen(ModalScreen[None]):
         self._text = help_markdown(app, screen)
 
     def compose(self) -> ComposeResult:
-        with VerticalScroll(classes="dialog help-dialog"):
-            yield Markdown(self._text)
-        yield Static(Text.assemble(("escape", "bold reverse"), " close"), classes="dialog-keys")
+        with Vertical(classes="dialog help-dialog"):
+            with VerticalScroll():
+                yield Markdown(self._text)
+            yield Static(Text.assemble(("escape", "bold reverse"), " close"), classes="dialog-keys")
 
     def action_close(self) -> None:
         self.dismiss(None)
@@ -183,40 +184,63 @@ def parse_overrides(text: str) -> dict[str, Any]:
     return out
 
 
-def template_names(templates_dir: Path) -> list[str]:
-    return sorted(p.stem for p in templates_dir.glob("*.yaml")) if templates_dir.is_dir() else []
+def local_templates(templates_dir: Path) -> list[TemplateEntry]:
+    """The templates of this installation, for a daemon too old to list its own."""
+    if not templates_dir.is_dir():
+        return []
+    return [TemplateEntry(name=p.stem, kind="train") for p in sorted(templates_dir.glob("*.yaml"))]
 
 
-def template_preview(templates_dir: Path, name: str, lines: int = 40) -> str:
+def template_preview(templates_dir: Path, entry: TemplateEntry, lines: int = 40) -> str:
+    """The template's settings when its file is readable from here (ftui on the server), else its
+    one-line description."""
     try:
-        text = (templates_dir / f"{name}.yaml").read_text(encoding="utf-8")
-    except OSError as exc:
-        return f"cannot read {templates_dir / name}.yaml: {exc.strerror}"
+        text = (templates_dir / f"{entry.name}.yaml").read_text(encoding="utf-8")
+    except OSError:
+        return entry.description or f"{entry.kind} template {entry.name}"
     body = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
-    return "\n".join(body[:lines])
+    head = [entry.description] if entry.description else []
+    return "\n".join(head + body[:lines])
+
+
+# Override keys that name files on the server: made absolute here, as ftctl does, because the daemon's
+# working directory is not the user's.
+PATH_KEYS = ("model_name_or_path", "adapter_name_or_path", "deepspeed", "media_dir", "tokenized_path")
+
+
+def absolutize(overrides: dict[str, Any], cwd: Path) -> dict[str, Any]:
+    out = dict(overrides)
+    for key in PATH_KEYS:
+        value = out.get(key)
+        if not isinstance(value, str) or value.startswith("/"):
+            continue
+        # "Qwen/Qwen2-VL-2B-Instruct" is a hub name, not a path: only what looks local or exists here
+        if value.startswith((".", "~")) or (cwd / value).exists():
+            out[key] = str((cwd / Path(value).expanduser()).absolute())
+    return out
 
 
 class TrainFormScreen(ModalScreen[Submit | None]):
-    """A training run from a template: template, dataset, GPUs and overrides, checked before it is sent."""
+    """A training run from a template: template, dataset, GPUs and overrides, checked before it is sent.
+    Templates and datasets come from the daemon (ListTemplates, DatasetList)."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "cancel", "Cancel"),
         Binding("ctrl+s", "submit", "Submit"),
     ]
 
-    def __init__(self, templates_dir: Path) -> None:
+    def __init__(self, templates_dir: Path, cwd: Path) -> None:
         super().__init__()
         self.templates_dir = templates_dir
-        self.templates = template_names(templates_dir)
+        self.cwd = cwd
+        self.templates: dict[str, TemplateEntry] = {}
 
     def compose(self) -> ComposeResult:
         with Vertical(classes="dialog form-dialog"):
             yield Static(Text("Submit a training run", style="bold"))
             with Horizontal(classes="form-row"):
                 yield Label("Template", classes="form-label")
-                yield Select[str]([(t, t) for t in self.templates], id="train-template",
-                                  prompt="pick a template" if self.templates else f"no templates in "
-                                  f"{self.templates_dir}", allow_blank=True)
+                yield Select[str]([], id="train-template", prompt="loading the daemon's templates…")
             with Horizontal(classes="form-row"):
                 yield Label("Dataset", classes="form-label")
                 yield Input(placeholder="a registered dataset (ftctl dataset list)", id="train-dataset")
@@ -235,25 +259,43 @@ class TrainFormScreen(ModalScreen[Submit | None]):
 
     def on_mount(self) -> None:
         self.query_one("#train-template", Select).focus()
-        if len(self.templates) >= 1:
-            self.query_one("#train-template", Select).value = self.templates[0]
-        self.app.send(DatasetList(), reply_to=self, tag="datasets", announce=False)  # type: ignore[attr-defined]
+        app = self.app
+        app.send(ListTemplates(), reply_to=self, tag="templates", announce=False)  # type: ignore[attr-defined]
+        app.send(DatasetList(), reply_to=self, tag="datasets", announce=False)  # type: ignore[attr-defined]
+
+    def _set_templates(self, entries: list[TemplateEntry]) -> None:
+        self.templates = {t.name: t for t in entries if t.kind == "train"}
+        sel = self.query_one("#train-template", Select)
+        sel.set_options([(f"{t.name}  ({t.stage})" if t.stage else t.name, t.name)
+                         for t in self.templates.values()])
+        if self.templates:
+            sel.value = next(iter(self.templates))
+        else:
+            self._status(f"the daemon has no training templates (looked in {self.templates_dir}); add a YAML "
+                         "there, see configs/llamafactory/")
 
     @on(Select.Changed, "#train-template")
     def _template(self, event: Select.Changed) -> None:
-        if isinstance(event.value, str):
+        if isinstance(event.value, str) and event.value in self.templates:
             self.query_one("#train-preview", Static).update(
-                Text(template_preview(self.templates_dir, event.value), style="dim"))
+                Text(template_preview(self.templates_dir, self.templates[event.value]), style="dim"))
 
     def on_replied(self, message: Replied) -> None:
-        if message.tag == "datasets" and isinstance(message.reply, DatasetsReply):
+        if message.tag == "templates" and isinstance(message.reply, TemplatesReply):
+            if message.reply.templates_dir:
+                self.templates_dir = Path(message.reply.templates_dir)
+            self._set_templates(message.reply.templates)
+        elif message.tag == "datasets" and isinstance(message.reply, DatasetsReply):
             names = message.reply.names
-            self.query_one("#train-dataset", Input).suggester = SuggestFromList(names, case_sensitive=False)
+            field = self.query_one("#train-dataset", Input)
+            field.suggester = SuggestFromList(names, case_sensitive=False)
             if names:
-                self.query_one("#train-dataset", Input).placeholder = "e.g. " + ", ".join(names[:4])
+                field.placeholder = "e.g. " + ", ".join(names[:4])
 
     def on_request_failed(self, message: RequestFailed) -> None:
-        if message.tag == "datasets":
+        if message.tag == "templates":
+            self._set_templates(local_templates(self.templates_dir))
+        elif message.tag == "datasets":
             self._status(f"could not list datasets ({message.message}); type the name", "yellow")
 
     def _status(self, text: str, style: str = "red") -> None:
@@ -270,7 +312,7 @@ class TrainFormScreen(ModalScreen[Submit | None]):
             self._status(f"GPUs: {gpus_text!r} is not a whole number")
             return
         try:
-            overrides = parse_overrides(self.query_one("#train-overrides", TextArea).text)
+            overrides = absolutize(parse_overrides(self.query_one("#train-overrides", TextArea).text), self.cwd)
         except ValueError as exc:
             self._status(f"overrides {exc}")
             return

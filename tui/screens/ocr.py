@@ -72,6 +72,7 @@ class OcrScreen(FtScreen):
         self.following = True
         self.view_key: str | None = None  # the stream shown while following
         self._written = 0
+        self._generation = 0
         self._stream: MarkdownStream | None = None
         self.opened_page: int | None = None
 
@@ -167,13 +168,15 @@ class OcrScreen(FtScreen):
         if stream.key != self.view_key:
             await self._reset_view()
             self.view_key = stream.key
+            self._generation = stream.generation
         title.update(self._live_title(stream, job))
-        new = stream.since(self._written)
+        new = stream.since(self._written, self._generation)
         if new is None:
-            # the head was dropped while we were behind: show what is kept
+            # started over by the engine, or the head was dropped while we were behind: show what is kept
             await self._reset_view(stream.text)
             self.view_key = stream.key
             self._written = stream.total
+            self._generation = stream.generation
             return
         if new:
             if self._stream is None:

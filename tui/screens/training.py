@@ -47,11 +47,12 @@ class TrainingScreen(FtScreen):
     HELP = ("Training runs: space ticks a run to overlay it (colours match the legend). Faint lines are the raw "
             "loss, bright ones its EMA (TensorBoard's smoothing, + and - change it), dots are eval loss; the "
             "lower chart is the learning rate. x switches the x axis between step and time. t submits a new "
-            "run from a template.")
+            "run from a template; d puts a finished run's adapter into the engine.")
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("x", "toggle_x", "x: step/time"),
         Binding("plus,equals_sign", "smooth(1)", "Smooth+"),
         Binding("minus", "smooth(-1)", "Smooth-"),
+        Binding("d", "app.deploy_job", "Deploy", tooltip="serve the highlighted finished run's adapter"),
     ]
 
     def __init__(self) -> None:

@@ -38,6 +38,7 @@ class TryScreen(FtScreen):
         super().__init__()
         self.request_key: str | None = None
         self._written = 0
+        self._generation = 0
         self._stream: MarkdownStream | None = None
         self._asked_at = 0.0
         self._adapters: list[str] = []
@@ -148,6 +149,7 @@ class TryScreen(FtScreen):
             return
         self.request_key = message.reply.request_key
         self._written = 0
+        self._generation = 0
         self._status(Text("answering…", style="cyan"))
         await self._answer()  # deltas may have arrived before the reply
 
@@ -162,10 +164,11 @@ class TryScreen(FtScreen):
         stream = self.st.text.get(self.request_key)
         if stream is None:
             return
-        new = stream.since(self._written)
+        new = stream.since(self._written, self._generation)
         if new is None:
             await self._clear_answer()
             new = stream.text
+            self._generation = stream.generation
         if new:
             if self._stream is None:
                 self._stream = Markdown.get_stream(self.query_one("#try-answer", Markdown))

@@ -1,0 +1,335 @@
+"""The daemon's OCR engines: which exist, which one serves and why, their state as events, and the
+``engine`` and ``ask`` requests.
+
+* ``cpu`` always exists. ``vllm`` exists when ``vllm.model`` is set (a supervised ``vllm serve``), ``remote``
+  when ``remote.urls`` lists servers. A job may name any of them; the default serves the hot folder and
+  jobs that name none.
+* The default: ``ocr.engine = "auto"`` takes vllm when there are GPUs, a model and a vllm executable,
+  else cpu; an explicit ``"vllm"`` is honoured without GPUs (vLLM's CPU build). The reason goes into
+  :class:`EngineInfo` (``ftctl status``).
+* The default engine's state changes are durable ``EngineChanged`` events (a row in the store, a ``seq``);
+  its load figures (running/waiting, KV cache, tokens/s) are stream events every couple of seconds.
+  ``daemon.engine`` always holds the latest, for snapshots and status.
+* ``sleep()``/``wake()`` are the training scheduler's way to borrow the engine's GPUs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import struct
+import uuid
+from pathlib import Path
+
+from daemon.engine_supervisor import EngineCommandError
+from daemon.jobs.base import Caller
+from daemon.jobs.manager import RequestDenied
+from daemon.ocr.cpu_engine import CpuEngine
+from daemon.ocr.engine import Engine
+from daemon.ocr.errors import OcrError
+from daemon.ocr.pdfworker import PdfWorkerPool
+from daemon.ocr.pipeline import EngineChoice
+from daemon.ocr.prompts import load_prompt
+from daemon.ocr.remote_engine import RemoteEngine
+from daemon.ocr.vllm_engine import VllmEngine
+from daemon.service import Daemon
+from shared.config import Settings
+from shared.protocol import Ask, AskReply, EngineChanged, EngineCommand, EngineInfo, EngineReply, TextDelta
+
+log = logging.getLogger(__name__)
+
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
+
+
+def gpu_view(daemon: Daemon) -> tuple[list[int], str]:
+    """GPU indices (most free memory first) and a note, from the daemon's monitor or a fresh NVML look."""
+    monitor = getattr(daemon, "gpu_monitor", None)
+    try:
+        if monitor is None:
+            from daemon.gpus import GpuMonitor
+
+            monitor = GpuMonitor()
+        snap = monitor.snapshot()
+    except Exception as exc:  # NVML trouble is never a reason not to start
+        return [], f"no GPUs found ({exc})"
+    gpus = sorted(snap.gpus, key=lambda g: -g.memory_free_mib)
+    return [g.index for g in gpus], snap.note
+
+
+def choose_default(settings: Settings, engines: dict[str, Engine], gpus: list[int], gpu_note: str,
+                   vllm_exe: str | None) -> tuple[str, str]:
+    """(engine name, why) for ocr.engine."""
+    cfg = settings.config
+    wanted = cfg.ocr.engine
+    if wanted == "cpu":
+        return "cpu", 'configured: ocr.engine = "cpu" (text layer + offline OCR)'
+    if wanted == "vllm":
+        if "vllm" not in engines:
+            return "cpu", ('ocr.engine = "vllm" but vllm.model is empty; set it — serving with the CPU engine '
+                           "meanwhile")
+        where = f"on GPU {','.join(map(str, gpus[:cfg.vllm.gpus]))}" if gpus else "without GPUs (vLLM's CPU build)"
+        return "vllm", f'configured: ocr.engine = "vllm", {cfg.vllm.model} {where}'
+    if wanted == "remote":
+        if "remote" not in engines:
+            return "cpu", 'ocr.engine = "remote" but remote.urls is empty; list the servers — serving with the ' \
+                          "CPU engine meanwhile"
+        return "remote", f'configured: ocr.engine = "remote", {len(cfg.remote.urls)} server(s)'
+    # auto
+    if not gpus:
+        return "cpu", f"auto: {gpu_note or 'no GPUs found'}, using the CPU engine (text layer + offline OCR)"
+    if "vllm" not in engines:
+        return "cpu", (f"auto: {len(gpus)} GPU(s) but vllm.model is empty; set it to serve with vLLM — using the "
+                       "CPU engine")
+    if vllm_exe is None:
+        return "cpu", (f"auto: {len(gpus)} GPU(s) but no vllm executable '{cfg.vllm.executable}'; set vllm."
+                       "executable — using the CPU engine")
+    return "vllm", f"auto: {len(gpus)} GPU(s) and {vllm_exe}: serving {cfg.vllm.model} with vLLM"
+
+
+class EngineControl:
+    def __init__(self, daemon: Daemon, settings: Settings, pool: PdfWorkerPool) -> None:
+        self.daemon = daemon
+        self.settings = settings
+        self.pool = pool
+        cfg = settings.config
+        self.cpu = CpuEngine(pool, page_timeout_s=cfg.ocr.page_timeout_s, dpi=cfg.ocr.dpi)
+        engines: dict[str, Engine] = {"cpu": self.cpu}
+        self.prompt_error = ""
+        try:
+            prompt = load_prompt(cfg.ocr.prompt)
+        except OcrError as exc:
+            self.prompt_error = exc.message
+            prompt = ""
+        gpus, gpu_note = gpu_view(daemon)
+        self.vllm: VllmEngine | None = None
+        self.remote: RemoteEngine | None = None
+        if cfg.vllm.model:
+            self.vllm = VllmEngine(cfg.vllm, cfg.ocr, pool, settings.paths.state_dir / "vllm", prompt,
+                                   gpu_indices=gpus[: cfg.vllm.gpus],
+                                   on_change=lambda what, durable: self._changed("vllm", what, durable))
+            engines["vllm"] = self.vllm
+        if cfg.remote.urls:
+            self.remote = RemoteEngine(cfg.remote, cfg.vllm, cfg.ocr, pool, prompt,
+                                       on_change=lambda what, durable: self._changed("remote", what, durable))
+            engines["remote"] = self.remote
+        exe = shutil.which(cfg.vllm.executable)
+        default, reason = choose_default(settings, engines, gpus, gpu_note, exe)
+        self.choice = EngineChoice(engines=engines, default=default, reason=reason)
+        daemon.engine = self.info(default)
+        self._asks: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------------------------------- state
+
+    def info(self, name: str | None = None) -> EngineInfo:
+        name = name or self.choice.default
+        reason = self.choice.reason
+        if name == "vllm" and self.vllm is not None:
+            sup = self.vllm.supervisor
+            error = self.prompt_error or sup.error
+            return EngineInfo(kind="vllm", state="failed" if self.prompt_error else sup.state, model=sup.served_name,
+                              reason=reason, adapters=sorted(sup.adapters), running=sup.load.running,
+                              waiting=sup.load.waiting, kv_cache_pct=round(sup.load.kv_cache_pct, 1),
+                              tokens_per_s=round(sup.tokens_per_s, 1), pages_per_s=round(sup.pages_per_s, 2),
+                              gpus=list(sup.gpu_indices), error=error)
+        if name == "remote" and self.remote is not None:
+            r = self.remote
+            return EngineInfo(kind="remote", state=r.state, model=r.model, reason=reason, adapters=r.adapters,
+                              running=r.running, waiting=r.waiting, kv_cache_pct=round(r.kv_cache_pct, 1),
+                              tokens_per_s=round(r.tokens_per_s, 1), pages_per_s=round(r.pages_per_s, 2),
+                              error=self.prompt_error)
+        return EngineInfo(kind="cpu", state="ready", model=self.cpu.model, reason=reason)
+
+    def _changed(self, name: str, what: str, durable: bool) -> None:
+        """An engine's state changed (durable) or its load figures moved (stream)."""
+        if name != self.choice.default:
+            if durable and what:
+                log.info("%s engine: %s", name, what)
+            return
+        info = self.info(name)
+        self.daemon.engine = info
+        event = EngineChanged(engine=info)
+        if durable:
+            self.daemon.bus.durable(self.daemon.store.record(event, what=f"engine {name}: {what}"), event)
+        else:
+            self.daemon.bus.stream(event)
+
+    # ------------------------------------------------------------------------- daemon lifecycle
+
+    async def start(self) -> None:
+        """With the daemon: the default engine starts now (vLLM takes minutes), the others on first use."""
+        if self.prompt_error:
+            log.error("OCR prompt: %s", self.prompt_error)
+        if self.choice.default == "vllm" and self.vllm is not None and not self.prompt_error:
+            await self.vllm.start()
+        elif self.choice.default == "remote" and self.remote is not None:
+            await self.remote.start()
+
+    async def stop(self) -> None:
+        for engine in (self.vllm, self.remote):
+            if engine is not None:
+                try:
+                    await engine.stop()
+                except Exception:
+                    log.exception("stopping the %s engine failed", engine.name)
+
+    # ------------------------------------------------------------------ the training scheduler's API
+
+    async def sleep(self) -> str:
+        """Free the engine's GPUs: vLLM sleeps (sleep mode) or stops; pages wait until :meth:`wake`."""
+        if self.vllm is None:
+            return "no vLLM engine"
+        return await self.vllm.supervisor.sleep()
+
+    async def wake(self) -> str:
+        if self.vllm is None:
+            return "no vLLM engine"
+        return await self.vllm.supervisor.wake()
+
+    # ------------------------------------------------------------------------------ requests
+
+    def register(self) -> None:
+        self.daemon.ctl.handlers[EngineCommand] = self.on_command
+        self.daemon.ctl.handlers[Ask] = self.on_ask
+
+    async def on_command(self, body: EngineCommand, caller: Caller) -> EngineReply:
+        action = body.action
+        if action == "status":
+            return EngineReply(engine=self.info(), message=self._status_text())
+        if action == "adapters" and self.vllm is None and self.remote is not None:
+            names = self.remote.adapters
+            return EngineReply(engine=self.info("remote"),
+                               message="adapters on the remote servers: " + (", ".join(names) or "none"))
+        if self.vllm is None:
+            raise RequestDenied("unavailable", f"'ftctl engine {action}' works on the vLLM engine, and this daemon "
+                                "has none; set vllm.model (and executable) in the config, then restart it")
+        sup = self.vllm.supervisor
+        if action in ("start", "stop", "sleep", "wake") and not caller.is_admin:
+            raise RequestDenied("forbidden", f"'{action}' changes the shared vLLM engine for everyone; ask an admin "
+                                "(the daemon's user, root or the admin group) to do it")
+        try:
+            if action == "start":
+                if self.prompt_error:
+                    raise RequestDenied("unavailable", self.prompt_error)
+                message = await sup.start()
+            elif action == "stop":
+                message = await sup.stop("stopped by " + caller.user)
+            elif action == "sleep":
+                message = await sup.sleep()
+            elif action == "wake":
+                message = await sup.wake()
+            elif action == "adapters":
+                message = ("adapters: " + ", ".join(f"{k} ({v})" for k, v in sorted(sup.adapters.items()))
+                           if sup.adapters else "no adapters loaded; `ftctl engine load NAME PATH` loads one")
+            elif action == "load":
+                if not body.name or not body.path:
+                    raise RequestDenied("bad_request", "load needs a name and a path: ftctl engine load NAME PATH")
+                message = await sup.load_adapter(body.name, body.path)
+            elif action == "unload":
+                if not body.name:
+                    raise RequestDenied("bad_request", "unload needs the adapter's name: ftctl engine unload NAME")
+                message = await sup.unload_adapter(body.name)
+            else:  # pragma: no cover - the protocol's Literal admits nothing else
+                raise RequestDenied("bad_request", f"unknown engine action {action}")
+        except EngineCommandError as exc:
+            raise RequestDenied("invalid_state", str(exc)) from None
+        return EngineReply(engine=self.info("vllm"), message=message)
+
+    def _status_text(self) -> str:
+        parts = [f"serving: {self.choice.default} — {self.choice.reason}"]
+        if self.vllm is not None:
+            parts.append(self.vllm.supervisor.describe())
+        if self.remote is not None:
+            parts.append(self.remote.describe())
+        if self.prompt_error:
+            parts.append(f"prompt: {self.prompt_error}")
+        return "\n".join(parts)
+
+    async def on_ask(self, body: Ask, caller: Caller) -> AskReply:
+        engine = self.choice.engines.get(self.choice.default)
+        if not isinstance(engine, (VllmEngine, RemoteEngine)):
+            raise RequestDenied("unavailable", "questions about a page need a vision-language model (the vllm or "
+                                f"remote engine); this daemon serves with the cpu engine ({self.choice.reason})")
+        path = Path(body.file).expanduser()
+        if not path.is_absolute():
+            raise RequestDenied("bad_request", f"{body.file}: give an absolute path (ftui does this for you)")
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise RequestDenied("bad_request", f"{path}: no such readable file on the daemon's machine")
+        if not body.question.strip():
+            raise RequestDenied("bad_request", "the question is empty; type what you want to know about the page")
+        if body.adapter:
+            problem = engine.check_adapter(body.adapter)
+            if problem:
+                raise RequestDenied("invalid_state", problem)
+        key = uuid.uuid4().hex[:12]
+        task = asyncio.get_running_loop().create_task(self._answer(engine, body, path, key), name=f"ask-{key}")
+        self._asks.add(task)
+        task.add_done_callback(self._asks.discard)
+        return AskReply(stream_topic=f"ask.{key}", request_key=key)
+
+    async def _answer(self, engine: VllmEngine | RemoteEngine, body: Ask, path: Path, key: str) -> None:
+        bus = self.daemon.bus
+        try:
+            await engine.start()
+            image, width, height, mime = await self._image_of(engine, path, body.page_no - 1, body.question)
+            async for delta in engine.converter.answer(body.question, image, width, height, adapter=body.adapter,
+                                                       mime=mime):
+                bus.stream(TextDelta(key=key, text=delta.text, reset=delta.reset))
+            bus.stream(TextDelta(key=key, text="", final=True))
+        except OcrError as exc:
+            bus.stream(TextDelta(key=key, text=f"\n[error] {exc.message}", final=True))
+        except Exception as exc:
+            log.exception("answering a question failed")
+            bus.stream(TextDelta(key=key, text=f"\n[error] internal error ({exc!r}); see the daemon log",
+                                 final=True))
+
+    async def _image_of(self, engine: VllmEngine | RemoteEngine, path: Path, page_no: int,
+                        question: str) -> tuple[bytes, int, int, str]:
+        mime = IMAGE_TYPES.get(path.suffix.lower())
+        if mime is not None:
+            data = await asyncio.to_thread(path.read_bytes)
+            size = image_dimensions(data)
+            if size is None:
+                raise OcrError("not_image", f"{path.name} is not a PNG or JPEG image it can read; convert it to PNG")
+            return data, size[0], size[1], mime
+        from daemon.ocr.budget import plan_render  # the render cap for this question's prompt
+
+        cap = plan_render(engine.converter.question_limits(question)).max_pixels
+        r = await self.pool.render_page(path, page_no, None, dpi=self.settings.config.ocr.dpi, max_pixels=cap,
+                                        timeout=self.settings.config.ocr.page_timeout_s)
+        return r.png, r.width, r.height, "image/png"
+
+
+def image_dimensions(data: bytes) -> tuple[int, int] | None:
+    """(width, height) of a PNG or JPEG from its header, without decoding it."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR":
+        w, h = struct.unpack(">II", data[16:24])
+        return int(w), int(h)
+    if data[:2] == b"\xff\xd8":
+        i = 2
+        while i + 9 < len(data):
+            if data[i] != 0xFF:
+                i += 1
+                continue
+            marker = data[i + 1]
+            if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+                i += 2
+                continue
+            length = struct.unpack(">H", data[i + 2:i + 4])[0]
+            if marker in (0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF):
+                h, w = struct.unpack(">HH", data[i + 5:i + 9])
+                return int(w), int(h)
+            i += 2 + length
+    return None
+
+
+def install(daemon: Daemon, settings: Settings, pool: PdfWorkerPool) -> EngineControl:
+    """Build the engines, register the engine/ask requests and the start/stop hooks; returns the control."""
+    control = EngineControl(daemon, settings, pool)
+    control.register()
+    daemon.start_callbacks.append(control.start)
+    daemon.stop_callbacks.append(control.stop)
+    daemon.engine_control = control  # type: ignore[attr-defined]  # for the training scheduler
+    return control
+

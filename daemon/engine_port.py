@@ -1,0 +1,43 @@
+"""What the training side needs of the supervised GPU engine (vLLM): the seam between the GPU allocator and
+`ftctl deploy` on one side and the engine on the other.
+
+The engine part implements :class:`GpuEngine`; the daemon runs without one (the CPU engine owns no GPU,
+so there is nothing to park and nothing to deploy into). Kept this small on purpose: the allocator only
+needs to know where the engine sits and to park or wake it; deploy only needs to load an adapter or swap
+the served model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Protocol
+
+from daemon.scheduler import EngineView
+
+
+class DeployError(Exception):
+    """The engine refused a deploy; the message says why and what to do."""
+
+
+class GpuEngine(Protocol):
+    def view(self) -> EngineView:
+        """Where the engine sits now: its GPUs, state (running/sleeping/stopped/absent), whether it can
+        sleep (vLLM's sleep mode; not on CPU), whether the scheduler parked it, and its processes' pids."""
+        ...
+
+    async def park(self, how: Literal["sleep", "stop"], reason: str) -> None:
+        """Free the engine's GPUs for a job (sleep keeps the model in host memory; stop ends the server).
+        Requests wait until :meth:`unpark`."""
+        ...
+
+    async def unpark(self, reason: str) -> None:
+        """Bring a parked engine back (wake, or start again)."""
+        ...
+
+    async def load_adapter(self, name: str, path: Path) -> str:
+        """Load a LoRA adapter at runtime under ``name``; returns a one-line message. Raises DeployError."""
+        ...
+
+    async def serve_model(self, path: Path) -> str:
+        """Serve another model (a merged export) from now on: the engine restarts. Raises DeployError."""
+        ...

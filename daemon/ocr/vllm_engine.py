@@ -1,0 +1,101 @@
+"""The ``vllm`` engine: pages to a ``vllm serve`` child the daemon supervises.
+
+The child's life (start, restarts, sleep, adapters) is :class:`~daemon.engine_supervisor.VllmSupervisor`'s;
+a page's life (budget, request, stream, runaway guard, ladder, fallback) is
+:class:`~daemon.ocr.vlm.VlmConverter`'s. This class joins them into an :class:`~daemon.ocr.engine.Engine`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+
+from daemon.engine_supervisor import ChangeHook, VllmSupervisor
+from daemon.ocr.budget import Limits, estimate_prompt_tokens
+from daemon.ocr.engine import PageInput, PageResult, TextDelta
+from daemon.ocr.inflight import InFlight
+from daemon.ocr.pdfworker import PdfWorkerPool
+from daemon.ocr.vlm import Sampling, Target, VlmConverter
+from shared.config import OcrConfig, VllmConfig
+
+log = logging.getLogger(__name__)
+
+
+class VllmEngine:
+    name = "vllm"
+    needs_image = True
+
+    def __init__(self, cfg: VllmConfig, ocr: OcrConfig, pool: PdfWorkerPool, workdir: Path, prompt: str, *,
+                 gpu_indices: list[int] | None = None, on_change: ChangeHook | None = None) -> None:
+        self.cfg = cfg
+        self.prompt = prompt
+        self.limiter = InFlight(cfg.max_in_flight)
+        self.supervisor = VllmSupervisor(cfg, workdir, limiter=self.limiter, gpu_indices=gpu_indices,
+                                         on_change=on_change, on_ready=self._on_ready)
+        self.model = self.supervisor.served_name
+        self.concurrency = cfg.max_in_flight
+        limits = Limits(max_model_len=cfg.max_model_len, max_tokens=cfg.max_tokens, min_pixels=cfg.min_pixels,
+                        max_pixels=cfg.max_pixels, prompt_tokens=estimate_prompt_tokens(prompt))
+        sampling = Sampling(prompt=prompt, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
+                            extra=dict(cfg.sampling))
+        self.converter = VlmConverter(self, self.limiter, pool, limits, sampling, dpi=ocr.dpi,
+                                      render_timeout_s=ocr.page_timeout_s)
+
+    @property
+    def max_pixels(self) -> int | None:
+        return self.converter.max_pixels
+
+    async def start(self) -> None:
+        """Start vLLM unless the scheduler parked it (then pages wait for the wake-up); returns at once."""
+        if not self.supervisor.parked:
+            await self.supervisor.start()
+
+    async def stop(self) -> None:
+        await self.supervisor.close()
+        await self.converter.close()
+
+    def convert(self, page: PageInput) -> AsyncIterator[TextDelta | PageResult]:
+        return self.converter.convert(page)
+
+    def check_adapter(self, name: str) -> str | None:
+        return self.supervisor.check_adapter(name)
+
+    # Backend (daemon.ocr.vlm) ------------------------------------------------------------------------
+
+    async def target(self, adapter: str = "") -> Target:
+        return await self.supervisor.target()
+
+    async def broken(self, target: Target, error: str) -> str | None:
+        log.info("vllm: a request broke off (%s); waiting for the server", error)
+        return await self.supervisor.broken(target, error)
+
+    def release(self, target: Target) -> None:
+        """Nothing to account per server: there is one."""
+
+    def page_done(self, tokens: int) -> None:
+        self.supervisor.page_done(tokens)
+
+    async def _on_ready(self, target: Target) -> None:
+        """Ask the server how long the templated prompt really is (the budget assumed an upper bound)."""
+        count = await tokenized_length(self.converter.client(), target.root, target.model, self.prompt)
+        if count is not None:
+            self.converter.limits = replace(self.converter.limits, prompt_tokens=count)
+
+
+async def tokenized_length(client: httpx.AsyncClient, root: str, model: str, prompt: str,
+                           api_key: str = "") -> int | None:
+    """Tokens of the prompt after the chat template (vLLM's /tokenize), or None if the server cannot say."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "add_generation_prompt": True}
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        resp = await client.post(f"{root}/tokenize", json=body, headers=headers, timeout=30.0)
+        if resp.status_code == 200:
+            return int(resp.json()["count"])
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        pass
+    log.info("could not count the prompt's tokens at %s; the budget keeps its upper bound", root)
+    return None
