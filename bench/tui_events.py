@@ -140,17 +140,21 @@ def main() -> int:
         tmux.run("send-keys", "-t", "bench", "2")
         tmux.wait_for("/ filter", 10)
         tmux.run("send-keys", "-t", "bench", "/")
-        word = "selftest"
-        for _ in range(max(1, args.presses // 8)):
-            for i in range(1, len(word) + 1):
+        # "e" is bound to nothing, so it is harmless should it arrive before the field has the focus;
+        # once it shows in the field, the rest of "elftest" (it matches every "selftest …" job) is typed
+        # and erased again, each key timed
+        word = "elftest"
+        tmux.run("send-keys", "-t", "bench", "-l", word[0])
+        tmux.wait_for_line(lambda ln: ln.lstrip().startswith(word[0] + " ") and "sort" in ln, 10)
+        for _ in range(max(1, args.presses // 6)):
+            for i in range(2, len(word) + 1):
                 tmux.run("send-keys", "-t", "bench", "-l", word[i - 1])
                 typing.append(tmux.wait_for_line(lambda ln, w=word[:i]: ln.lstrip().startswith(w + " ")
                                                  and "sort" in ln, 10) * 1000)
-            for i in range(len(word) - 1, -1, -1):
+            for i in range(len(word) - 1, 0, -1):
                 tmux.run("send-keys", "-t", "bench", "BSpace")
-                typing.append(tmux.wait_for_line(
-                    lambda ln, w=word[:i]: "sort" in ln and (ln.lstrip().startswith(w + " ") if w else
-                                                             "/ filter" in ln), 10) * 1000)
+                typing.append(tmux.wait_for_line(lambda ln, w=word[:i]: ln.lstrip().startswith(w + " ")
+                                                 and "sort" in ln, 10) * 1000)
     finally:
         stop.set()
         tmux.kill()
@@ -163,7 +167,12 @@ def main() -> int:
           f"= {args.jobs * args.rate * args.deltas:.0f} tokens/s emitted")
     print(f"events at a SUB socket: {events_per_s:.0f}/s  by topic {by_topic} (job = durable JobChanged, "
           f"ocr = coalesced token deltas, hb = heartbeats)")
-    print(f"ftui CPU: idle {idle_cpu:.1f}%, under the flood {cpu:.1f}% of one core (goal < 50%)")
+    target = args.jobs * args.rate + 20 * args.jobs
+    if events_per_s < 0.9 * target:
+        print(f"note: the daemon published {events_per_s:.0f} of the ~{target:.0f} events/s asked for (one SQLite "
+              f"commit per step; it shares {psutil.cpu_count()} cores with ftui, tmux and anything else running)")
+    print(f"ftui CPU: idle {idle_cpu:.1f}%, under the flood {cpu:.1f}% of one core (goal < 50%), "
+          f"{cpu / 100 / max(events_per_s, 1) * 1e6:.0f} µs of CPU per event")
     capture = measure_capture_ms()
     for what, xs in (("screen switch (1 ⇄ 2)", switches), ("typing in the filter", typing)):
         xs = sorted(xs)

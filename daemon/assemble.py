@@ -11,6 +11,7 @@ from daemon.ocr.pdfworker import PdfWorkerPool
 from daemon.ocr.pipeline import OcrKind
 from daemon.sdnotify import Notifier
 from daemon.service import Daemon
+from daemon.train import part as training
 from shared.config import Settings
 from shared.protocol import JobInfo
 
@@ -20,8 +21,12 @@ def assemble(settings: Settings, notifier: Notifier | None = None) -> Daemon:
     cfg = settings.config.ocr
     pool = PdfWorkerPool(size=max(1, cfg.workers), markdown_mode=cfg.markdown_mode,
                          log_path=settings.paths.state_dir / "pdfworkers.log")
+    # train/eval/export jobs, the GPU allocator and the dataset/template/deploy requests; before the engines,
+    # which look at the GPUs through it
+    train = training.install(daemon, settings)
     # the engines (cpu, vllm, remote), which one serves and why, `ftctl engine …` and `ask` requests
     engines = engine_control.install(daemon, settings, pool)
+    train.use_engine(engines)  # the vLLM engine is parked when a job needs its GPU
     ocr = OcrKind(settings, pool, engines.choice, daemon.store)
     daemon.kinds["ocr"] = ocr
 

@@ -90,6 +90,8 @@ def choose_default(settings: Settings, engines: dict[str, Engine], gpus: list[in
 
 class EngineControl:
     def __init__(self, daemon: Daemon, settings: Settings, pool: PdfWorkerPool) -> None:
+        # httpx logs every request at INFO: the /metrics poll alone would fill the daemon's log
+        logging.getLogger("httpx").setLevel(logging.WARNING)
         self.daemon = daemon
         self.settings = settings
         self.pool = pool

@@ -10,9 +10,15 @@ the served model.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
-from daemon.scheduler import EngineView
+import msgspec
+
+from daemon.scheduler import EngineState, EngineView
+from daemon.train.launch import group_members
+
+if TYPE_CHECKING:
+    from daemon.engine_supervisor import VllmSupervisor
 
 
 class DeployError(Exception):
@@ -41,3 +47,48 @@ class GpuEngine(Protocol):
     async def serve_model(self, path: Path) -> str:
         """Serve another model (a merged export) from now on: the engine restarts. Raises DeployError."""
         ...
+
+
+class SupervisedVllm:
+    """:class:`GpuEngine` over the daemon's supervised ``vllm serve`` (daemon/engine_supervisor.py)."""
+
+    def __init__(self, supervisor: VllmSupervisor) -> None:
+        self.sup = supervisor
+
+    def view(self) -> EngineView:
+        sup = self.sup
+        state: EngineState = ("sleeping" if sup.state == "sleeping" else
+                              "running" if sup.state in ("ready", "starting", "restarting") or sup.running else
+                              "stopped")
+        pid = sup.pid
+        # vLLM's engine core is a child in the server's process group: its GPU memory is the engine's too
+        pids = tuple(group_members(pid)) if pid is not None else ()
+        return EngineView(gpus=tuple(sup.gpu_indices), state=state, can_sleep=sup.cfg.enable_sleep_mode,
+                          parked=sup.parked, pids=pids)
+
+    async def park(self, how: Literal["sleep", "stop"], reason: str) -> None:
+        if how == "sleep":
+            await self.sup.sleep()
+        else:
+            await self.sup.stop(f"stopped to free its GPU for training ({reason})", parked=True)
+
+    async def unpark(self, reason: str) -> None:
+        await self.sup.wake()
+
+    async def load_adapter(self, name: str, path: Path) -> str:
+        from daemon.engine_supervisor import EngineCommandError
+
+        try:
+            return await self.sup.load_adapter(name, str(path))
+        except EngineCommandError as exc:
+            raise DeployError(str(exc)) from None
+
+    async def serve_model(self, path: Path) -> str:
+        """Restart vLLM on ``path`` under the same served name (clients and OCR jobs keep working)."""
+        sup = self.sup
+        old = sup.cfg.model
+        sup.cfg = msgspec.structs.replace(sup.cfg, model=str(path), served_name=sup.served_name)
+        await sup.stop(f"restarting to serve {path} instead of {old}")
+        await sup.start()
+        return (f"vLLM restarts serving {path} as '{sup.served_name}' (was {old}); until the next daemon start — "
+                f"set vllm.model = \"{path}\" in the config to keep it")

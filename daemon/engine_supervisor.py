@@ -128,6 +128,7 @@ def free_port() -> int:
 
 def port_free(port: int) -> bool:
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
@@ -550,7 +551,9 @@ class VllmSupervisor:
         if model.startswith(("/", "./", "~")) and not Path(model).expanduser().exists():
             raise StartFailed(f"the model directory {model} does not exist; fix vllm.model", fatal=True)
         if not self.port or not port_free(self.port):
-            self.port = self.cfg.port if self.cfg.port and port_free(self.cfg.port) else free_port()
+            if self.cfg.port and self.port == self.cfg.port:
+                log.warning("port %d (vllm.port) is taken; vLLM gets a free port this time", self.cfg.port)
+            self.port = free_port()
         argv = build_command(self.cfg, exe, self.port, self.served_name, max(1, len(self.gpu_indices)))
         env = build_env(self.cfg, dict(os.environ), self.gpu_indices)
         self.workdir.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, cast
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 from shared.protocol import TERMINAL_STATES
-from tui.widgets.chrome import SCREENS
+from tui.widgets.chrome import SCREENS, TITLES
 
 if TYPE_CHECKING:
     from tui.app import FtuiApp
@@ -23,7 +23,7 @@ class FtCommands(Provider):
         st = app.link.state
         cmds: list[Command] = []
         for key, mode, _label in SCREENS:
-            cmds.append((f"Go to {mode.capitalize()}", f"screen {key}", partial(app.switch_mode, mode)))
+            cmds.append((f"Go to {TITLES[mode]}", f"screen {key}", partial(app.switch_mode, mode)))
         cmds += [
             ("Submit OCR of a file…", "pick a PDF or image (n)", app.action_submit_ocr),
             ("Submit training run…", "from a template with overrides (t)", app.action_submit_train),

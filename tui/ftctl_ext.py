@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from tui import ftctl_ocr, ftctl_service
+from tui import ftctl_engine, ftctl_ocr, ftctl_service, ftctl_train
 
-EXTENSIONS: list[Callable[[Any, Any], None]] = [ftctl_ocr.extend, ftctl_service.extend]
+EXTENSIONS: list[Callable[[Any, Any], None]] = [ftctl_ocr.extend, ftctl_service.extend, ftctl_train.extend,
+                                                  ftctl_engine.extend]

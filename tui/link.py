@@ -123,11 +123,12 @@ class Link:
                 self._pages_loaded.clear()
                 self._train_loaded.clear()
                 self.spawn(self._rehello())
+            first = not st.loaded or update.session_changed
             st.connection.session = st.mirror.session
             st.loaded = True
             st.sample_engine(self._clock())
             ch.reloaded = True
-            self._preload()
+            self._preload(first)
         else:
             ev = update.event
             assert ev is not None
@@ -259,8 +260,10 @@ class Link:
             self._mark(Changes(pages={job_id}))
 
     async def _fetch_train(self, job_id: int) -> None:
+        known = self.state.train.get(job_id)
+        since = max(known) if known else -1
         try:
-            reply = await self.source.request(TrainPoints(job_id=job_id))
+            reply = await self.source.request(TrainPoints(job_id=job_id, since_step=since))
         except (DaemonUnavailable, RemoteError) as exc:
             self._train_loaded.discard(job_id)
             log.debug("train points of job %d: %s", job_id, exc)
@@ -268,14 +271,16 @@ class Link:
         if isinstance(reply, TrainPointsReply):
             self._mark(Changes(train=self.state.add_train_points(reply.points) or {job_id}))
 
-    def _preload(self) -> None:
-        """After a snapshot: what the default views show (pages of live OCR jobs, recent loss curves)."""
+    def _preload(self, first: bool) -> None:
+        """After a snapshot: what the default views show (pages of live OCR jobs, recent loss curves).
+        Page and loss events lost in a gap are not in a snapshot, so live jobs are fetched again; for a
+        run, only the points after the last step already here."""
         st = self.state
         for job in st.jobs_of_kind("ocr"):
             if job.state not in TERMINAL_STATES:
                 self.want_pages(job.id, force=True)
         for job in st.jobs_of_kind("train")[:PRELOAD_TRAIN_JOBS]:
-            self.want_train(job.id, force=job.state not in TERMINAL_STATES)
+            self.want_train(job.id, force=first or job.state not in TERMINAL_STATES)
 
     async def close(self) -> None:
         if self._flush_handle is not None:

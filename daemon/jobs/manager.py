@@ -18,7 +18,7 @@ from daemon.events import EventBus
 from daemon.jobs.base import Caller, JobContext, JobEndHook, JobFailed, JobKind, Resources, SpecError
 from daemon.store import Store
 from shared.config import Settings
-from shared.protocol import TERMINAL_STATES, JobChanged, JobInfo, QueueChanged
+from shared.protocol import TERMINAL_STATES, JobChanged, JobInfo, Progress, QueueChanged
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,14 @@ class JobManager:
         job = self._update(job_id, f"retried by {caller.user}", state="queued", error="", finished=None)
         self.kick()
         return job
+
+    def fail_queued(self, job_id: int, reason: str) -> None:
+        """A queued job that can never start here (the GPU scheduler says why)."""
+        self._update(job_id, f"failed: {reason}", state="failed", error=reason, finished=time.time())
+
+    def set_note(self, job_id: int, progress: Progress) -> None:
+        """Show why a queued job waits (no history line: the reason changes as GPUs come and go)."""
+        self._update(job_id, "", progress=progress)
 
     def set_paused(self, paused: bool, caller: Caller) -> None:
         self.store.set_meta("queue_paused", "1" if paused else "0")

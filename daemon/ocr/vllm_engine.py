@@ -70,7 +70,7 @@ class VllmEngine:
         return await self.supervisor.target()
 
     async def broken(self, target: Target, error: str) -> str | None:
-        log.info("vllm: a request broke off (%s); waiting for the server", error)
+        log.debug("vllm: a request broke off (%s); waiting for the server", error)
         return await self.supervisor.broken(target, error)
 
     def release(self, target: Target) -> None:

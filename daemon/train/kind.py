@@ -54,7 +54,7 @@ from daemon.train.launch import (
     saved_state,
 )
 from daemon.train.progress import TRAINER_LOG, LossPoint, TrainerLogTail, seen_keys
-from daemon.train.results import PREDICT_RESULTS, ResultsMissing, read_eval_metrics
+from daemon.train.results import METRICS, PREDICT_RESULTS, ResultsMissing, read_eval_metrics
 from daemon.train.spec import RenderedSpec, SpecDefaults, SpecProblem, atomic_write_text, parse_overrides, render
 from daemon.train.validate import KeyCatalog, check_spec, load_catalog
 from shared.config import Settings
@@ -393,9 +393,8 @@ class LlamaFactoryKind:
                 raise JobFailed(str(exc)) from None
             ctx.set_artifacts({"output_dir": str(out), "predict_results": str(out / PREDICT_RESULTS),
                                "predictions": str(out / "generated_predictions.jsonl")})
-            return "metrics: " + ", ".join(f"{k.removeprefix('predict_')} {v:.4g}" for k, v in metrics.items()
-                                           if k.startswith("predict_") and "runtime" not in k
-                                           and "per_second" not in k)
+            shown = [f"{label} {metrics[key]:.4g}" for label, key, _fmt in METRICS[:4] if key in metrics]
+            return "metrics: " + (", ".join(shown) or f"none of BLEU/ROUGE in {out / PREDICT_RESULTS}")
         if not any_present(out, MODEL_FILES):
             raise JobFailed(f"llamafactory-cli export ended without writing a model into {out}; see "
                             f"`ftctl logs {ctx.job.id}`")

@@ -155,3 +155,19 @@ async def test_filter_on_jobs_screen_narrows_the_table(daemon: DaemonProc) -> No
         await pilot.press("l")  # the log tab: this kind writes no log lines, and the pane says so
         log = app.screen.query_one("#jobs-log-view", Log)
         await wait_until(pilot, lambda: any("wrote no log lines" in ln for ln in log.lines), "the log pane")
+
+
+async def test_try_shows_the_daemons_refusal_when_no_vision_engine_serves(daemon: DaemonProc) -> None:
+    image = daemon.home / "page.png"
+    image.write_bytes(b"\x89PNG\r\n\x1a\n")
+    app = make_app(daemon.paths, start_mode="try")
+    async with app.run_test(size=(100, 30)) as pilot:
+        await wait_until(pilot, lambda: connected(app), "the snapshot")
+        screen = app.screen
+        screen.query_one("#try-file", Input).value = str(image)
+        screen.query_one("#try-question", Input).focus()
+        await pilot.press(*"what is on the page?", "enter")
+        status = screen.query_one("#try-status")
+        # this box runs the cpu engine: the daemon refuses with a reason, and the screen shows it
+        await wait_until(pilot, lambda: "did not take the question" in str(status.render()), "the refusal")
+        assert "unavailable" in str(status.render()) and "cpu engine" in str(status.render())

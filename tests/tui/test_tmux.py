@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from tests.daemon_proc import DaemonProc
@@ -83,3 +86,19 @@ def test_ftui_in_tmux_submits_a_job_shows_it_finish_and_quits(daemon: DaemonProc
     assert "50/50" in job_row(screen, 1)
     tmux.keys("q")
     tmux.wait_for(lambda s: s == "", "ftui to quit and its session to end")
+
+
+def test_ftui_exits_when_its_terminal_goes_away(tmux: Tmux) -> None:
+    # no daemon here: ftui sits on its "not running" banner, retrying; closing the terminal must end it
+    home = Path(tempfile.mkdtemp(prefix="ft", dir="/tmp"))
+    try:
+        tmux.start(f"env TERM=xterm-256color {shlex.quote(str(FTUI))} --home {shlex.quote(str(home))}")
+        tmux.wait_for(lambda s: "not running" in s and "systemctl start ftmllmd" in s, "the banner")
+        proc = psutil.Process(int(tmux.run("display", "-p", "-t", tmux.session, "#{pane_pid}").strip()))
+        tmux.kill()
+        deadline = time.monotonic() + 10
+        while proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "ftui kept running after its terminal closed"
+            time.sleep(0.05)
+    finally:
+        shutil.rmtree(home, ignore_errors=True)

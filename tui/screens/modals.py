@@ -19,7 +19,7 @@ from textual.widgets import DirectoryTree, Input, Label, Markdown, Select, Stati
 
 from shared.protocol import DatasetList, DatasetsReply, ListTemplates, Submit, TemplateEntry, TemplatesReply
 from tui.messages import Replied, RequestFailed
-from tui.widgets.chrome import SCREENS
+from tui.widgets.chrome import SCREENS, TITLES
 
 if TYPE_CHECKING:
     from tui.screens.base import FtScreen
@@ -52,7 +52,7 @@ def help_markdown(app: App[Any], screen: FtScreen | None) -> str:
     modes: dict[str, Any] = getattr(app, "MODES", {})
     for key, mode, _label in SCREENS:
         cls = modes.get(mode)
-        lines.append(f"- **{key}** {mode.capitalize()} — {getattr(cls, 'HELP', '')}")
+        lines.append(f"- **{key}** {TITLES[mode]} — {getattr(cls, 'HELP', '')}")
     lines += ["", "## Everywhere", ""]
     for b in app.BINDINGS:
         if isinstance(b, Binding) and b.description and not b.key.isdigit():

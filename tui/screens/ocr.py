@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from typing import ClassVar
 
@@ -19,6 +20,7 @@ from tui.format import duration
 from tui.messages import JobHighlighted, Replied, RequestFailed
 from tui.screens.base import FtScreen
 from tui.state import Changes, TextStream
+from tui.widgets.follow_scroll import FollowScroll
 from tui.widgets.job_table import JobTable
 from tui.widgets.keyed_table import Cell, Column, KeyedTable
 
@@ -74,6 +76,7 @@ class OcrScreen(FtScreen):
         self._written = 0
         self._generation = 0
         self._stream: MarkdownStream | None = None
+        self._follow_lock = asyncio.Lock()
         self.opened_page: int | None = None
 
     def compose_body(self) -> Iterable[Widget]:
@@ -82,12 +85,11 @@ class OcrScreen(FtScreen):
             yield PageTable(id="ocr-pages")
             with Vertical(id="ocr-view"):
                 yield Static(id="ocr-page-title", classes="section-title")
-                with VerticalScroll(id="ocr-md-scroll"):
+                with FollowScroll(id="ocr-md-scroll"):
                     yield Markdown(id="ocr-md")
 
     def on_mount(self) -> None:
         self.query_one(JobTable).focus()
-        self.query_one("#ocr-md-scroll", VerticalScroll).anchor()
 
     def focus_target(self) -> Widget:
         return self.query_one(JobTable)
@@ -151,6 +153,11 @@ class OcrScreen(FtScreen):
         self._written = 0
 
     async def _follow(self) -> None:
+        # refresh_all and on_changes may both get here while a write awaits: one at a time, or text repeats
+        async with self._follow_lock:
+            await self._follow_locked()
+
+    async def _follow_locked(self) -> None:
         if not self.following:
             return
         title = self.query_one("#ocr-page-title", Static)
@@ -181,8 +188,8 @@ class OcrScreen(FtScreen):
         if new:
             if self._stream is None:
                 self._stream = Markdown.get_stream(self.query_one("#ocr-md", Markdown))
-            await self._stream.write(new)
             self._written = stream.total
+            await self._stream.write(new)
 
     def _live_title(self, stream: TextStream, job: JobInfo) -> Text:
         t = Text(no_wrap=True, overflow="ellipsis")
@@ -198,8 +205,9 @@ class OcrScreen(FtScreen):
         self.call_later(self._refollow)
 
     async def _refollow(self) -> None:
-        await self._reset_view()
-        await self._follow()
+        async with self._follow_lock:
+            await self._reset_view()
+            await self._follow_locked()
 
     @on(KeyedTable.Selected, "#ocr-pages")
     def _open_page(self, event: KeyedTable.Selected) -> None:

@@ -10,6 +10,7 @@ from rich.text import Text
 from textual import on
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
+from textual.timer import Timer
 from textual.widget import Widget
 from textual.widgets import SelectionList, Static
 from textual.widgets.selection_list import Selection
@@ -23,6 +24,7 @@ from tui.widgets.chart import LineChart, Series, ema, fmt_num
 RUN_COLORS = ("cyan", "magenta", "yellow", "green", "bright_blue", "red")
 TRAIN_KINDS = ("train",)
 SMOOTHING_STEPS = (0.0, 0.3, 0.6, 0.8, 0.9, 0.95, 0.99)
+DRAW_INTERVAL_S = 0.25
 
 
 def x_of(p: TrainPoint, first: TrainPoint, by_time: bool) -> float:
@@ -63,6 +65,7 @@ class TrainingScreen(FtScreen):
         self._chosen: set[int] = set()
         self._touched = False
         self.highlighted: int | None = None
+        self._draw_timer: Timer | None = None
 
     def compose_body(self) -> Iterable[Widget]:
         with Horizontal(id="train-body"):
@@ -98,8 +101,13 @@ class TrainingScreen(FtScreen):
             redraw = self._sync_runs()
         if changes.train & (self._chosen | {self.highlighted or -1}):
             redraw = True
-        if redraw:
-            self._draw()
+        if redraw and self._draw_timer is None:
+            # a live run adds a point per step: the charts redraw at most 4 times a second
+            self._draw_timer = self.set_timer(DRAW_INTERVAL_S, self._draw)
+
+    @property
+    def settling(self) -> bool:
+        return self._draw_timer is not None
 
     def _sync_runs(self) -> bool:
         runs = self.runs()
@@ -147,6 +155,9 @@ class TrainingScreen(FtScreen):
     # -------------------------------------------------------------------------------- charts
 
     def _draw(self) -> None:
+        if self._draw_timer is not None:
+            self._draw_timer.stop()
+            self._draw_timer = None
         weight = SMOOTHING_STEPS[self.smoothing_index]
         loss: list[Series] = []
         lr: list[Series] = []

@@ -3,6 +3,7 @@ the answer stream in — what people used LLaMA-Factory's webchat for after trai
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable
 from pathlib import Path
 from typing import ClassVar
@@ -10,7 +11,7 @@ from typing import ClassVar
 from rich.text import Text
 from textual import on
 from textual.binding import Binding, BindingType
-from textual.containers import Horizontal, VerticalScroll
+from textual.containers import Horizontal
 from textual.widget import Widget
 from textual.widgets import Input, Label, Markdown, Select, Static
 from textual.widgets.markdown import MarkdownStream
@@ -19,6 +20,7 @@ from shared.protocol import Ask, AskReply
 from tui.messages import Replied, RequestFailed
 from tui.screens.base import FtScreen
 from tui.state import Changes
+from tui.widgets.follow_scroll import FollowScroll
 
 BASE = "__base__"
 ASK_SUFFIXES = (".pdf", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp", ".bmp")
@@ -40,6 +42,7 @@ class TryScreen(FtScreen):
         self._written = 0
         self._generation = 0
         self._stream: MarkdownStream | None = None
+        self._answer_lock = asyncio.Lock()
         self._asked_at = 0.0
         self._adapters: list[str] = []
 
@@ -55,12 +58,11 @@ class TryScreen(FtScreen):
         yield Input(placeholder="your question, e.g. “Transcribe this page as Markdown” — Enter asks",
                     id="try-question")
         yield Static(id="try-status")
-        with VerticalScroll(id="try-answer-scroll"):
+        with FollowScroll(id="try-answer-scroll"):
             yield Markdown(id="try-answer")
 
     def on_mount(self) -> None:
         self.query_one("#try-file", Input).focus()
-        self.query_one("#try-answer-scroll", VerticalScroll).anchor()
         self._status(Text("the answer appears here", style="dim"))
 
     def focus_target(self) -> Widget:
@@ -159,6 +161,10 @@ class TryScreen(FtScreen):
                               style="red"))
 
     async def _answer(self) -> None:
+        async with self._answer_lock:  # a reply and a batch of deltas may both get here
+            await self._answer_locked()
+
+    async def _answer_locked(self) -> None:
         if self.request_key is None:
             return
         stream = self.st.text.get(self.request_key)
@@ -172,9 +178,13 @@ class TryScreen(FtScreen):
         if new:
             if self._stream is None:
                 self._stream = Markdown.get_stream(self.query_one("#try-answer", Markdown))
-            await self._stream.write(new)
             self._written = stream.total
+            await self._stream.write(new)
         if stream.final:
             took = self.now() - self._asked_at
-            self._status(Text(f"answered: {stream.total} characters in {took:.1f}s · ctrl+r asks again",
-                              style="green"))
+            if "[error]" in stream.text[-2000:]:
+                self._status(Text("the engine stopped with an error (below); fix what it says and press ctrl+r",
+                                  style="red"))
+            else:
+                self._status(Text(f"answered: {stream.total} characters in {took:.1f}s · ctrl+r asks again",
+                                  style="green"))

@@ -20,6 +20,10 @@ SCREENS: tuple[tuple[str, str, str], ...] = (
 )
 
 
+TITLES = {"dashboard": "Dashboard", "jobs": "Jobs", "training": "Training", "ocr": "OCR", "engine": "Engine",
+          "try": "Try"}
+
+
 class TopBar(LiveStatic):
     DEFAULT_CSS = """
     TopBar { height: 1; background: $panel; color: $text; }

@@ -186,7 +186,9 @@ class KeyedTable(ScrollView, can_focus=True):
         flex = [i for i, c in enumerate(self.columns) if c.flex]
         spare = available - sum(widths)
         if flex and spare > 0:
-            widths[flex[0]] += spare
+            # grow up to the column's limit; what is left stays blank at the right
+            i = flex[0]
+            widths[i] += min(spare, max(0, self.columns[i].max_width - widths[i]))
         elif spare < 0:
             # too wide: shrink the flexible column first, never below its label
             for i in flex:
@@ -214,13 +216,14 @@ class KeyedTable(ScrollView, can_focus=True):
             self._style_cache[spec] = style
         return style
 
-    def _segments(self, cells: Sequence[Cell], base: Style) -> list[Segment]:
+    def _segments(self, cells: Sequence[Cell], base: Style, plain: bool = False) -> list[Segment]:
+        """One line; ``plain`` drops the cells' own colours (the cursor row has its own)."""
         segs: list[Segment] = [Segment(" ", base)]
         for cell, col, width in zip(cells, self.columns, self._widths, strict=False):
-            if isinstance(cell, Text):
+            if isinstance(cell, Text) and not plain:
                 text, style = cell.plain, base + self._style(str(cell.style)) if cell.style else base
             else:
-                text, style = cell, base
+                text, style = _plain(cell), base
             segs.append(Segment(_fit(text, width, col.justify), style))
             segs.append(Segment("  ", base))
         return segs
@@ -238,7 +241,7 @@ class KeyedTable(ScrollView, can_focus=True):
         key = self.order[index]
         if index == self.cursor_row:
             style = base + self.get_component_rich_style("keyed-table--cursor")
-            return Strip(self._segments(self._cells[key], style)).adjust_cell_length(width, style)
+            return Strip(self._segments(self._cells[key], style, plain=True)).adjust_cell_length(width, style)
         plain = self._plain[key]
         cached = self._line_cache.get(key)
         if cached is not None and cached[0] == plain and cached[1] == self._widths and cached[2].cell_length == width:

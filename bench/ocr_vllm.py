@@ -1,0 +1,133 @@
+"""OCR throughput through vLLM: one server (started by the daemon), the same 32 pages, three ways.
+
+(a) the seed's pattern: render a page, send it, wait for the answer, next page;
+(b) the daemon's pipeline: `ftctl submit ocr` of the 32-page PDF, from submit to the job's end (rendering,
+    budget, streaming, storing pages and writing the Markdown included);
+(c) an ideal client: all pages rendered beforehand, all 32 requests fired at once, nothing else done.
+
+Goals (issue 4): b/a ≥ 5, b/c ≥ 0.9. Every request is the same in all three (the daemon's prompt, the same
+pixels, greedy sampling, the same stop strings), and vLLM's prefix and image caches are off so that no run reuses
+another's prefill. Needs the vLLM CPU venv and the tiny model (tests/engines/venvs.py builds them).
+Last line: seq_pps=… daemon_pps=… ideal_pps=… b_over_a=… b_over_c=…
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pymupdf
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from daemon.ocr.prompts import load_prompt
+from shared.protocol import TERMINAL_STATES, JobChanged, JobDetail, Submit
+from tests.fixtures import pdfs
+from tests.vllm.conftest import start_vllm_daemon
+
+PAGES = 32
+DPI = 50  # what tests/vllm/conftest.py configures
+MAX_PIXELS = 200_000
+MAX_TOKENS = 256
+# the tiny model never ends an answer: after min_tokens the next repetition of its loops does (tests/vllm)
+SAMPLING = {"min_tokens": 32, "stop": ["ure", "7", "%", "'"]}
+
+
+def render(pdf: Path, page_no: int) -> bytes:
+    """As the daemon's PDF worker renders: dpi, lowered so that width × height stays within MAX_PIXELS."""
+    doc = pymupdf.open(pdf)
+    page = doc[page_no]
+    zoom = DPI / 72
+    area = page.rect.width * page.rect.height
+    if area * zoom * zoom > MAX_PIXELS:
+        zoom = math.sqrt(MAX_PIXELS / area) * 0.999
+    png: bytes = page.get_pixmap(matrix=pymupdf.Matrix(zoom, zoom), alpha=False, colorspace=pymupdf.csRGB
+                                 ).tobytes("png")
+    doc.close()
+    return png
+
+
+def body(prompt: str, png: bytes) -> dict[str, Any]:
+    return {"model": "tiny", "stream": True, "max_tokens": MAX_TOKENS, "temperature": 0.0, **SAMPLING,
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": prompt},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64," + base64.b64encode(png).decode()}},
+            ]}]}
+
+
+async def one(client: httpx.AsyncClient, root: str, req: dict[str, Any]) -> str:
+    finish = ""
+    async with client.stream("POST", f"{root}/v1/chat/completions", json=req) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if line.startswith("data: {"):
+                for choice in json.loads(line[6:]).get("choices", []):
+                    finish = choice.get("finish_reason") or finish
+    return finish
+
+
+async def sequential(root: str, pdf: Path, prompt: str) -> tuple[float, list[str]]:
+    async with httpx.AsyncClient(timeout=600) as client:
+        t = time.perf_counter()
+        finishes = [await one(client, root, body(prompt, render(pdf, n))) for n in range(PAGES)]
+        return time.perf_counter() - t, finishes
+
+
+async def ideal(root: str, pngs: list[bytes], prompt: str) -> tuple[float, list[str]]:
+    reqs = [body(prompt, png) for png in pngs]
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=PAGES + 4)) as client:
+        t = time.perf_counter()
+        finishes = await asyncio.gather(*(one(client, root, r) for r in reqs))
+        return time.perf_counter() - t, list(finishes)
+
+
+def main() -> int:
+    print(f"starting ftmllmd with vLLM (tiny Qwen2-VL, CPU build); {PAGES} pages", flush=True)
+    vd = start_vllm_daemon(max_tokens=MAX_TOKENS, max_pixels=MAX_PIXELS, max_in_flight=64, sampling=SAMPLING,
+                           extra_args=["--enforce-eager", "--skip-mm-profiling", "--no-enable-prefix-caching",
+                                       "--mm-processor-cache-gb", "0"])
+    work = Path(tempfile.mkdtemp(prefix="ftb", dir="/tmp"))
+    try:
+        pdf = pdfs.numbered(work / "bench.pdf", PAGES)
+        prompt = load_prompt("default")
+        pngs = [render(pdf, n) for n in range(PAGES)]
+        asyncio.run(ideal(vd.root, pngs[:2], prompt))  # warm-up: first requests compile and allocate
+        seq_s, seq_fin = asyncio.run(sequential(vd.root, pdf, prompt))
+        print(f"(a) one page at a time: {seq_s:.1f}s, {PAGES / seq_s:.2f} pages/s ({set(seq_fin)})", flush=True)
+        c = vd.proc.client(timeout=60)
+        events = c.events(("job.",))
+        next(events)
+        t = time.perf_counter()
+        job = c.call(Submit(kind="ocr", spec={"file": str(pdf), "out_dir": str(work / "out")}), JobDetail).job
+        for ev in events:
+            if isinstance(ev.body, JobChanged) and ev.body.job.id == job.id and ev.body.job.state in TERMINAL_STATES:
+                job = ev.body.job
+                break
+        daemon_s = time.perf_counter() - t
+        assert job.state == "succeeded", job.error
+        methods = {p["method"] for p in json.loads((work / "out" / "bench.json").read_text())["page_results"]}
+        print(f"(b) the daemon's pipeline: {daemon_s:.1f}s, {PAGES / daemon_s:.2f} pages/s (methods {methods})",
+              flush=True)
+        ideal_s, ideal_fin = asyncio.run(ideal(vd.root, pngs, prompt))
+        print(f"(c) all at once, nothing else: {ideal_s:.1f}s, {PAGES / ideal_s:.2f} pages/s ({set(ideal_fin)})",
+              flush=True)
+    finally:
+        vd.proc.close()
+    seq_pps, daemon_pps, ideal_pps = PAGES / seq_s, PAGES / daemon_s, PAGES / ideal_s
+    b_over_a, b_over_c = daemon_pps / seq_pps, daemon_pps / ideal_pps
+    print(f"b/a = {b_over_a:.2f} (goal ≥ 5), b/c = {b_over_c:.2f} (goal ≥ 0.9)")
+    print(f"seq_pps={seq_pps:.3f} daemon_pps={daemon_pps:.3f} ideal_pps={ideal_pps:.3f} "
+          f"b_over_a={b_over_a:.2f} b_over_c={b_over_c:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

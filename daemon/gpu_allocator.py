@@ -1,0 +1,215 @@
+"""The daemon's GPUs: NVML sampled on a timer, jobs admitted through the scheduler, the engine parked for them.
+
+:class:`GpuAllocator` joins three pure parts to the running daemon:
+
+* :class:`daemon.gpus.GpuMonitor` — sampled every ``[scheduler] gpu_poll_s`` in one worker thread (NVML
+  calls take milliseconds; one thread, as the monitor asks). Each sample updates the daemon's GPU list
+  (status, snapshots) and goes out as a ``GpusSampled`` event on topic ``gpu``, with the jobs and the
+  engine on each GPU. No NVML here: "no GPUs found …", and jobs run on the CPU ``cpu_slots`` at a time.
+* :func:`daemon.scheduler.plan` — the job manager's admission hook: a queued job of the GPU lane starts
+  when the plan says so, on the GPUs it names; otherwise its progress note says why it waits. A job that
+  can never start here fails with the reason.
+* the engine (:class:`daemon.engine_port.GpuEngine`, when a vLLM engine runs) — parked (sleep or stop) when
+  a job needs its GPU, brought back when no job uses it any more.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Protocol
+
+from daemon.engine_port import GpuEngine
+from daemon.events import EventBus
+from daemon.gpus import GpuMonitor, GpuSnapshot
+from daemon.jobs.base import Resources
+from daemon.scheduler import Decisions, EngineAction, EngineView, Policy, QueuedJob, plan
+from daemon.scheduler import RunningJob as PlannedJob
+from daemon.store import Store
+from shared.config import SchedulerConfig
+from shared.protocol import GpuInfo, GpuProcess, GpusSampled, JobInfo, Progress
+
+if TYPE_CHECKING:
+    from daemon.jobs.manager import JobManager, RunningJob
+
+log = logging.getLogger(__name__)
+
+
+class GpuSource(Protocol):
+    """Where GPU snapshots come from: NVML (daemon.gpus.GpuMonitor) or a recorded snapshot."""
+
+    def snapshot(self) -> GpuSnapshot: ...
+
+    def close(self) -> None: ...
+
+
+class GpuAllocator:
+    def __init__(self, cfg: SchedulerConfig, store: Store, bus: EventBus, jobs: JobManager, *,
+                 lanes: Iterable[str], pids_of: Callable[[int], list[int]],
+                 on_sample: Callable[[list[GpuInfo], str], None], monitor: GpuSource | None = None) -> None:
+        """``pids_of(job_id)``: a running job's processes (so they are not taken for foreign ones);
+        ``on_sample(gpus, note)``: where the daemon keeps what status and snapshots show;
+        ``monitor``: NVML (the default) or a recorded snapshot (demos, tests)."""
+        self.cfg = cfg
+        self.store = store
+        self.bus = bus
+        self.jobs = jobs
+        self.lanes = frozenset(lanes)
+        self.pids_of = pids_of
+        self.on_sample = on_sample
+        self.monitor: GpuSource = monitor or GpuMonitor(ttl_s=max(0.1, cfg.gpu_poll_s / 2))
+        self.policy = Policy(share_gpus=cfg.share_gpus, min_free_gib=cfg.min_free_gib,
+                             idle_used_mib=cfg.idle_used_mib, cpu_slots=cfg.cpu_slots)
+        self.engine: GpuEngine | None = None
+        self.snapshot: GpuSnapshot | None = None
+        self._parked = False  # the engine sleeps or stopped because this allocator asked
+        self._engine_task: asyncio.Task[None] | None = None
+        self._waiting: dict[int, str] = {}  # job id -> the reason last shown on the job
+        self._published: tuple[list[GpuInfo], str] | None = None
+        # NVML is called from this one thread only
+        self._nvml = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
+
+    # ---------------------------------------------------------------------------------------- sampling
+
+    def _take(self) -> GpuSnapshot:
+        return self.monitor.snapshot()
+
+    async def sample(self) -> GpuSnapshot:
+        snap = await asyncio.get_running_loop().run_in_executor(self._nvml, self._take)
+        self.snapshot = snap
+        self._publish(snap)
+        return snap
+
+    async def run(self) -> None:
+        """Sample forever; a sample may free GPUs a queued job waits for, so the queue is looked at again."""
+        while True:
+            try:
+                await self.sample()
+            except Exception:  # NVML surprises must not end the sampling (the monitor already catches most)
+                log.exception("GPU sampling failed")
+            if self._waiting:
+                self.jobs.kick()
+            await asyncio.sleep(self.cfg.gpu_poll_s)
+
+    def close(self) -> None:
+        self._nvml.submit(self.monitor.close)
+        self._nvml.shutdown(wait=False)
+
+    def _publish(self, snap: GpuSnapshot) -> None:
+        gpus = self.gpu_infos(snap)
+        note = snap.note
+        if self._published == (gpus, note):
+            return
+        self._published = (gpus, note)
+        self.on_sample(gpus, note)
+        self.bus.stream(GpusSampled(gpus=gpus, note=note))
+
+    def _republish(self) -> None:
+        if self.snapshot is not None:
+            self._publish(self.snapshot)
+
+    def gpu_infos(self, snap: GpuSnapshot) -> list[GpuInfo]:
+        """The snapshot as the protocol shows it: each GPU with the jobs on it and whether the engine is."""
+        job_of_pid: dict[int, int] = {}
+        jobs_on: dict[int, list[int]] = {}
+        for job_id, run in self.jobs.running.items():
+            if run.resources.lane not in self.lanes:
+                continue
+            for gpu in run.gpus:
+                jobs_on.setdefault(gpu, []).append(job_id)
+            if snap.gpus:
+                job_of_pid.update(dict.fromkeys(self.pids_of(job_id), job_id))
+        engine = self.engine_view()
+        engine_gpus = set(engine.gpus) if engine.state in ("running", "sleeping") else set()
+        out = []
+        for g in snap.gpus:
+            procs = [GpuProcess(pid=p.pid, used_mib=p.used_mib or 0.0, user=p.user, job_id=job_of_pid.get(p.pid))
+                     for p in g.processes]
+            out.append(GpuInfo(index=g.index, name=g.name, uuid=g.uuid, mem_total_mib=g.memory_total_mib,
+                               mem_used_mib=g.memory_used_mib, util_pct=g.utilization_pct or 0.0, processes=procs,
+                               job_ids=sorted(jobs_on.get(g.index, [])), engine=g.index in engine_gpus))
+        return out
+
+    # ---------------------------------------------------------------------------------------- admission
+
+    def engine_view(self) -> EngineView:
+        if self.engine is None:
+            return EngineView()
+        view = self.engine.view()
+        return EngineView(gpus=view.gpus, state=view.state, can_sleep=view.can_sleep,
+                          parked=view.parked or self._parked, pids=view.pids)
+
+    def _plan(self, running: dict[int, RunningJob]) -> Decisions:
+        snap = self.snapshot
+        if snap is None:  # before the first sample (the daemon's start): take one now, it costs milliseconds
+            snap = self.snapshot = self._take()
+        queue = []
+        for job in self.store.jobs_in_state("queued"):
+            kind = self.jobs.kinds.get(job.kind)
+            if kind is None:
+                continue
+            res = kind.resources(job)
+            if res.lane in self.lanes:
+                queue.append(QueuedJob(job_id=job.id, gpus=res.gpus, min_free_gib=res.min_free_gib))
+        planned = [PlannedJob(job_id=jid, gpus=tuple(r.gpus), min_free_gib=r.resources.min_free_gib,
+                              pids=tuple(self.pids_of(jid)) if snap.gpus else ())
+                   for jid, r in running.items() if r.resources.lane in self.lanes]
+        return plan(queue, planned, snap, self.engine_view(), self.policy, own_pids=(os.getpid(),))
+
+    def admit(self, job: JobInfo, res: Resources, running: dict[int, RunningJob]) -> list[int] | None:
+        """The job manager's admission hook (see the module docstring)."""
+        if res.lane not in self.lanes:
+            return []
+        decisions = self._plan(running)
+        self._engine_act(decisions.engine)
+        if job.id in decisions.impossible:
+            reason = decisions.impossible[job.id]
+            self._waiting.pop(job.id, None)
+            self.jobs.fail_queued(job.id, reason)
+            return None
+        for start in decisions.starts:
+            if start.job_id == job.id:
+                self._waiting.pop(job.id, None)
+                # once the manager has launched it, clients see the job on its GPUs without waiting a sample
+                asyncio.get_running_loop().call_soon(self._republish)
+                return list(start.gpus)
+        reason = decisions.waiting.get(job.id, "waiting for GPUs")
+        if self._waiting.get(job.id) != reason:
+            self._waiting[job.id] = reason
+            self.jobs.set_note(job.id, Progress(note=f"waiting: {reason}"))
+        return None
+
+    def on_job_end(self, job: JobInfo) -> None:
+        """A job ended: its GPUs are free, so the engine may come back (nothing queued asks the manager)."""
+        self._waiting.pop(job.id, None)
+        self._republish()
+        if self.engine is None:
+            return
+        running = {jid: r for jid, r in self.jobs.running.items() if jid != job.id}
+        self._engine_act(self._plan(running).engine)
+
+    def _engine_act(self, action: EngineAction | None) -> None:
+        if action is None or self.engine is None:
+            return
+        if self._engine_task is not None and not self._engine_task.done():
+            return  # one engine change at a time; the next plan asks again
+        engine = self.engine
+
+        async def act() -> None:
+            try:
+                if action.action == "wake":
+                    await engine.unpark(action.reason)
+                    self._parked = False
+                else:
+                    await engine.park(action.action, action.reason)
+                    self._parked = True
+                log.info("engine %s: %s", action.action, action.reason)
+            except Exception:
+                log.exception("could not %s the engine (%s)", action.action, action.reason)
+            finally:
+                self.jobs.kick()
+
+        self._engine_task = asyncio.get_running_loop().create_task(act(), name=f"engine-{action.action}")

@@ -1,0 +1,264 @@
+"""The training requests that are not jobs: datasets (add, list, remove), templates, eval-compare, deploy.
+
+Datasets are shared by everyone who uses the daemon; who added one is kept beside it (``NAME.about.json``,
+with its record and image counts so ``dataset list`` need not parse big files), and only that user or an
+admin may replace or remove it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from daemon.engine_port import DeployError, GpuEngine
+from daemon.jobs.base import Caller, SpecError
+from daemon.jobs.manager import RequestDenied
+from daemon.store import Store
+from daemon.train.datasets import MEDIA_LIST_SUFFIX, DatasetProblem, add_dataset, list_datasets, remove_dataset
+from daemon.train.kind import TrainSetup
+from daemon.train.launch import MODEL_FILES, any_present, saved_state
+from daemon.train.results import EvalColumn, ResultsMissing, compare_table, read_eval_metrics
+from daemon.train.spec import SpecProblem, atomic_write_text, job_kind, load_template, template_names
+from shared.protocol import (
+    DatasetAdd,
+    DatasetEntry,
+    DatasetList,
+    DatasetRemove,
+    DatasetsReply,
+    Deploy,
+    Done,
+    EvalCompare,
+    EvalCompareReply,
+    JobInfo,
+    ListTemplates,
+    TemplateEntry,
+    TemplatesReply,
+)
+
+ABOUT_SUFFIX = ".about.json"
+_ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class TrainRequests:
+    def __init__(self, setup: TrainSetup, store: Store, engine: Callable[[], GpuEngine | None]) -> None:
+        self.setup = setup
+        self.store = store
+        self.engine = engine
+
+    def handlers(self) -> dict[type, Any]:
+        return {DatasetAdd: self.on_dataset_add, DatasetRemove: self.on_dataset_remove,
+                DatasetList: self.on_dataset_list, ListTemplates: self.on_templates,
+                EvalCompare: self.on_eval_compare, Deploy: self.on_deploy}
+
+    # -------------------------------------------------------------------------------------- datasets
+
+    @property
+    def _dir(self) -> Path:
+        return self.setup.datasets_dir
+
+    def _about(self, name: str) -> dict[str, Any]:
+        try:
+            data = json.loads((self._dir / f"{name}{ABOUT_SUFFIX}").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def _check_owner(self, name: str, caller: Caller, verb: str) -> None:
+        owner = self._about(name).get("owner")
+        if caller.is_admin or (owner and owner == caller.user):
+            return
+        who = f"it belongs to {owner}" if owner else "it was not added through ftctl"
+        raise RequestDenied("forbidden", f"dataset '{name}': {who}; only its owner or an admin may {verb} it "
+                                         "(add yours under another name)")
+
+    async def on_dataset_add(self, body: DatasetAdd, caller: Caller) -> DatasetsReply:
+        file = Path(body.file).expanduser()
+        if not file.is_absolute():
+            raise SpecError(f"{body.file}: give an absolute path (ftctl does this for you)")
+        if body.replace and body.name in await asyncio.to_thread(list_datasets, self._dir):
+            self._check_owner(body.name, caller, "replace")
+        images = Path(body.images).expanduser() if body.images else None
+        try:
+            # reading and checking every record and image takes seconds on big datasets: not in the loop
+            summary = await asyncio.to_thread(add_dataset, body.name, file, dataset_dir=self._dir, images_dir=images,
+                                              ranking=body.ranking, replace=body.replace)
+        except DatasetProblem as exc:
+            raise SpecError(str(exc)) from None
+        except PermissionError as exc:
+            raise SpecError(f"{exc.filename}: the daemon cannot read it; make it readable for the daemon's user "
+                            "(chmod o+r, or a shared group)") from None
+        about = {"owner": caller.user, "records": summary.records, "images": summary.images,
+                 "ranking": summary.ranking, "added": time.time(), "source": str(file)}
+        atomic_write_text(self._dir / f"{body.name}{ABOUT_SUFFIX}", json.dumps(about, indent=1) + "\n")
+        entry = DatasetEntry(name=body.name, file=str(summary.file), records=summary.records, images=summary.images,
+                             ranking=summary.ranking)
+        return DatasetsReply(datasets=[entry], message=summary.message)
+
+    async def on_dataset_list(self, body: DatasetList, caller: Caller) -> DatasetsReply:
+        return await asyncio.to_thread(self._list)
+
+    def _list(self) -> DatasetsReply:
+        try:
+            info = list_datasets(self._dir)
+        except DatasetProblem as exc:
+            raise SpecError(str(exc)) from None
+        entries = []
+        for name, entry in info.items():
+            about = self._about(name)
+            file_name = str(entry.get("file_name", "")) if isinstance(entry, dict) else ""
+            path = Path(file_name) if Path(file_name).is_absolute() else self._dir / file_name
+            records, images = about.get("records"), about.get("images")
+            if records is None and path.is_file():  # placed by hand: count once, here
+                records, images = _count(path)
+            entries.append(DatasetEntry(name=name, file=str(path), records=int(records or 0),
+                                        images=int(images or 0),
+                                        ranking=bool(entry.get("ranking")) if isinstance(entry, dict) else False))
+        message = "" if entries else (f"no datasets in {self._dir}; add one with `ftctl dataset add NAME FILE.json "
+                                      "[--images DIR]`")
+        return DatasetsReply(datasets=entries, message=message)
+
+    async def on_dataset_remove(self, body: DatasetRemove, caller: Caller) -> Done:
+        if body.name in await asyncio.to_thread(list_datasets, self._dir):
+            self._check_owner(body.name, caller, "remove")
+        try:
+            await asyncio.to_thread(remove_dataset, body.name, self._dir)
+        except DatasetProblem as exc:
+            raise SpecError(str(exc)) from None
+        (self._dir / f"{body.name}{ABOUT_SUFFIX}").unlink(missing_ok=True)
+        return Done(message=f"dataset '{body.name}' removed; jobs that already ran with it keep their results")
+
+    # ------------------------------------------------------------------------------------- templates
+
+    def on_templates(self, body: ListTemplates, caller: Caller) -> TemplatesReply:
+        tdir = self.setup.templates_dir
+        entries = []
+        for name in template_names(tdir):
+            try:
+                params = load_template(tdir, name)
+            except SpecProblem as exc:
+                entries.append(TemplateEntry(name=name, kind="?", description=f"broken: {exc}"))
+                continue
+            kind = job_kind(params)
+            entries.append(TemplateEntry(name=name, kind=kind, description=_first_comment(tdir / f"{name}.yaml"),
+                                         stage=str(params.get("stage", "")) if kind == "train" else ""))
+        return TemplatesReply(templates=entries, templates_dir=str(tdir))
+
+    # ---------------------------------------------------------------------------------- eval compare
+
+    def on_eval_compare(self, body: EvalCompare, caller: Caller) -> EvalCompareReply:
+        if not body.job_ids:
+            raise RequestDenied("bad_request", "name the eval jobs to compare: ftctl eval-compare JOB JOB …")
+        columns: list[EvalColumn] = []
+        rows: list[dict[str, Any]] = []
+        datasets: set[tuple[str, ...]] = set()
+        for job_id in body.job_ids:
+            job = self.store.get_job(job_id)
+            if job.kind != "eval":
+                raise RequestDenied("invalid_state", f"job {job_id} is {_a(job.kind)} {job.kind} job; eval-compare "
+                                                     "reads eval jobs (`ftctl eval … --adapter-job N`)")
+            if job.state != "succeeded":
+                raise RequestDenied("invalid_state", f"eval job {job_id} is {job.state}, so it has no metrics yet; "
+                                                     f"`ftctl show {job_id}`")
+            try:
+                metrics = read_eval_metrics(Path(job.spec["output_dir"]))
+            except ResultsMissing as exc:
+                raise RequestDenied("invalid_state", str(exc)) from None
+            title = f"job {job.id} ({_eval_source(job)})"
+            columns.append(EvalColumn(title=title, metrics=metrics))
+            rows.append({"job_id": job.id, "title": title, "metrics": metrics, "datasets": job.spec.get("datasets")})
+            datasets.add(tuple(job.spec.get("datasets", ())))
+        table = compare_table(columns)
+        if len(datasets) > 1:
+            shown = "; ".join(f"job {r['job_id']}: {','.join(r['datasets'] or ())}" for r in rows)
+            table += f"\nnote: these jobs scored different datasets ({shown}); compare like with like"
+        else:
+            table = f"dataset: {','.join(next(iter(datasets))) or '(from the template)'}\n" + table
+        return EvalCompareReply(table=table, columns=rows)
+
+    # ---------------------------------------------------------------------------------------- deploy
+
+    async def on_deploy(self, body: Deploy, caller: Caller) -> Done:
+        job = self.store.get_job(body.job_id)
+        if job.kind == "train":
+            out = Path(job.spec["output_dir"])
+            if not saved_state(out).adapter:
+                raise RequestDenied("invalid_state", f"train job {job.id} ({job.state}) has no adapter in {out}; "
+                                                     "deploy a finished (or gracefully canceled) train job")
+            name = body.name or f"job{job.id}"
+            if not _ADAPTER_NAME_RE.match(name):
+                raise RequestDenied("bad_request", f"adapter name '{name}': use letters, digits, '_', '-' or '.'")
+            engine = self._engine_or_explain(f"the adapter is in {out}")
+            try:
+                message = await engine.load_adapter(name, out)
+            except DeployError as exc:
+                raise RequestDenied("invalid_state", str(exc)) from None
+            return Done(message=f"{message}; name it in OCR jobs with --adapter {name}")
+        if job.kind == "export":
+            merged = Path(job.spec["output_dir"])
+            if job.state != "succeeded" or not any_present(merged, MODEL_FILES):
+                raise RequestDenied("invalid_state", f"export job {job.id} is {job.state} and has no merged model in "
+                                                     f"{merged}; deploy a succeeded export job")
+            if not caller.is_admin:
+                raise RequestDenied("forbidden", "serving another model changes the engine for everyone; ask an "
+                                                 "admin (the daemon's user, root or the admin group) to deploy it")
+            engine = self._engine_or_explain(f"the merged model is in {merged}")
+            try:
+                message = await engine.serve_model(merged)
+            except DeployError as exc:
+                raise RequestDenied("invalid_state", str(exc)) from None
+            return Done(message=message)
+        raise RequestDenied("invalid_state", f"job {job.id} is {_a(job.kind)} {job.kind} job; deploy takes a train "
+                                             "job (its adapter) or an export job (its merged model)")
+
+    def _engine_or_explain(self, where: str) -> GpuEngine:
+        engine = self.engine()
+        if engine is None:
+            raise RequestDenied("unavailable", f"no vLLM engine runs in this daemon, so there is nothing to deploy "
+                                               f"into ({where}); set vllm.model in the config and restart "
+                                               "ftmllmd, then deploy again")
+        return engine
+
+
+def _eval_source(job: JobInfo) -> str:
+    if job.spec.get("adapter_job") is not None:
+        return f"adapter of job {job.spec['adapter_job']}"
+    adapter = job.spec.get("params", {}).get("adapter_name_or_path")
+    return f"adapter {Path(str(adapter)).name}" if adapter else "base"
+
+
+def _first_comment(path: Path) -> str:
+    """The first sentence of the template's leading comment."""
+    lines: list[str] = []
+    try:
+        with path.open(encoding="utf-8") as fh:
+            for line in fh:
+                if not line.startswith("#"):
+                    break
+                lines.append(line.lstrip("#").strip())
+    except OSError:
+        return ""
+    text = " ".join(lines)
+    end = text.find(". ")
+    return text[: end + 1] if end >= 0 else text
+
+
+def _count(path: Path) -> tuple[int, int]:
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0, 0
+    media = path.with_suffix(MEDIA_LIST_SUFFIX)
+    try:
+        images = sum(1 for line in media.read_text(encoding="utf-8").splitlines() if line)
+    except OSError:
+        images = 0
+    return (len(records) if isinstance(records, list) else 0), images
+
+
+def _a(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"

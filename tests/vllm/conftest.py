@@ -1,0 +1,183 @@
+"""A real ftmllmd whose config makes it start a real ``vllm serve`` (vLLM's CPU build, the tiny Qwen2-VL).
+
+vLLM takes 40 s to start on a quiet 2-core machine and up to 150 s under load, so each test module shares one
+daemon (and its one vLLM) across its tests, and every wait is a deadline on a condition.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+from shared.client import Client
+from shared.protocol import (
+    TERMINAL_STATES,
+    EngineChanged,
+    Event,
+    JobChanged,
+    JobInfo,
+    PageChanged,
+    Status,
+    StatusReply,
+    TextDelta,
+)
+from tests.daemon_proc import DaemonProc
+from tests.engines import stack
+
+READY_DEADLINE_S = 400.0
+_ENV_PREFIXES = ("VLLM_", "HF_", "TORCHINDUCTOR_", "TRANSFORMERS_", "TOKENIZERS_", "TMPDIR", "PYTHONUNBUFFERED")
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)  # strings, numbers, booleans and lists of them are valid TOML this way
+
+
+@dataclass
+class VllmDaemon:
+    proc: DaemonProc
+    port: int
+    model: Path
+
+    @property
+    def root(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def vllm_log(self) -> Path:
+        return self.proc.paths.state_dir / "vllm" / "vllm.log"
+
+    def logs(self) -> str:
+        vllm = self.vllm_log.read_text(errors="replace")[-3000:] if self.vllm_log.exists() else "(no vllm log)"
+        return f"--- daemon log ---\n{self.proc.log_text()[-3000:]}\n--- vllm log ---\n{vllm}"
+
+    def vllm_pids(self) -> list[int]:
+        """The daemon's `vllm serve` children (the API server; the engine runs inside it here)."""
+        assert self.proc.proc is not None
+        kids = psutil.Process(self.proc.proc.pid).children(recursive=False)
+        return [p.pid for p in kids if "serve" in " ".join(p.cmdline()) and "vllm" in " ".join(p.cmdline())]
+
+    def metrics(self) -> str:
+        status, text = stack.http_json(self.root + "/metrics", timeout=10)
+        assert status == 200, text
+        return str(text)
+
+
+def finished_total(metrics: str, reason: str) -> float:
+    """vllm:request_success_total{finished_reason=reason}, summed over engines."""
+    total = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("vllm:request_success_total{") and f'finished_reason="{reason}"' in line:
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def vllm_config(home: Path, port: int, **vllm: object) -> str:
+    """TOML for a daemon that serves OCR with vLLM on the tiny model (flags and env that work on CPU)."""
+    env = {k: v for k, v in stack.vllm_env(home / "engine", lora=True).items() if k.startswith(_ENV_PREFIXES)}
+    section: dict[str, object] = {
+        "executable": str(stack.vllm_venv() / "bin" / "vllm"),
+        "model": str(stack.tiny_model_cached()),
+        "served_name": "tiny",
+        "max_model_len": 2048,
+        "dtype": "bfloat16",
+        "enable_sleep_mode": False,  # "Sleep mode is not supported on current platform" (CPU)
+        "enable_lora": True,
+        "max_lora_rank": 8,
+        "extra_args": ["--enforce-eager", "--skip-mm-profiling"],
+        "env": env,
+        "port": port,
+        "start_timeout_s": READY_DEADLINE_S,
+    }
+    section.update(vllm)
+    lines = ["[hotfolder]", "enabled = false", "[ocr]", 'engine = "vllm"', "workers = 2", "dpi = 50",
+             "page_timeout_s = 300.0", "[vllm]"]
+    lines += [f"{k} = {toml_value(v)}" for k, v in section.items()]
+    return "\n".join(lines) + "\n"
+
+
+def start_vllm_daemon(**vllm: object) -> VllmDaemon:
+    """Start ftmllmd with vLLM as its engine and wait (≤ 400 s) until the engine is ready."""
+    port = stack.free_port()
+    d = DaemonProc()
+    cfg = d.home / "ftmllm.toml"
+    cfg.write_text(vllm_config(d.home, port, **vllm))
+    d.config = cfg
+    d.start(timeout=60)
+    vd = VllmDaemon(proc=d, port=port, model=stack.tiny_model_cached())
+    try:
+        wait_engine(vd, "ready", READY_DEADLINE_S)
+    except BaseException:
+        d.close(remove=False)
+        raise
+    return vd
+
+
+def engine_state(vd: VllmDaemon) -> StatusReply:
+    c = vd.proc.client(timeout=30)
+    return c.call(Status(), StatusReply)
+
+
+def wait_engine(vd: VllmDaemon, state: str, timeout: float) -> StatusReply:
+    deadline = time.monotonic() + timeout
+    while True:
+        st = engine_state(vd)
+        if st.engine.state == state:
+            return st
+        if st.engine.state == "failed" and state != "failed":
+            raise AssertionError(f"the vllm engine failed: {st.engine.error}\n{vd.logs()}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"engine still {st.engine.state} after {timeout:.0f}s, wanted {state}\n{vd.logs()}")
+        time.sleep(0.5)  # polling a condition with a deadline
+
+
+@dataclass
+class JobTrace:
+    """What a subscribed client saw of one job."""
+
+    job: JobInfo | None = None
+    events: list[Event] = field(default_factory=list)
+
+    def deltas(self) -> list[TextDelta]:
+        return [e.body for e in self.events if isinstance(e.body, TextDelta)]
+
+    def pages_done(self) -> list[int]:
+        return [e.body.page.page_no for e in self.events
+                if isinstance(e.body, PageChanged) and e.body.page.state == "done"]
+
+    def engine_states(self) -> list[str]:
+        return [e.body.engine.state for e in self.events if isinstance(e.body, EngineChanged) and e.durable]
+
+
+def follow(client: Client, submit: Callable[[], JobInfo], timeout: float,
+           on_event: Callable[[JobTrace, Event], None] | None = None) -> JobTrace:
+    """Subscribe (job, ocr and engine topics), then submit, then collect events until the job ends."""
+    events: Iterator[Event] = client.events(("job.", "ocr.", "engine"))
+    next(events)  # the first event (a heartbeat at the latest) proves the subscription is live
+    trace = JobTrace()
+    job = submit()
+    trace.job = job
+    deadline = time.monotonic() + timeout
+    for ev in events:
+        body = ev.body
+        mine = (isinstance(body, JobChanged) and body.job.id == job.id) or (
+            isinstance(body, (PageChanged, TextDelta)) and getattr(body, "job_id", None) == job.id) or (
+            isinstance(body, PageChanged) and body.page.job_id == job.id) or isinstance(body, EngineChanged)
+        if mine:
+            trace.events.append(ev)
+            if on_event is not None:
+                on_event(trace, ev)
+        if isinstance(body, JobChanged) and body.job.id == job.id:
+            trace.job = body.job
+            if body.job.state in TERMINAL_STATES:
+                return trace
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job.id} not finished after {timeout:.0f}s (state "
+                                 f"{trace.job.state if trace.job else '?'})")
+    raise AssertionError("the event stream ended")

@@ -1,0 +1,224 @@
+"""The vllm engine against a real `vllm serve` that the daemon starts and supervises (CPU build, tiny model).
+
+One daemon (one vLLM) serves every test of this module. The tiny model has random weights: greedy decoding
+falls into a loop at once ("7777…", " one an%%%…") and never emits its end token, so this config ends each
+answer after 24 tokens (`vllm.sampling`: min_tokens, and stop strings from its loops); the runaway guard is
+tested on the raw loops in test_runaway.py.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pymupdf
+import pytest
+
+from shared.client import RemoteError
+from shared.protocol import (
+    Ask,
+    AskReply,
+    EngineCommand,
+    EngineReply,
+    Event,
+    JobDetail,
+    JobPages,
+    PageChanged,
+    PagesReply,
+    ShowJob,
+    Submit,
+    TextDelta,
+)
+from tests.daemon_proc import wait_for
+from tests.engines import stack
+from tests.fixtures import pdfs
+from tests.vllm.conftest import JobTrace, VllmDaemon, engine_state, follow, start_vllm_daemon, wait_engine
+
+pytestmark = pytest.mark.vllm
+
+# the tiny model's greedy loops (" oneure oneure…", "7777…", "%%%…", "''''…"): after min_tokens the
+# next repetition ends the answer (vLLM takes at most 4 stop strings)
+STOPS = ["ure", "7", "%", "'"]
+JOB_TIMEOUT_S = 400.0
+
+
+@pytest.fixture(scope="module")
+def vd() -> Iterator[VllmDaemon]:
+    d = start_vllm_daemon(max_tokens=256, max_pixels=4_000_000, max_in_flight=8,
+                          sampling={"min_tokens": 24, "stop": STOPS})
+    try:
+        yield d
+    finally:
+        d.proc.close()
+
+
+@pytest.fixture
+def work() -> Iterator[Path]:
+    # short paths, readable by the daemon (same user); removed afterwards
+    path = Path(tempfile.mkdtemp(prefix="ftv", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def submit_ocr(vd: VllmDaemon, pdf: Path, out: Path, **spec: object) -> JobDetail:
+    c = vd.proc.client(timeout=60)
+    return c.call(Submit(kind="ocr", spec={"file": str(pdf), "out_dir": str(out), **spec}), JobDetail)
+
+
+def sidecar(out: Path, stem: str) -> dict[str, object]:
+    return json.loads((out / f"{stem}.json").read_text())
+
+
+def test_twelve_page_pdf_streams_deltas_while_decoding_and_assembles_in_page_order(vd: VllmDaemon,
+                                                                                  work: Path) -> None:
+    pdf = pdfs.numbered(work / "twelve.pdf", 12)
+    c = vd.proc.client(timeout=60)
+    trace = follow(c, lambda: submit_ocr(vd, pdf, work / "out").job, JOB_TIMEOUT_S)
+    assert trace.job is not None and trace.job.state == "succeeded", f"{trace.job}\n{vd.logs()}"
+    # text arrived while pages were decoding: deltas with text for a page before that page was done
+    first_done: dict[int, int] = {}
+    first_text: dict[int, int] = {}
+    for i, ev in enumerate(trace.events):
+        if isinstance(ev.body, PageChanged) and ev.body.page.state == "done":
+            first_done.setdefault(ev.body.page.page_no, i)
+        if isinstance(ev.body, TextDelta) and ev.body.text:
+            first_text.setdefault(ev.body.page_no, i)
+    assert set(first_done) == set(range(1, 13))
+    early = [n for n in first_done if n in first_text and first_text[n] < first_done[n]]
+    assert len(early) >= 6, f"only pages {early} streamed text before they were done"
+    # the Markdown has the 12 pages in order, each with the model's text
+    md = (work / "out" / "twelve.md").read_text()
+    markers = [f"<!-- page {n} -->" for n in range(1, 13)]
+    positions = [md.index(m) for m in markers]
+    assert positions == sorted(positions)
+    side = sidecar(work / "out", "twelve")
+    pages = side["page_results"]
+    assert isinstance(pages, list) and [p["page"] for p in pages] == list(range(1, 13))
+    assert {p["method"] for p in pages} == {"vlm"}, pages
+    assert side["engine"] == "vllm" and side["model"] == "tiny"
+    assert all(p.chars > 0 for p in c.call(JobPages(job_id=trace.job.id), PagesReply).pages)
+
+
+def test_kill9_of_vllm_mid_job_restarts_it_and_no_page_is_lost_or_done_twice(vd: VllmDaemon, work: Path) -> None:
+    total = 40
+    pdf = pdfs.numbered(work / "forty.pdf", total)
+    before = vd.vllm_pids()
+    assert len(before) == 1, before
+    killed: list[int] = []
+
+    def kill_when_a_page_is_done(trace: JobTrace, ev: Event) -> None:
+        if not killed and isinstance(ev.body, PageChanged) and ev.body.page.state == "done":
+            os.kill(before[0], signal.SIGKILL)
+            killed.append(len(trace.pages_done()))
+
+    c = vd.proc.client(timeout=60)
+    trace = follow(c, lambda: submit_ocr(vd, pdf, work / "out").job, JOB_TIMEOUT_S + 300,
+                   on_event=kill_when_a_page_is_done)
+    assert killed and killed[0] < total, "vLLM was not killed while pages were still to do"
+    assert trace.job is not None and trace.job.state == "succeeded", f"{trace.job}\n{vd.logs()}"
+    done = trace.pages_done()
+    assert sorted(done) == list(range(1, total + 1)), f"pages done (with repeats): {sorted(done)}"
+    states = trace.engine_states()
+    assert "restarting" in states and states[-1] == "ready", states
+    after = vd.vllm_pids()
+    assert len(after) == 1 and after != before
+    side = sidecar(work / "out", "forty")
+    pages = side["page_results"]
+    assert isinstance(pages, list)
+    assert {p["method"] for p in pages} == {"vlm"}
+    # a page broken by the crash was sent again without using up its runaway ladder
+    assert {p["timings"]["attempts"] for p in pages} == {1.0}
+    md = (work / "out" / "forty.md").read_text()
+    assert [md.count(f"<!-- page {n} -->") for n in range(1, total + 1)] == [1] * total
+
+
+def poster_pdf(path: Path) -> Path:
+    """One 3000×3000 pt page: at 50 dpi 2083×2083 px, ≈ 5,500 image tokens for a 2048-token context."""
+    doc = pymupdf.open()
+    page = doc.new_page(width=3000, height=3000)
+    page.insert_text((200, 400), "A poster far larger than the model's context", fontsize=120)
+    doc.save(path)
+    doc.close()
+    return path
+
+
+def test_page_image_far_over_the_budget_is_downsized_and_accepted(vd: VllmDaemon, work: Path) -> None:
+    pdf = poster_pdf(work / "poster.pdf")
+    # what vLLM says to the page at its rendered size: the budget is real
+    pix = pymupdf.open(pdf)[0].get_pixmap(dpi=50)
+    body = {"model": "tiny", "max_tokens": 16, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "Convert this page to Markdown."},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
+                                                   + base64.b64encode(pix.tobytes("png")).decode()}}]}]}
+    status, answer = stack.http_json(vd.root + "/v1/chat/completions", body, timeout=300)
+    assert status == 400 and "maximum context length" in json.dumps(answer), (status, answer)
+    c = vd.proc.client(timeout=60)
+    trace = follow(c, lambda: submit_ocr(vd, pdf, work / "out").job, JOB_TIMEOUT_S)
+    assert trace.job is not None and trace.job.state == "succeeded", f"{trace.job}\n{vd.logs()}"
+    page = sidecar(work / "out", "poster")["page_results"][0]  # type: ignore[index]
+    assert page["method"] == "vlm", page
+    assert "instead of max_pixels" in page["detail"] and "max_model_len 2048" in page["detail"], page
+
+
+def test_lora_adapter_loaded_at_runtime_is_used_by_a_job_and_unloaded(vd: VllmDaemon, work: Path) -> None:
+    adapter = stack.build_tiny_lora(work / "tiny-lora")
+    c = vd.proc.client(timeout=120)
+    reply = c.call(EngineCommand(action="load", name="tiny-lora", path=str(adapter)), EngineReply, timeout=300)
+    assert "tiny-lora" in reply.engine.adapters and "loaded" in reply.message
+    status, models = stack.http_json(vd.root + "/v1/models")
+    assert status == 200 and "tiny-lora" in [m["id"] for m in models["data"]]
+    pdf = pdfs.numbered(work / "lora.pdf", 3)
+    trace = follow(c, lambda: submit_ocr(vd, pdf, work / "out", adapter="tiny-lora").job, JOB_TIMEOUT_S)
+    assert trace.job is not None and trace.job.state == "succeeded", f"{trace.job}\n{vd.logs()}"
+    side = sidecar(work / "out", "lora")
+    assert side["adapter"] == "tiny-lora"
+    assert {p["method"] for p in side["page_results"]} == {"vlm"}  # type: ignore[union-attr]
+    # every request named the adapter, and vLLM ran them with it (it refuses unknown model names with 404)
+    assert "tiny-lora" in vd.metrics()
+    reply = c.call(EngineCommand(action="unload", name="tiny-lora"), EngineReply, timeout=300)
+    assert reply.engine.adapters == []
+    with pytest.raises(RemoteError) as refused:
+        submit_ocr(vd, pdfs.numbered(work / "again.pdf", 1), work / "out", adapter="tiny-lora")
+    assert refused.value.code == "invalid_spec" and "ftctl engine load tiny-lora" in refused.value.message
+
+
+def test_ask_streams_an_answer_about_a_pdf_page(vd: VllmDaemon, work: Path) -> None:
+    pdf = pdfs.numbered(work / "ask.pdf", 2)
+    c = vd.proc.client(timeout=60)
+    events = c.events(("ask.",))
+    next(events)  # live subscription
+    reply = c.call(Ask(question="What is on this page?", file=str(pdf), page_no=2), AskReply)
+    assert reply.stream_topic == f"ask.{reply.request_key}"
+    text = ""
+    for ev in events:
+        if isinstance(ev.body, TextDelta) and ev.body.key == reply.request_key:
+            text = ev.body.text if ev.body.reset else text + ev.body.text
+            if ev.body.final:
+                break
+    assert text.strip() and "[error]" not in text, text
+
+
+def test_engine_stop_for_training_makes_pages_wait_and_wake_brings_it_back(vd: VllmDaemon, work: Path) -> None:
+    """Sleep mode does not exist on CPU: "sleep" stops vLLM (parked) and "wake" starts it again."""
+    c = vd.proc.client(timeout=120)
+    reply = c.call(EngineCommand(action="sleep"), EngineReply, timeout=300)
+    assert reply.engine.state == "stopped" and "sleep mode is off" in reply.message, reply
+    assert vd.vllm_pids() == []
+    job = submit_ocr(vd, pdfs.numbered(work / "parked.pdf", 2), work / "out").job
+    wait_for(lambda: c.call(ShowJob(job_id=job.id), JobDetail).job.state == "running", 60, "the job to run",
+             interval=0.2)
+    # the job runs, its pages wait: nothing fails, and the job does not start a parked engine itself
+    assert engine_state(vd).engine.state == "stopped"
+    assert vd.vllm_pids() == []
+    assert all(p.state != "failed" for p in c.call(JobPages(job_id=job.id), PagesReply).pages)
+    reply = c.call(EngineCommand(action="wake"), EngineReply, timeout=300)
+    assert "starting" in reply.message
+    wait_engine(vd, "ready", 400)
+    wait_for(lambda: c.call(ShowJob(job_id=job.id), JobDetail).job.state == "succeeded", JOB_TIMEOUT_S,
+             "the job that waited for the engine to finish", interval=0.5)

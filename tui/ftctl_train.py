@@ -1,0 +1,324 @@
+"""ftctl's training commands: train/eval/export jobs from LLaMA-Factory templates, datasets, eval-compare,
+deploy and templates.
+
+    ftctl templates                                   what can be submitted, one line each
+    ftctl dataset add NAME FILE.json [--images DIR]   check a sharegpt file and register it
+    ftctl train TEMPLATE --dataset NAME [--set k=v]… [--gpus N] [--wait|--follow]
+    ftctl eval [TEMPLATE] --adapter JOB|DIR --dataset NAME     BLEU/ROUGE of an adapter (or the base model)
+    ftctl export [TEMPLATE] --adapter JOB|DIR                  merge an adapter into its base model
+    ftctl eval-compare JOB JOB…                       the metrics of eval jobs side by side
+    ftctl deploy JOB [--name NAME]                    a train job's adapter (or an export's model) into vLLM
+
+``train``, ``eval`` and ``export`` are also ``ftctl submit train|eval|export``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from daemon.train.spec import SpecProblem, absolutize_paths, parse_overrides
+from shared.client import Client
+from shared.protocol import (
+    TERMINAL_STATES,
+    DatasetAdd,
+    DatasetList,
+    DatasetRemove,
+    DatasetsReply,
+    Deploy,
+    Done,
+    EvalCompare,
+    EvalCompareReply,
+    JobChanged,
+    JobDetail,
+    JobInfo,
+    ListTemplates,
+    ShowJob,
+    Submit,
+    TemplatesReply,
+    TrainPoint,
+    TrainProgress,
+)
+from tui.ftctl import EXIT_FAILED, EXIT_OK, EXIT_USAGE, _submit_common, emit_json, err, job_exit, out
+
+DATASET_ADD_TIMEOUT_S = 900.0  # checking every image of a big dataset takes a while
+
+
+# ------------------------------------------------------------------------------------------ submitting
+
+
+def _spec(args: argparse.Namespace, kind: str) -> dict[str, Any] | None:
+    try:
+        overrides = parse_overrides(args.set or [])
+    except SpecProblem as exc:
+        err.print(f"ftctl: {exc}")
+        return None
+    adapter = getattr(args, "adapter", None)
+    spec: dict[str, Any] = {"gpus": args.gpus}
+    if adapter:
+        if adapter.isdigit():
+            spec["adapter_job"] = int(adapter)
+        else:
+            overrides["adapter_name_or_path"] = adapter
+    # relative paths mean this shell's directory, not the daemon's
+    spec["set"] = absolutize_paths(overrides, Path.cwd())
+    if args.template:
+        spec["template"] = args.template
+    if args.dataset:
+        spec["dataset"] = args.dataset
+    if args.min_free_gib:
+        spec["min_free_gib"] = args.min_free_gib
+    return spec
+
+
+def cmd_submit_llamafactory(args: argparse.Namespace, c: Client) -> int:
+    kind = args.lf_kind
+    spec = _spec(args, kind)
+    if spec is None:
+        return EXIT_USAGE
+    job = c.call(Submit(kind=kind, spec=spec, name=args.name or ""), JobDetail).job
+    if not (args.wait or args.follow):
+        if args.json:
+            emit_json(job)
+        else:
+            err.print(f"job {job.id} queued ({job.name}); `ftctl show {job.id}`, `ftctl logs {job.id} -f`, or "
+                      f"--wait next time for a progress bar")
+            print(job.id)
+        return EXIT_OK
+    err.print(f"job {job.id} queued ({job.name})")
+    job = follow_job(c, job, print_points=args.follow, quiet=args.json)
+    if args.json:
+        emit_json(job)
+    else:
+        report_end(c, job)
+    return job_exit(job) if job.state in TERMINAL_STATES else EXIT_FAILED
+
+
+def point_line(p: TrainPoint) -> str:
+    parts = [f"step {p.step}/{p.total_steps}"]
+    if p.loss is not None:
+        parts.append(f"loss {p.loss:.4f}")
+    if p.eval_loss is not None:
+        parts.append(f"eval_loss {p.eval_loss:.4f}")
+    if p.lr is not None:
+        parts.append(f"lr {p.lr:.3e}")
+    if p.remaining_s is not None:
+        parts.append(f"eta {time.strftime('%H:%M:%S', time.gmtime(p.remaining_s))}")
+    return "  ".join(parts)
+
+
+def follow_job(c: Client, job: JobInfo, *, print_points: bool, quiet: bool) -> JobInfo:
+    """A progress bar (step, loss, ETA) until the job ends; with ``print_points`` every loss point too."""
+    events = c.events((f"job.{job.id}", f"train.{job.id}"))
+    job = c.call(ShowJob(job_id=job.id), JobDetail).job  # after subscribing: nothing can slip between
+    if job.state in TERMINAL_STATES:
+        return job
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[steps]}"),
+                        TextColumn("{task.fields[loss]}"), TimeRemainingColumn(), console=err, disable=quiet,
+                        transient=True)
+    with progress:
+        task = progress.add_task(_describe(job), total=None, steps="", loss="")
+        for ev in events:
+            body = ev.body
+            if isinstance(body, JobChanged) and body.job.id == job.id:
+                job = body.job
+                if body.what and not quiet:
+                    progress.console.print(f"job {job.id}: {body.what}")
+                progress.update(task, description=_describe(job))
+                if job.state in TERMINAL_STATES:
+                    break
+            elif isinstance(body, TrainProgress) and body.point.job_id == job.id:
+                p = body.point
+                loss = f"loss {p.loss:.4f}" if p.loss is not None else ""
+                progress.update(task, completed=p.step, total=p.total_steps or None,
+                                steps=f"{p.step}/{p.total_steps}", loss=loss)
+                if print_points:
+                    sys.stdout.write(point_line(p) + "\n")
+                    sys.stdout.flush()
+    return job
+
+
+def _describe(job: JobInfo) -> str:
+    note = job.progress.note if job.state == "queued" else job.state
+    return f"job {job.id} {note or job.state}"
+
+
+def report_end(c: Client, job: JobInfo) -> None:
+    if job.state == "succeeded":
+        history = c.call(ShowJob(job_id=job.id), JobDetail).history
+        summary = history[-1].what if history else ""
+        err.print(f"job {job.id} succeeded: {summary}")
+    else:
+        err.print(f"job {job.id} {job.state}{': ' + job.error if job.error else ''}")
+    for key, value in job.artifacts.items():
+        if key != "saved":
+            out.print(f"{key}: {value}")
+
+
+# --------------------------------------------------------------------------------------------- others
+
+
+def cmd_eval_compare(args: argparse.Namespace, c: Client) -> int:
+    reply = c.call(EvalCompare(job_ids=args.jobs), EvalCompareReply)
+    if args.json:
+        emit_json(reply.columns)
+    else:
+        out.print(reply.table, markup=False)
+    return EXIT_OK
+
+
+def cmd_deploy(args: argparse.Namespace, c: Client) -> int:
+    # loading an adapter into a busy engine, or restarting it, takes a while
+    reply = c.call(Deploy(job_id=args.job, name=args.name or ""), Done, timeout=max(args.timeout, 600.0))
+    out.print(reply.message, markup=False)
+    return EXIT_OK
+
+
+def cmd_templates(args: argparse.Namespace, c: Client) -> int:
+    reply = c.call(ListTemplates(), TemplatesReply)
+    if args.json:
+        emit_json(reply)
+        return EXIT_OK
+    if not reply.templates:
+        err.print(f"no templates in {reply.templates_dir}; put LLaMA-Factory YAML files there")
+        return EXIT_FAILED
+    t = Table(box=None, pad_edge=False)
+    for col in ("TEMPLATE", "SUBMIT WITH", "DESCRIPTION"):
+        t.add_column(col, no_wrap=col != "DESCRIPTION")
+    for e in reply.templates:
+        how = f"ftctl {e.kind}" + (f" ({e.stage})" if e.stage else "")
+        t.add_row(e.name, how, e.description)
+    out.print(t)
+    err.print(f"templates in {reply.templates_dir}; change any key with --set key=value")
+    return EXIT_OK
+
+
+def cmd_dataset_add(args: argparse.Namespace, c: Client) -> int:
+    body = DatasetAdd(name=args.name, file=str(Path(args.file).expanduser().resolve()),
+                      images=str(Path(args.images).expanduser().resolve()) if args.images else "",
+                      ranking=args.ranking, replace=args.replace)
+    reply = c.call(body, DatasetsReply, timeout=max(args.timeout, DATASET_ADD_TIMEOUT_S))
+    if args.json:
+        emit_json(reply)
+    else:
+        out.print(reply.message, markup=False)
+    return EXIT_OK
+
+
+def cmd_dataset_list(args: argparse.Namespace, c: Client) -> int:
+    reply = c.call(DatasetList(), DatasetsReply)
+    if args.json:
+        emit_json(reply.datasets)
+        return EXIT_OK
+    if not reply.datasets:
+        err.print(reply.message or "no datasets")
+        return EXIT_OK
+    t = Table(box=None, pad_edge=False)
+    for col in ("NAME", "RECORDS", "IMAGES", "KIND", "FILE"):
+        t.add_column(col, no_wrap=True)
+    for d in reply.datasets:
+        t.add_row(d.name, str(d.records), str(d.images), "ranking" if d.ranking else "sft", d.file)
+    out.print(t)
+    return EXIT_OK
+
+
+def cmd_dataset_rm(args: argparse.Namespace, c: Client) -> int:
+    out.print(c.call(DatasetRemove(name=args.name), Done).message, markup=False)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------- parser
+
+_KIND_HELP = {
+    "train": ("train a model from a LLaMA-Factory template (sft, dpo, …)",
+              "Train from a template in configs/llamafactory (`ftctl templates`). The daemon renders the "
+              "template with your --set overrides and --dataset, checks every key, dataset and path in under a "
+              "second, queues the job and runs `llamafactory-cli train` on the GPUs it assigns (the CPU when "
+              "there are none). Example: ftctl train qwen2vl_lora_sft --dataset mydocs --set "
+              "model_name_or_path=/models/Qwen2-VL-7B-Instruct --set num_train_epochs=2 --gpus 2 --wait"),
+    "eval": ("score an adapter (or the base model) with BLEU-4/ROUGE on a dataset",
+             "Predict on a dataset and score BLEU-4 and ROUGE-1/2/L (template qwen2vl_eval unless named). "
+             "--adapter JOB takes a train job's adapter and its base model; leave it out to score the base "
+             "model (--set model_name_or_path=…). Compare runs with `ftctl eval-compare`."),
+    "export": ("merge an adapter into its base model (llamafactory-cli export)",
+               "Merge a LoRA adapter into its base model (template qwen2vl_export unless named): --adapter JOB "
+               "takes a train job's adapter and base model. The merged model can be served with `ftctl deploy`."),
+}
+
+
+def _add_llamafactory_parser(parsers: Any, kind: str) -> None:
+    short, long = _KIND_HELP[kind]
+    sp = parsers.add_parser(kind, help=short, description=long)
+    sp.set_defaults(fn=cmd_submit_llamafactory, lf_kind=kind)
+    sp.add_argument("template", nargs=None if kind == "train" else "?", default="",
+                    help="a template name (`ftctl templates`)" + ("" if kind == "train" else
+                                                                    f"; default qwen2vl_{kind}"))
+    sp.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a template key (repeatable); KEY= removes it; values are YAML (1e-4, true)")
+    if kind != "export":
+        sp.add_argument("--dataset", action="append", metavar="NAME",
+                        help="a registered dataset (`ftctl dataset list`); repeat for several")
+    else:
+        sp.set_defaults(dataset=None)
+    if kind != "train":
+        sp.add_argument("--adapter", metavar="JOB|DIR", help="a train job's id (its adapter and base model) or an "
+                                                            "adapter directory")
+    sp.add_argument("--gpus", type=int, default=1, help="GPUs the job needs (default 1; ignored without GPUs)")
+    sp.add_argument("--min-free-gib", dest="min_free_gib", type=float, default=0.0,
+                    help="free memory it needs on each GPU (default: the daemon's [scheduler] min_free_gib)")
+    sp.add_argument("--follow", action="store_true", help="wait, and print every loss point as it arrives")
+    _submit_common(sp)
+
+
+def extend(kinds: Any, commands: Any) -> None:
+    for kind in ("train", "eval", "export"):
+        _add_llamafactory_parser(kinds, kind)  # ftctl submit train|eval|export …
+        _add_llamafactory_parser(commands, kind)  # ftctl train|eval|export …
+
+    sp = commands.add_parser("templates", help="list the job templates with a one-line description",
+                             description="The LLaMA-Factory templates the daemon renders jobs from.")
+    sp.set_defaults(fn=cmd_templates)
+    sp.add_argument("--json", action="store_true")
+
+    sp = commands.add_parser("eval-compare", help="eval jobs' BLEU-4/ROUGE side by side",
+                             description="Print the metrics of finished eval jobs side by side (base model vs "
+                             "adapters on the same dataset).")
+    sp.set_defaults(fn=cmd_eval_compare)
+    sp.add_argument("jobs", type=int, nargs="+", metavar="JOB")
+    sp.add_argument("--json", action="store_true")
+
+    sp = commands.add_parser("deploy", help="serve a train job's adapter (or an export's model) in vLLM",
+                             description="A finished train job's adapter is loaded into the running vLLM engine "
+                             "as a runtime LoRA named --name (default jobN); an export job's merged model becomes "
+                             "the engine's model (vLLM restarts; admins only).")
+    sp.set_defaults(fn=cmd_deploy)
+    sp.add_argument("job", type=int)
+    sp.add_argument("--name", help="the adapter's name in requests (OCR jobs: --adapter NAME)")
+
+    ds = commands.add_parser("dataset", help="register, list and remove training datasets",
+                             description="Datasets are sharegpt JSON files checked record by record and registered "
+                             "in the daemon's dataset_info.json.")
+    dsub = ds.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
+    sp = dsub.add_parser("add", help="check a sharegpt .json/.jsonl file and register it",
+                         description="Check every record (roles alternate, one <image> tag per image, images "
+                         "exist and open, ranking data has chosen/rejected) and register the file as NAME.")
+    sp.set_defaults(fn=cmd_dataset_add)
+    sp.add_argument("name")
+    sp.add_argument("file")
+    sp.add_argument("--images", metavar="DIR", help="the folder relative image paths are in (default: the file's)")
+    sp.add_argument("--ranking", action=argparse.BooleanOptionalAction, default=None,
+                    help="ranking data (chosen/rejected) for dpo/rm (default: detected from the first record)")
+    sp.add_argument("--replace", action="store_true", help="replace a dataset of the same name (yours)")
+    sp.add_argument("--json", action="store_true")
+    sp = dsub.add_parser("list", help="the registered datasets")
+    sp.set_defaults(fn=cmd_dataset_list)
+    sp.add_argument("--json", action="store_true")
+    sp = dsub.add_parser("rm", help="unregister a dataset (yours) and delete the daemon's copy")
+    sp.set_defaults(fn=cmd_dataset_rm)
+    sp.add_argument("name")
