@@ -95,6 +95,7 @@ def main() -> int:
     p.add_argument("--deltas", type=int, default=1, help="token deltas per step")
     p.add_argument("--window", type=float, default=10.0, help="seconds of CPU measurement")
     p.add_argument("--presses", type=int, default=20, help="key presses for the latency")
+    p.add_argument("--ftui", default=str(FTUI), help="the ftui command to measure (default: this venv's ftui)")
     args = p.parse_args()
 
     daemon = DaemonProc().start()
@@ -106,7 +107,7 @@ def main() -> int:
                                daemon=True)
     counter.start()
     try:
-        cmd = f"env TERM=xterm-256color COLORTERM= {shlex.quote(str(FTUI))} --home {shlex.quote(str(daemon.home))}"
+        cmd = f"env TERM=xterm-256color COLORTERM= {args.ftui} --home {shlex.quote(str(daemon.home))}"
         tmux.run("new-session", "-d", "-s", "bench", "-x", "100", "-y", "30", cmd)
         tmux.wait_for("0 in all", 30)  # connected, snapshot drawn
         pid = int(tmux.run("display", "-p", "-t", "bench", "#{pane_pid}").strip())

@@ -61,6 +61,7 @@ CREATE TABLE IF NOT EXISTS events (
     body BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id);
+CREATE INDEX IF NOT EXISTS events_history ON events(job_id, seq) WHERE what != '';
 CREATE TABLE IF NOT EXISTS pages (
     job_id INTEGER NOT NULL,
     page_no INTEGER NOT NULL,

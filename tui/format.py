@@ -74,7 +74,3 @@ def bar(fraction: float, width: int) -> str:
 
 def mib(value: float) -> str:
     return f"{value / 1024:.1f}G" if value >= 1024 else f"{value:.0f}M"
-
-
-def gpu_list(gpus: list[int]) -> str:
-    return ",".join(map(str, gpus)) if gpus else "-"

@@ -351,10 +351,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.fn(args, client))
     except DaemonUnavailable as exc:
-        err.print(f"ftctl: {exc}")
+        err.print(f"ftctl: {exc}", markup=False)
         return EXIT_NO_DAEMON
     except RemoteError as exc:
-        err.print(f"ftctl: {exc.message}")
+        err.print(f"ftctl: {exc.message}", markup=False)  # messages name config keys like [train] …
         if exc.code == "forbidden":
             return EXIT_FORBIDDEN
         if exc.code in ("invalid_spec", "bad_request", "unknown_job", "invalid_state"):

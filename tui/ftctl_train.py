@@ -57,7 +57,7 @@ def _spec(args: argparse.Namespace, kind: str) -> dict[str, Any] | None:
     try:
         overrides = parse_overrides(args.set or [])
     except SpecProblem as exc:
-        err.print(f"ftctl: {exc}")
+        err.print(f"ftctl: {exc}", markup=False)
         return None
     adapter = getattr(args, "adapter", None)
     spec: dict[str, Any] = {"gpus": args.gpus}
@@ -129,7 +129,7 @@ def follow_job(c: Client, job: JobInfo, *, print_points: bool, quiet: bool) -> J
             if isinstance(body, JobChanged) and body.job.id == job.id:
                 job = body.job
                 if body.what and not quiet:
-                    progress.console.print(f"job {job.id}: {body.what}")
+                    progress.console.print(f"job {job.id}: {body.what}", markup=False)
                 progress.update(task, description=_describe(job))
                 if job.state in TERMINAL_STATES:
                     break
@@ -153,12 +153,12 @@ def report_end(c: Client, job: JobInfo) -> None:
     if job.state == "succeeded":
         history = c.call(ShowJob(job_id=job.id), JobDetail).history
         summary = history[-1].what if history else ""
-        err.print(f"job {job.id} succeeded: {summary}")
+        err.print(f"job {job.id} succeeded: {summary}", markup=False)
     else:
-        err.print(f"job {job.id} {job.state}{': ' + job.error if job.error else ''}")
+        err.print(f"job {job.id} {job.state}{': ' + job.error if job.error else ''}", markup=False)
     for key, value in job.artifacts.items():
         if key != "saved":
-            out.print(f"{key}: {value}")
+            out.print(f"{key}: {value}", markup=False)
 
 
 # --------------------------------------------------------------------------------------------- others

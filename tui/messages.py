@@ -9,7 +9,6 @@ comes back to it as :class:`Replied` or :class:`RequestFailed`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from textual.message import Message
 
@@ -47,10 +46,3 @@ class JobHighlighted(Message):
     """The cursor of a job table moved onto a job."""
 
     job_id: int | None
-
-
-@dataclass
-class FileChosen(Message):
-    """The file picker settled on a file (or was dismissed: ``path`` is None)."""
-
-    path: Path | None
