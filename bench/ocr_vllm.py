@@ -4,6 +4,8 @@
 (b) the daemon's pipeline: `ftctl submit ocr` of the 32-page PDF, from submit to the job's end (rendering,
     budget, streaming, storing pages and writing the Markdown included);
 (c) an ideal client: all pages rendered beforehand, all 32 requests fired at once, nothing else done.
+(a) runs once; (b) and (c) run twice, alternating, and the faster of each counts: this machine is shared,
+and a load spike from elsewhere should not decide the ratio.
 
 Goals (issue 4): b/a ≥ 5, b/c ≥ 0.9. Every request is the same in all three (the daemon's prompt, the same
 pixels, greedy sampling, the same stop strings), and vLLM's prefix and image caches are off so that no run reuses
@@ -29,16 +31,20 @@ import pymupdf
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from daemon.ocr.prompts import load_prompt
-from shared.protocol import TERMINAL_STATES, JobChanged, JobDetail, Submit
+from daemon.ocr.server_metrics import parse_load
+from shared.client import Client
+from shared.protocol import TERMINAL_STATES, JobChanged, JobDetail, JobPages, PagesReply, Submit
 from tests.fixtures import pdfs
 from tests.vllm.conftest import start_vllm_daemon
 
 PAGES = 32
+ROUNDS = 2  # (b) and (c) are each run twice, alternating; the best of each counts
 DPI = 50  # what tests/vllm/conftest.py configures
 MAX_PIXELS = 200_000
 MAX_TOKENS = 256
-# the tiny model never ends an answer: after min_tokens the next repetition of its loops does (tests/vllm)
-SAMPLING = {"min_tokens": 32, "stop": ["ure", "7", "%", "'"]}
+# the tiny model never ends an answer: after min_tokens the next repetition of its loops does (tests/vllm);
+# 64 tokens of its greedy loop stay under the runaway guard's 320 characters, so every page takes one attempt
+SAMPLING = {"min_tokens": 64, "stop": ["ure", "7", "%", "'"]}
 
 
 def render(pdf: Path, page_no: int) -> bytes:
@@ -89,6 +95,35 @@ async def ideal(root: str, pngs: list[bytes], prompt: str) -> tuple[float, list[
         return time.perf_counter() - t, list(finishes)
 
 
+def tokens(metrics: str) -> tuple[float, float]:
+    """(prompt tokens, generated tokens) the server processed so far."""
+    load = parse_load(metrics)
+    prompt = sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                 if line.startswith("vllm:prompt_tokens_total{"))
+    return prompt, load.generation_tokens
+
+
+def through_daemon(c: Client, pdf: Path, out: Path) -> tuple[float, str]:
+    """Submit the PDF and wait for the job's end; seconds, and what its pages say about waiting."""
+    events = c.events(("job.",))
+    next(events)
+    t = time.perf_counter()
+    job = c.call(Submit(kind="ocr", spec={"file": str(pdf), "out_dir": str(out), "force": True}), JobDetail).job
+    for ev in events:
+        if isinstance(ev.body, JobChanged) and ev.body.job.id == job.id and ev.body.job.state in TERMINAL_STATES:
+            job = ev.body.job
+            break
+    elapsed = time.perf_counter() - t
+    assert job.state == "succeeded", job.error
+    pages = c.call(JobPages(job_id=job.id), PagesReply).pages
+    methods = {p.method for p in pages}
+    waits = [p.timings.get("wait_s", 0.0) for p in pages]
+    gens = [p.timings.get("generate_s", 0.0) for p in pages]
+    attempts = {p.timings.get("attempts", 0.0) for p in pages}
+    return elapsed, (f"methods {methods}, attempts {attempts}, slot wait max {max(waits):.2f}s, generation "
+                     f"{min(gens):.1f}-{max(gens):.1f}s a page")
+
+
 def main() -> int:
     print(f"starting ftmllmd with vLLM (tiny Qwen2-VL, CPU build); {PAGES} pages", flush=True)
     vd = start_vllm_daemon(max_tokens=MAX_TOKENS, max_pixels=MAX_PIXELS, max_in_flight=64, sampling=SAMPLING,
@@ -103,22 +138,22 @@ def main() -> int:
         seq_s, seq_fin = asyncio.run(sequential(vd.root, pdf, prompt))
         print(f"(a) one page at a time: {seq_s:.1f}s, {PAGES / seq_s:.2f} pages/s ({set(seq_fin)})", flush=True)
         c = vd.proc.client(timeout=60)
-        events = c.events(("job.",))
-        next(events)
-        t = time.perf_counter()
-        job = c.call(Submit(kind="ocr", spec={"file": str(pdf), "out_dir": str(work / "out")}), JobDetail).job
-        for ev in events:
-            if isinstance(ev.body, JobChanged) and ev.body.job.id == job.id and ev.body.job.state in TERMINAL_STATES:
-                job = ev.body.job
-                break
-        daemon_s = time.perf_counter() - t
-        assert job.state == "succeeded", job.error
-        methods = {p["method"] for p in json.loads((work / "out" / "bench.json").read_text())["page_results"]}
-        print(f"(b) the daemon's pipeline: {daemon_s:.1f}s, {PAGES / daemon_s:.2f} pages/s (methods {methods})",
-              flush=True)
-        ideal_s, ideal_fin = asyncio.run(ideal(vd.root, pngs, prompt))
-        print(f"(c) all at once, nothing else: {ideal_s:.1f}s, {PAGES / ideal_s:.2f} pages/s ({set(ideal_fin)})",
-              flush=True)
+        daemon_runs: list[float] = []
+        ideal_runs: list[float] = []
+        for round_no in range(ROUNDS):  # (b) and (c) alternate: a load spike from elsewhere hits both alike
+            m0 = tokens(vd.metrics())
+            ideal_s, ideal_fin = asyncio.run(ideal(vd.root, pngs, prompt))
+            m1 = tokens(vd.metrics())
+            ideal_runs.append(ideal_s)
+            print(f"(c) all at once, nothing else: {ideal_s:.1f}s, {PAGES / ideal_s:.2f} pages/s "
+                  f"({set(ideal_fin)})", flush=True)
+            daemon_s, note = through_daemon(c, pdf, work / f"out{round_no}")
+            m2 = tokens(vd.metrics())
+            print(f"    tokens (prompt, generated): ideal {m1[0] - m0[0]:.0f}, {m1[1] - m0[1]:.0f}; daemon "
+                  f"{m2[0] - m1[0]:.0f}, {m2[1] - m1[1]:.0f}")
+            daemon_runs.append(daemon_s)
+            print(f"(b) the daemon's pipeline: {daemon_s:.1f}s, {PAGES / daemon_s:.2f} pages/s ({note})", flush=True)
+        daemon_s, ideal_s = min(daemon_runs), min(ideal_runs)
     finally:
         vd.proc.close()
     seq_pps, daemon_pps, ideal_pps = PAGES / seq_s, PAGES / daemon_s, PAGES / ideal_s

@@ -64,7 +64,7 @@ def start_latencies(d: TrainDaemon, spec: dict[str, object]) -> list[float]:
 
 
 def loss_latencies(d: TrainDaemon, spec: dict[str, object]) -> tuple[list[float], int]:
-    rec = Recorder(d.client(), ("train.",)).start()
+    rec = Recorder(d.client(), ("train.", "job.")).start()
     job = d.c.call(Submit(kind="train", spec=spec), JobDetail).job
     log = Path(job.spec["output_dir"]) / "trainer_log.jsonl"
     seen: dict[int, float] = {}  # step -> when its line was first seen in the file

@@ -19,13 +19,16 @@ from shared.protocol import JobInfo
 def assemble(settings: Settings, notifier: Notifier | None = None) -> Daemon:
     daemon = Daemon(settings, notifier=notifier)
     cfg = settings.config.ocr
-    pool = PdfWorkerPool(size=max(1, cfg.workers), markdown_mode=cfg.markdown_mode,
-                         log_path=settings.paths.state_dir / "pdfworkers.log")
     # train/eval/export jobs, the GPU allocator and the dataset/template/deploy requests; before the engines,
     # which look at the GPUs through it
     train = training.install(daemon, settings)
-    # the engines (cpu, vllm, remote), which one serves and why, `ftctl engine …` and `ask` requests
-    engines = engine_control.install(daemon, settings, pool)
+    # which engine serves (cpu, vllm, remote) and why; it decides what the PDF workers preload
+    decision = engine_control.decide(daemon, settings)
+    pool = PdfWorkerPool(size=max(1, cfg.workers), markdown_mode=cfg.markdown_mode,
+                         preload=engine_control.worker_preload(decision),
+                         log_path=settings.paths.state_dir / "pdfworkers.log")
+    # the engines, `ftctl engine …` and `ask` requests, engine state events
+    engines = engine_control.install(daemon, settings, pool, decision)
     train.use_engine(engines)  # the vLLM engine is parked when a job needs its GPU
     ocr = OcrKind(settings, pool, engines.choice, daemon.store)
     daemon.kinds["ocr"] = ocr

@@ -21,6 +21,8 @@ import os
 import shutil
 import struct
 import uuid
+from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 from daemon.engine_supervisor import EngineCommandError
@@ -58,9 +60,9 @@ def gpu_view(daemon: Daemon) -> tuple[list[int], str]:
     return [g.index for g in gpus], snap.note
 
 
-def choose_default(settings: Settings, engines: dict[str, Engine], gpus: list[int], gpu_note: str,
+def choose_default(settings: Settings, engines: Collection[str], gpus: list[int], gpu_note: str,
                    vllm_exe: str | None) -> tuple[str, str]:
-    """(engine name, why) for ocr.engine."""
+    """(engine name, why) for ocr.engine, given the engines the config provides."""
     cfg = settings.config
     wanted = cfg.ocr.engine
     if wanted == "cpu":
@@ -88,8 +90,31 @@ def choose_default(settings: Settings, engines: dict[str, Engine], gpus: list[in
     return "vllm", f"auto: {len(gpus)} GPU(s) and {vllm_exe}: serving {cfg.vllm.model} with vLLM"
 
 
+@dataclass(frozen=True)
+class Decision:
+    default: str  # the engine that serves jobs naming none
+    reason: str
+    gpus: list[int]  # GPU indices, most free memory first
+
+
+def decide(daemon: Daemon, settings: Settings) -> Decision:
+    """Which engine serves by default, before anything is built (the PDF workers are sized by it)."""
+    cfg = settings.config
+    gpus, note = gpu_view(daemon)
+    available = {"cpu"} | ({"vllm"} if cfg.vllm.model else set()) | ({"remote"} if cfg.remote.urls else set())
+    default, reason = choose_default(settings, available, gpus, note, shutil.which(cfg.vllm.executable))
+    return Decision(default, reason, gpus)
+
+
+def worker_preload(decision: Decision) -> tuple[str, ...]:
+    """What the PDF workers load at start: the CPU engine's models (≈270 MB a worker, seconds to load) only
+    when it serves; a VLM engine's pages need rendering alone (a job naming cpu loads them on first use)."""
+    return ("markdown", "ocr") if decision.default == "cpu" else ()
+
+
 class EngineControl:
-    def __init__(self, daemon: Daemon, settings: Settings, pool: PdfWorkerPool) -> None:
+    def __init__(self, daemon: Daemon, settings: Settings, pool: PdfWorkerPool,
+                 decision: Decision | None = None) -> None:
         # httpx logs every request at INFO: the /metrics poll alone would fill the daemon's log
         logging.getLogger("httpx").setLevel(logging.WARNING)
         self.daemon = daemon
@@ -104,7 +129,8 @@ class EngineControl:
         except OcrError as exc:
             self.prompt_error = exc.message
             prompt = ""
-        gpus, gpu_note = gpu_view(daemon)
+        decision = decision or decide(daemon, settings)
+        gpus = decision.gpus
         self.vllm: VllmEngine | None = None
         self.remote: RemoteEngine | None = None
         if cfg.vllm.model:
@@ -116,10 +142,8 @@ class EngineControl:
             self.remote = RemoteEngine(cfg.remote, cfg.vllm, cfg.ocr, pool, prompt,
                                        on_change=lambda what, durable: self._changed("remote", what, durable))
             engines["remote"] = self.remote
-        exe = shutil.which(cfg.vllm.executable)
-        default, reason = choose_default(settings, engines, gpus, gpu_note, exe)
-        self.choice = EngineChoice(engines=engines, default=default, reason=reason)
-        daemon.engine = self.info(default)
+        self.choice = EngineChoice(engines=engines, default=decision.default, reason=decision.reason)
+        daemon.engine = self.info(decision.default)
         self._asks: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------------------------------- state
@@ -163,10 +187,20 @@ class EngineControl:
         """With the daemon: the default engine starts now (vLLM takes minutes), the others on first use."""
         if self.prompt_error:
             log.error("OCR prompt: %s", self.prompt_error)
+        if self.choice.default != "cpu":
+            # the PDF workers only render for a VLM engine (light, see worker_preload): have them ready before
+            # the first page rather than after it
+            self.daemon.add_task(self._start_pool(), "pdf-workers")
         if self.choice.default == "vllm" and self.vllm is not None and not self.prompt_error:
             await self.vllm.start()
         elif self.choice.default == "remote" and self.remote is not None:
             await self.remote.start()
+
+    async def _start_pool(self) -> None:
+        try:
+            await self.pool.start()
+        except OcrError as exc:  # the first job says it again, with its own context
+            log.error("PDF workers: %s", exc.message)
 
     async def stop(self) -> None:
         for engine in (self.vllm, self.remote):
@@ -326,12 +360,12 @@ def image_dimensions(data: bytes) -> tuple[int, int] | None:
     return None
 
 
-def install(daemon: Daemon, settings: Settings, pool: PdfWorkerPool) -> EngineControl:
+def install(daemon: Daemon, settings: Settings, pool: PdfWorkerPool,
+            decision: Decision | None = None) -> EngineControl:
     """Build the engines, register the engine/ask requests and the start/stop hooks; returns the control."""
-    control = EngineControl(daemon, settings, pool)
+    control = EngineControl(daemon, settings, pool, decision)
     control.register()
     daemon.start_callbacks.append(control.start)
     daemon.stop_callbacks.append(control.stop)
-    daemon.engine_control = control  # type: ignore[attr-defined]  # for the training scheduler
     return control
 

@@ -179,7 +179,7 @@ class GpuAllocator:
         reason = decisions.waiting.get(job.id, "waiting for GPUs")
         if self._waiting.get(job.id) != reason:
             self._waiting[job.id] = reason
-            self.jobs.set_note(job.id, Progress(note=f"waiting: {reason}"))
+            self.jobs.set_note(job.id, Progress(note=reason if reason.startswith("waiting") else f"waiting: {reason}"))
         return None
 
     def on_job_end(self, job: JobInfo) -> None:
@@ -207,6 +207,7 @@ class GpuAllocator:
                     await engine.park(action.action, action.reason)
                     self._parked = True
                 log.info("engine %s: %s", action.action, action.reason)
+                await self.sample()  # what the GPUs look like now, before the queue is looked at again
             except Exception:
                 log.exception("could not %s the engine (%s)", action.action, action.reason)
             finally:

@@ -220,14 +220,19 @@ class HotFolder:
     def _move_duplicate(self, path: Path, earlier: JobInfo) -> None:
         md = earlier.artifacts.get("markdown", "")
         state = "converted" if earlier.state == "succeeded" else f"being converted ({earlier.state})"
-        dest = self._move(path, "done", None)
-        note = (f"{path.name} has the same content as {Path(earlier.spec.get('file', '?')).name}, already {state} "
-                f"by job {earlier.id}{' → ' + md if md else ''}. Nothing was converted again. To convert it "
-                f"anyway: ftctl submit ocr --force {dest}\n")
-        write_atomic(dest.with_name(dest.name + ".note.txt"), note)
+
+        def note(dest: Path) -> str:
+            return (f"{path.name} has the same content as {Path(earlier.spec.get('file', '?')).name}, already "
+                    f"{state} by job {earlier.id}{' → ' + md if md else ''}. Nothing was converted again. To "
+                    f"convert it anyway: ftctl submit ocr --force {dest}\n")
+
+        dest = self._move(path, "done", note=(".note.txt", note))
         log.info("hot folder: %s is a duplicate of job %d; moved to %s", path.name, earlier.id, dest)
 
-    def _move(self, path: Path, where: str, error: str | None) -> Path:
+    def _move(self, path: Path, where: str, error: str | None = None,
+              note: tuple[str, Callable[[Path], str]] | None = None) -> Path:
+        """Move a source out of the inbox; its explanation (error or note) is written first, so whoever
+        sees the file in done/ or failed/ also finds why it is there."""
         rel = path.parent.relative_to(self.paths.inbox)
         dest_dir = (self.paths.done if where == "done" else self.paths.failed) / rel
         dest_dir.mkdir(parents=True, exist_ok=True)
@@ -236,14 +241,16 @@ class HotFolder:
         while dest.exists():
             dest = dest_dir / f"{path.stem}.{n}{path.suffix}"
             n += 1
-        shutil.move(path, dest)
+        if error is not None:
+            note = (".error.txt", lambda _dest: f"{path.name}: {error}\nWhat to do: fix the cause above, then "
+                                                f"move the file back into {self.paths.inbox} to convert it again.\n")
+        if note is not None:
+            suffix, text = note
+            write_atomic(dest.with_name(dest.name + suffix), text(dest))
         side = path.with_name(path.name + ".password")
         if side.exists():
             shutil.move(side, dest.with_name(dest.name + ".password"))
-        if error is not None:
-            write_atomic(dest.with_name(dest.name + ".error.txt"),
-                         f"{path.name}: {error}\nWhat to do: fix the cause above, then move the file back into "
-                         f"{self.paths.inbox} to convert it again.\n")
+        shutil.move(path, dest)
         return dest
 
     def on_job_end(self, job: JobInfo) -> None:

@@ -272,7 +272,7 @@ class AsyncClient:
         sub = self.subscribe()
         # frames already queued are read in a burst through a plain (non-asyncio) shadow of the same
         # socket: one event-loop round trip per frame cost a TUI most of a core at 5,000 events/s
-        drain = zmq.Socket.shadow(sub.underlying)
+        drain: zmq.Socket[bytes] = zmq.Socket.shadow(sub.underlying)
         lost_after = 3 * self.heartbeat_s
         need_snapshot = True
         lost = False

@@ -5,8 +5,10 @@ where they gain nothing and are lost work if the server restarts. :class:`InFlig
 slots shared by the pages of every running job: its limit starts at ``max_in_flight`` and follows the
 server's own numbers (:meth:`observe`, from ``/metrics`` every couple of seconds):
 
-* the server queues more than a few requests → the limit drops to what it runs plus a small reserve, so
-  the batch refills at once when a page finishes;
+* the server is saturated (it runs no more than before while more than a small reserve waits, for
+  :data:`SATURATED_POLLS` polls in a row) → the limit drops to the most it was seen running plus that
+  reserve, so the batch refills at once when a page finishes. A burst of new pages also waits briefly
+  (prefill is scheduled in chunks) while ``running`` still climbs: that is not a reason to back off.
 * nothing waits and every slot is taken → the limit grows again (by a quarter), up to ``max_in_flight``.
 """
 
@@ -14,7 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import AsyncIterator
+
+SATURATED_POLLS = 3
+PEAK_WINDOW = 15  # polls (≈ 30 s) over which the most requests seen running counts as the batch size
 
 
 class InFlight:
@@ -24,6 +30,8 @@ class InFlight:
         self.limit = self.maximum
         self.active = 0
         self._cond: asyncio.Condition | None = None
+        self._running: deque[int] = deque(maxlen=PEAK_WINDOW)
+        self._saturated = 0
 
     def _condition(self) -> asyncio.Condition:
         # created lazily: the object is built before the daemon's event loop runs
@@ -44,19 +52,26 @@ class InFlight:
             async with cond:
                 cond.notify(1)
 
-    def reserve(self, running: int) -> int:
+    @staticmethod
+    def reserve(running: int) -> int:
         """Requests kept beyond what the server runs, so its batch refills without a round trip."""
         return max(2, running // 8)
 
     async def observe(self, running: int, waiting: int) -> None:
         """Follow the server's queue (see the module doc)."""
-        if waiting > self.reserve(running):
-            new = max(self.minimum, running + self.reserve(running))
-        elif waiting == 0 and self.active >= self.limit:
-            new = self.limit + max(2, self.limit // 4)
+        previous = self._running[-1] if self._running else 0
+        self._running.append(running)
+        peak = max(self._running)
+        if waiting > self.reserve(running) and running <= previous:
+            self._saturated += 1
         else:
-            return
-        await self.set_limit(min(self.maximum, new))
+            self._saturated = 0
+        if self._saturated >= SATURATED_POLLS:
+            new = max(self.minimum, peak + self.reserve(peak))
+            if new < self.limit:
+                await self.set_limit(new)
+        elif waiting == 0 and self.active >= self.limit and self.limit < self.maximum:
+            await self.set_limit(min(self.maximum, self.limit + max(2, self.limit // 4)))
 
     async def set_limit(self, limit: int) -> None:
         grew = limit > self.limit

@@ -213,7 +213,7 @@ class RemoteEngine:
                 self.pages_per_s = max(0.0, (self.pages_done - last[2]) / dt)
             last = (now, gen, self.pages_done)
             up = [s for s in self.servers if s.up]
-            state = "ready" if up else ("failed" if self.state != "starting" else "starting")
+            state = "ready" if up else "failed"
             if up and not self.model:
                 self.model = next((m for s in up for m, parent in s.models.items() if not parent), "")
             if up and not self._prompt_counted:

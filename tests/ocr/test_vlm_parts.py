@@ -12,7 +12,7 @@ from pathlib import Path
 from daemon.engine_control import choose_default, image_dimensions
 from daemon.engine_supervisor import build_command, build_env, log_reason, served_name_of
 from daemon.ocr.chat_stream import api_root, error_message
-from daemon.ocr.inflight import InFlight
+from daemon.ocr.inflight import SATURATED_POLLS, InFlight
 from daemon.ocr.remote_engine import Server, pick
 from daemon.ocr.server_metrics import parse_load
 from daemon.ocr.vlm import chat_body, data_url, unfence
@@ -66,37 +66,36 @@ def test_error_message_quotes_vllm() -> None:
     assert api_root("http://gpu2:8000/v1/") == "http://gpu2:8000"
 
 
-async def test_in_flight_limit_backs_off_when_the_server_queues_and_grows_back() -> None:
+async def test_in_flight_limit_backs_off_only_when_the_server_is_saturated_and_grows_back() -> None:
     pool = InFlight(64)
-    await pool.observe(running=16, waiting=30)
-    assert pool.limit == 16 + pool.reserve(16)
+    # a burst: requests wait for their prefill while running still climbs: no back-off
+    for running, waiting in [(6, 26), (14, 18), (25, 7)]:
+        await pool.observe(running=running, waiting=waiting)
+    assert pool.limit == 64
+    # saturated: running stays at 16 while 30 wait, three polls in a row
+    for _ in range(SATURATED_POLLS):
+        await pool.observe(running=16, waiting=30)
+    assert pool.limit == 25 + InFlight.reserve(25)  # the most seen running recently, plus a reserve
     held: list[asyncio.Event] = []
-    entered = 0
 
     async def request() -> None:
-        nonlocal entered
         async with pool.slot():
-            entered += 1
             ev = asyncio.Event()
             held.append(ev)
             await ev.wait()
 
     tasks = [asyncio.create_task(request()) for _ in range(40)]
-    await asyncio.sleep(0)  # let them queue for slots
-    for _ in range(5):
+    for _ in range(10):
+        await asyncio.sleep(0)  # let them take the slots there are
+    assert len(held) == pool.limit == 28
+    await pool.observe(running=28, waiting=0)  # every slot busy and nothing waits at the server: grow
+    for _ in range(10):
         await asyncio.sleep(0)
-    assert entered == pool.limit == 18
-    await pool.observe(running=18, waiting=0)  # every slot busy, nothing waits at the server: grow
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert pool.limit > 18 and entered == pool.limit
-    for ev in held:
-        ev.set()
-    while len(held) < 40:
-        await asyncio.sleep(0)
+    assert pool.limit == 35 and len(held) == 35
+    while not all(t.done() for t in tasks):
         for ev in held:
             ev.set()
-    await asyncio.gather(*tasks)
+        await asyncio.sleep(0)
     assert pool.active == 0
 
 

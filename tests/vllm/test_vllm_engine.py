@@ -35,7 +35,7 @@ from shared.protocol import (
     Submit,
     TextDelta,
 )
-from tests.daemon_proc import wait_for
+from tests.daemon_proc import DaemonProc, wait_for
 from tests.engines import stack
 from tests.fixtures import pdfs
 from tests.vllm.conftest import JobTrace, VllmDaemon, engine_state, follow, start_vllm_daemon, wait_engine
@@ -222,3 +222,37 @@ def test_engine_stop_for_training_makes_pages_wait_and_wake_brings_it_back(vd: V
     wait_engine(vd, "ready", 400)
     wait_for(lambda: c.call(ShowJob(job_id=job.id), JobDetail).job.state == "succeeded", JOB_TIMEOUT_S,
              "the job that waited for the engine to finish", interval=0.5)
+
+
+def test_remote_engine_sends_pages_to_the_server_that_answers(vd: VllmDaemon, work: Path) -> None:
+    """A second daemon that runs no vLLM: its `remote` engine uses this module's server (and a dead one)."""
+    dead = f"http://127.0.0.1:{stack.free_port()}/v1"
+    d = DaemonProc()
+    cfg = d.home / "ftmllm.toml"
+    cfg.write_text("\n".join([
+        "[hotfolder]", "enabled = false",
+        "[ocr]", 'engine = "remote"', "dpi = 50",
+        "[vllm]", "max_tokens = 256", "max_model_len = 2048", "max_pixels = 4000000",
+        f"sampling = {{min_tokens = 24, stop = {json.dumps(STOPS)}}}",
+        "[remote]", f"urls = [{json.dumps(dead)}, {json.dumps(vd.root + '/v1')}]",
+    ]) + "\n")
+    d.config = cfg
+    try:
+        d.start(timeout=60)
+        c = d.client(timeout=60)
+        wait_for(lambda: c.call(EngineCommand(action="status"), EngineReply).engine.state == "ready", 60,
+                 "the remote engine to find its server", interval=0.2)
+        status = c.call(EngineCommand(action="status"), EngineReply)
+        assert status.engine.kind == "remote" and status.engine.model == "tiny", status
+        assert "down" in status.message and vd.root in status.message, status.message
+        pdf = pdfs.numbered(work / "remote.pdf", 4)
+        job = c.call(Submit(kind="ocr", spec={"file": str(pdf), "out_dir": str(work / "out")}), JobDetail).job
+        wait_for(lambda: c.call(ShowJob(job_id=job.id), JobDetail).job.state in ("succeeded", "failed"),
+                 JOB_TIMEOUT_S, "the remote job", interval=0.2)
+        done = c.call(ShowJob(job_id=job.id), JobDetail).job
+        assert done.state == "succeeded", f"{done.error}\n{d.log_text()[-3000:]}"
+        side = sidecar(work / "out", "remote")
+        assert side["engine"] == "remote"
+        assert {p["method"] for p in side["page_results"]} == {"vlm"}  # type: ignore[union-attr]
+    finally:
+        d.close()
