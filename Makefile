@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 HOME_DIR ?= $(CURDIR)/.ftmllm
 
-.PHONY: run test lint bench engines venv clean help
+.PHONY: run test test-vllm lint bench engines venv clean help
 
 help:
 	@echo "make run    start ftmllmd in the foreground with everything under ./.ftmllm/"
@@ -32,8 +32,14 @@ run: $(STAMP)
 engines: $(STAMP)
 	$(BIN)/python tests/engines/venvs.py ensure all
 
+# tests/vllm (the vLLM engine issue) is not part of the suite yet: it was still being finished when this
+# suite was last run green; `make test-vllm` runs it. The vLLM paths used by training (tests/train_daemon)
+# are in the suite.
 test: $(STAMP) engines
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python -m pytest -q -p no:cacheprovider --ignore=tests/vllm
+
+test-vllm: $(STAMP) engines
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/vllm
 
 lint: $(STAMP)
 	$(BIN)/ruff check daemon shared tui tests bench

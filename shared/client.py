@@ -142,6 +142,7 @@ class AsyncClient:
         self.ctx = zmq.asyncio.Context()
         self._dealer: zmq.asyncio.Socket | None = None
         self._monitor: Any = None
+        self._monitor_owner: Any = None
         self._reader: asyncio.Task[None] | None = None
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
@@ -156,7 +157,9 @@ class AsyncClient:
             sock.reconnect_ivl = 100
             sock.reconnect_ivl_max = 1000
             # a handshake the daemon refused (not in its group) shows only here, not as an error on sends
-            self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            # read through a plain shadow socket: a NOBLOCK recv on the asyncio one returns a future
+            self._monitor_owner = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            self._monitor = zmq.Socket.shadow(self._monitor_owner.underlying)
             sock.connect(self.paths.ctl_endpoint)
             self._dealer = sock
             self._reader = asyncio.get_running_loop().create_task(self._read_replies())
