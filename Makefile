@@ -32,12 +32,10 @@ run: $(STAMP)
 engines: $(STAMP)
 	$(BIN)/python tests/engines/venvs.py ensure all
 
-# tests/vllm (the vLLM engine issue) is not part of the suite yet: it was still being finished when this
-# suite was last run green; `make test-vllm` runs it. The vLLM paths used by training (tests/train_daemon)
-# are in the suite.
 test: $(STAMP) engines
-	$(BIN)/python -m pytest -q -p no:cacheprovider --ignore=tests/vllm
+	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+# only the real-vLLM acceptance tests (a few minutes)
 test-vllm: $(STAMP) engines
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/vllm
 

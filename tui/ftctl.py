@@ -15,6 +15,7 @@ from typing import Any
 
 import msgspec
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from shared.client import Client, DaemonUnavailable, RemoteError
@@ -93,8 +94,8 @@ def cmd_status(args: argparse.Namespace, c: Client) -> int:
               f"seq {st.seq}")
     out.print(f"jobs:      {counts}{' (queue PAUSED: `ftctl resume`)' if st.queue_paused else ''}")
     eng = st.engine
-    out.print(f"engine:    {eng.kind} {eng.state}{' ' + eng.model if eng.model else ''}"
-              f"{' — ' + eng.reason if eng.reason else ''}")
+    out.print(escape(f"engine:    {eng.kind} {eng.state}{' ' + eng.model if eng.model else ''}"
+                     f"{' — ' + eng.reason if eng.reason else ''}"))
     if st.gpus:
         for g in st.gpus:
             out.print(f"gpu {g.index}:     {g.name} {g.mem_used_mib:.0f}/{g.mem_total_mib:.0f} MiB, "
