@@ -39,6 +39,8 @@ from shared.protocol import (
     StatusReply,
     Submit,
 )
+from tui.format import STATE_STYLE
+from tui.format import ago as format_ago
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_FORBIDDEN = 0, 1, 2, 3, 4
 
@@ -53,20 +55,7 @@ def emit_json(obj: Any) -> None:
 
 
 def ago(ts: float | None) -> str:
-    if not ts:
-        return "-"
-    d = time.time() - ts
-    if d < 60:
-        return f"{d:.0f}s ago"
-    if d < 3600:
-        return f"{d / 60:.0f}m ago"
-    if d < 86400:
-        return f"{d / 3600:.1f}h ago"
-    return time.strftime("%Y-%m-%d %H:%M", time.localtime(ts))
-
-
-STATE_STYLE = {"queued": "yellow", "running": "cyan", "succeeded": "green", "failed": "red",
-               "canceled": "magenta", "interrupted": "yellow"}
+    return format_ago(ts, time.time())
 
 
 def jobs_table(jobs: list[JobInfo]) -> Table:
