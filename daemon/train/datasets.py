@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemon.atomic import write_atomic
 from daemon.train.images import ImageProblem, probe_image
-from daemon.train.spec import atomic_write_text
 
 DATASET_INFO = "dataset_info.json"
 # Beside each added dataset: its media files, one absolute path a line, so a submit checks they are still
@@ -322,14 +322,14 @@ def add_dataset(
             raise DatasetProblem([f"dataset '{name}' already exists; choose another name or add it with "
                                   "--replace"])
         file_name = f"{name}.json"
-        atomic_write_text(dataset_dir / file_name, json.dumps(checked, ensure_ascii=False, indent=1) + "\n")
+        write_atomic(dataset_dir / file_name, json.dumps(checked, ensure_ascii=False, indent=1) + "\n", mode=0o600)
         # after the records: validate.py trusts the list only when it is not older than them
         media = dict.fromkeys(p for r in checked for col in ("images", "videos") for p in r.get(col, ()))
-        atomic_write_text(dataset_dir / f"{name}{MEDIA_LIST_SUFFIX}", "".join(f"{p}\n" for p in media))
+        write_atomic(dataset_dir / f"{name}{MEDIA_LIST_SUFFIX}", "".join(f"{p}\n" for p in media), mode=0o600)
         info[name] = dataset_info_entry(file_name, layout, summary.ranking,
                                         has_images=any("images" in r for r in checked),
                                         has_videos=any("videos" in r for r in checked))
-        atomic_write_text(dataset_dir / DATASET_INFO, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
+        write_atomic(dataset_dir / DATASET_INFO, json.dumps(info, ensure_ascii=False, indent=2) + "\n", mode=0o600)
     return DatasetSummary(name=name, file=dataset_dir / file_name, records=summary.records,
                           images=summary.images, ranking=summary.ranking, layout=summary.layout,
                           formats=summary.formats)
@@ -358,7 +358,7 @@ def remove_dataset(name: str, dataset_dir: Path) -> None:
         entry = info.pop(name, None)
         if entry is None:
             raise DatasetProblem([f"no dataset '{name}'; `ftctl dataset list` shows the names"])
-        atomic_write_text(dataset_dir / DATASET_INFO, json.dumps(info, ensure_ascii=False, indent=2) + "\n")
+        write_atomic(dataset_dir / DATASET_INFO, json.dumps(info, ensure_ascii=False, indent=2) + "\n", mode=0o600)
         if isinstance(entry, dict) and entry.get("file_name") == f"{name}.json":
             (dataset_dir / f"{name}.json").unlink(missing_ok=True)
             (dataset_dir / f"{name}{MEDIA_LIST_SUFFIX}").unlink(missing_ok=True)

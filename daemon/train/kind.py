@@ -35,6 +35,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from daemon.atomic import write_atomic
 from daemon.jobs.base import Caller, JobContext, JobFailed, Resources, SpecError
 from daemon.sdnotify import child_environ
 from daemon.store import Store, UnknownJob
@@ -55,7 +56,7 @@ from daemon.train.launch import (
 )
 from daemon.train.progress import TRAINER_LOG, LossPoint, TrainerLogTail, seen_keys
 from daemon.train.results import METRICS, PREDICT_RESULTS, ResultsMissing, read_eval_metrics
-from daemon.train.spec import RenderedSpec, SpecDefaults, SpecProblem, atomic_write_text, parse_overrides, render
+from daemon.train.spec import RenderedSpec, SpecDefaults, SpecProblem, parse_overrides, render
 from daemon.train.validate import KeyCatalog, check_spec, load_catalog
 from shared.config import Settings
 from shared.protocol import JobInfo, TrainPoint
@@ -158,7 +159,7 @@ class LlamaFactoryKind:
         """The job has its id: render again with its own directory and write the frozen job.yaml there."""
         job_dir = self.setup.jobs_dir / str(job.id)
         _req, frozen, rendered = self._render(job.spec["request"], job_dir)
-        atomic_write_text(job_dir / JOB_YAML, rendered.yaml_text)
+        write_atomic(job_dir / JOB_YAML, rendered.yaml_text, mode=0o600)
         return frozen
 
     def _render(self, spec: Mapping[str, Any], job_dir: Path) -> tuple[TrainRequest, dict[str, Any], RenderedSpec]:
@@ -237,7 +238,7 @@ class LlamaFactoryKind:
         out = Path(spec["output_dir"])
         yaml_path = ctx.dir / JOB_YAML
         if not yaml_path.is_file():
-            atomic_write_text(yaml_path, spec["yaml"])
+            write_atomic(yaml_path, spec["yaml"], mode=0o600)
         try:
             argv = build_argv(resolve_cli(cfg.llamafactory_cli), spec["command"], yaml_path)
         except LaunchError as exc:
@@ -252,7 +253,7 @@ class LlamaFactoryKind:
         except LaunchError as exc:
             raise JobFailed(str(exc)) from None
         record = ctx.dir / RECORD_FILE
-        atomic_write_text(record, json.dumps(asdict(proc.record)))
+        write_atomic(record, json.dumps(asdict(proc.record)), mode=0o600)
         self.setup.processes[ctx.job.id] = proc
         where = f"GPUs {','.join(map(str, ctx.gpus))}" if ctx.gpus else "the CPU"
         ctx.note(f"llamafactory-cli {spec['command']} started on {where} (pid {proc.pid})")

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from daemon.atomic import write_atomic
 from daemon.engine_port import DeployError, GpuEngine
 from daemon.jobs.base import Caller, SpecError
 from daemon.jobs.manager import RequestDenied
@@ -23,7 +24,7 @@ from daemon.train.datasets import MEDIA_LIST_SUFFIX, DatasetProblem, add_dataset
 from daemon.train.kind import TrainSetup
 from daemon.train.launch import MODEL_FILES, any_present, saved_state
 from daemon.train.results import EvalColumn, ResultsMissing, compare_table, read_eval_metrics
-from daemon.train.spec import SpecProblem, atomic_write_text, job_kind, load_template, template_names
+from daemon.train.spec import SpecProblem, job_kind, load_template, template_names
 from shared.protocol import (
     DatasetAdd,
     DatasetEntry,
@@ -94,7 +95,7 @@ class TrainRequests:
                             "(chmod o+r, or a shared group)") from None
         about = {"owner": caller.user, "records": summary.records, "images": summary.images,
                  "ranking": summary.ranking, "added": time.time(), "source": str(file)}
-        atomic_write_text(self._dir / f"{body.name}{ABOUT_SUFFIX}", json.dumps(about, indent=1) + "\n")
+        write_atomic(self._dir / f"{body.name}{ABOUT_SUFFIX}", json.dumps(about, indent=1) + "\n", mode=0o600)
         entry = DatasetEntry(name=body.name, file=str(summary.file), records=summary.records, images=summary.images,
                              ranking=summary.ranking)
         return DatasetsReply(datasets=[entry], message=summary.message)

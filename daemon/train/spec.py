@@ -14,13 +14,14 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+
+from daemon.atomic import write_atomic
 
 JobKind = Literal["train", "eval", "export"]
 CliCommand = Literal["train", "export"]
@@ -231,21 +232,7 @@ def render(
 
 def write_job_yaml(spec: RenderedSpec, path: Path) -> None:
     """Write the frozen YAML atomically (a half-written job.yaml would fail the resume after a crash)."""
-    atomic_write_text(path, spec.yaml_text)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, spec.yaml_text, mode=0o600)
 
 
 def _forced_keys(kind: JobKind) -> dict[str, str]:
