@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from daemon.ocr.prompts import load_prompt
 from daemon.ocr.server_metrics import parse_load
 from shared.client import Client
-from shared.protocol import TERMINAL_STATES, JobChanged, JobDetail, JobPages, PagesReply, Submit
+from shared.protocol import JobPages, PagesReply
+from tests.daemon_proc import run_job
 from tests.fixtures import pdfs
 from tests.vllm.conftest import start_vllm_daemon
 
@@ -105,15 +106,7 @@ def tokens(metrics: str) -> tuple[float, float]:
 
 def through_daemon(c: Client, pdf: Path, out: Path) -> tuple[float, str]:
     """Submit the PDF and wait for the job's end; seconds, and what its pages say about waiting."""
-    events = c.events(("job.",))
-    next(events)
-    t = time.perf_counter()
-    job = c.call(Submit(kind="ocr", spec={"file": str(pdf), "out_dir": str(out), "force": True}), JobDetail).job
-    for ev in events:
-        if isinstance(ev.body, JobChanged) and ev.body.job.id == job.id and ev.body.job.state in TERMINAL_STATES:
-            job = ev.body.job
-            break
-    elapsed = time.perf_counter() - t
+    job, elapsed = run_job(c, "ocr", {"file": str(pdf), "out_dir": str(out), "force": True})
     assert job.state == "succeeded", job.error
     pages = c.call(JobPages(job_id=job.id), PagesReply).pages
     methods = {p.method for p in pages}

@@ -36,7 +36,7 @@ import shutil
 import signal
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 
 import httpx
@@ -49,7 +49,7 @@ from daemon.ocr.inflight import InFlight
 from daemon.ocr.server_metrics import ServerLoad, parse_load
 from daemon.ocr.vlm import Target
 from daemon.sdnotify import child_environ
-from shared.config import VllmConfig
+from shared.config import MAX_IPC_PATH, VllmConfig
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +102,25 @@ def build_command(cfg: VllmConfig, executable: str, port: int, served_name: str,
     return argv + list(cfg.extra_args)
 
 
+# vLLM binds ZeroMQ ipc sockets at <VLLM_RPC_BASE_PATH or TMPDIR>/<uuid4>; past sun_path's 107 bytes the
+# engine dies at start with a ZMQError. A deep TMPDIR (a test's tmp_path, a per-user tmp) must not do that.
+_VLLM_IPC_NAME_LEN = 1 + 36
+
+
+def short_ipc_base(env: Mapping[str, str]) -> str | None:
+    """A VLLM_RPC_BASE_PATH to set when vLLM's default one would overflow sun_path, else None."""
+    if "VLLM_RPC_BASE_PATH" in env:
+        return None
+    base = env.get("TMPDIR") or env.get("TEMP") or env.get("TMP") or "/tmp"  # tempfile.gettempdir()'s order
+    if len(os.fsencode(base.rstrip("/"))) + _VLLM_IPC_NAME_LEN <= MAX_IPC_PATH:
+        return None
+    return "/tmp"
+
+
 def build_env(cfg: VllmConfig, base: dict[str, str], gpu_indices: list[int]) -> dict[str, str]:
     env = child_environ(base)
+    if (ipc_base := short_ipc_base(env)) is not None:
+        env["VLLM_RPC_BASE_PATH"] = ipc_base
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("VLLM_DO_NOT_TRACK", "1")
     if cfg.enable_lora:

@@ -340,17 +340,22 @@ class Store:
     # ---------------------------------------------------------------------------------- train points
 
     def add_train_points(self, points: Iterable[TrainPoint]) -> list[tuple[int, TrainPoint]]:
-        """Store new loss points (a step already stored is skipped: logs repeat after a resume)."""
+        """Store loss points, one row per step: an eval line at a step that already has its training loss
+        fills in ``eval_loss``; a point that adds nothing is skipped (logs repeat after a resume)."""
         out: list[tuple[int, TrainPoint]] = []
         now = time.time()
         with self._tx() as db:
             for p in points:
-                cur = db.execute(
-                    "INSERT OR IGNORE INTO train_points (job_id, step, data) VALUES (?, ?, ?)",
-                    (p.job_id, p.step, _event_encoder.encode(p)),
-                )
-                if cur.rowcount:
-                    out.append((self._append_event(db, now, p.job_id, "", TrainProgress(point=p)), p))
+                row = db.execute("SELECT data FROM train_points WHERE job_id=? AND step=?",
+                                 (p.job_id, p.step)).fetchone()
+                if row is not None:
+                    old = msgspec.msgpack.decode(row[0], type=TrainPoint)
+                    p = _merge_point(old, p)
+                    if p == old:
+                        continue
+                db.execute("INSERT OR REPLACE INTO train_points (job_id, step, data) VALUES (?, ?, ?)",
+                           (p.job_id, p.step, _event_encoder.encode(p)))
+                out.append((self._append_event(db, now, p.job_id, "", TrainProgress(point=p)), p))
         return out
 
     def train_points(self, job_id: int, since_step: int = -1) -> list[TrainPoint]:
@@ -367,3 +372,10 @@ class Store:
 
     def remember_source(self, sha256: str, job_id: int) -> None:
         self._db.execute("INSERT OR REPLACE INTO sources VALUES (?, ?)", (sha256, job_id))
+
+
+def _merge_point(old: TrainPoint, new: TrainPoint) -> TrainPoint:
+    """``old`` with the fields it lacks taken from ``new`` (same job and step); ``ts`` stays the first one."""
+    filled = {f: getattr(new, f) for f in old.__struct_fields__
+              if getattr(old, f) is None and getattr(new, f) is not None}
+    return msgspec.structs.replace(old, **filled) if filled else old

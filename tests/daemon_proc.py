@@ -14,7 +14,7 @@ from pathlib import Path
 
 from shared.client import Client, DaemonUnavailable
 from shared.config import load_settings
-from shared.protocol import Hello, HelloReply
+from shared.protocol import TERMINAL_STATES, Hello, HelloReply, JobChanged, JobDetail, JobInfo, Submit
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,3 +102,15 @@ class DaemonProc:
         self.stop()
         if remove:
             shutil.rmtree(self.home, ignore_errors=True)
+
+
+def run_job(c: Client, kind: str, spec: dict[str, object]) -> tuple[JobInfo, float]:
+    """Submit a job and follow its events to its end: (the ended job, seconds from submit to end)."""
+    events = c.events(("job.",))
+    next(events)  # subscribed before the submit: the end cannot be missed
+    t = time.perf_counter()
+    job = c.call(Submit(kind=kind, spec=spec), JobDetail).job
+    for ev in events:
+        if isinstance(ev.body, JobChanged) and ev.body.job.id == job.id and ev.body.job.state in TERMINAL_STATES:
+            return ev.body.job, time.perf_counter() - t
+    raise AssertionError("the event stream ended before the job did")

@@ -50,8 +50,29 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)
 Command = Callable[[argparse.Namespace, Client], int]
 
 
+def every_field(obj: Any) -> Any:
+    """``obj`` as JSON-ready builtins with every field, defaults included.
+
+    The wire format omits defaults to stay small; a script reading ``ftctl --json`` should not have to know
+    that a missing ``error`` means "" or a missing ``eta_s`` means null.
+    """
+    if isinstance(obj, msgspec.Struct):
+        cfg = obj.__struct_config__
+        fields: dict[str, Any] = {}
+        if cfg.tag_field is not None:
+            fields[cfg.tag_field] = cfg.tag
+        for name in obj.__struct_fields__:
+            fields[name] = every_field(getattr(obj, name))
+        return fields
+    if isinstance(obj, dict):
+        return {k: every_field(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [every_field(v) for v in obj]
+    return msgspec.to_builtins(obj)
+
+
 def emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(msgspec.to_builtins(obj), indent=2, ensure_ascii=False) + "\n")
+    sys.stdout.write(json.dumps(every_field(obj), indent=2, ensure_ascii=False) + "\n")
 
 
 def ago(ts: float | None) -> str:
@@ -226,7 +247,7 @@ def cmd_events(args: argparse.Namespace, c: Client) -> int:
             if not args.heartbeats and ev.body.__class__.__name__ == "Heartbeat":
                 continue
             if args.json:
-                sys.stdout.write(json.dumps(msgspec.to_builtins(ev), ensure_ascii=False) + "\n")
+                sys.stdout.write(json.dumps(every_field(ev), ensure_ascii=False) + "\n")
             else:
                 kind = type(ev.body).__name__
                 detail = getattr(ev.body, "what", "") or ""

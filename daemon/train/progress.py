@@ -57,7 +57,13 @@ def point_kind(loss: float | None, eval_loss: float | None) -> PointKind:
 def seen_keys(points: Iterable[Any]) -> set[tuple[int, PointKind]]:
     """The (step, kind) pairs of stored points (anything with step/loss/eval_loss, e.g. protocol.TrainPoint),
     for :class:`TrainerLogTail` after a daemon restart."""
-    return {(p.step, point_kind(p.loss, p.eval_loss)) for p in points}
+    keys: set[tuple[int, PointKind]] = set()
+    for p in points:  # a stored point may hold a step's training loss and its eval loss together
+        if p.loss is not None:
+            keys.add((p.step, "train"))
+        if p.eval_loss is not None or p.loss is None:
+            keys.add((p.step, point_kind(None, p.eval_loss)))
+    return keys
 
 
 def parse_duration(text: Any) -> float | None:

@@ -29,6 +29,8 @@ def test_submit_wait_json_show_logs_and_exit_codes(daemon: DaemonProc) -> None:
     assert ok.returncode == 0, ok.stderr
     job = json.loads(ok.stdout)
     assert job["state"] == "succeeded" and job["progress"]["done"] == 3
+    # every field is there, defaults included: a script need not know that a missing "error" means ""
+    assert job["error"] == "" and "eta_s" in job["progress"]
     bad = ftctl(daemon.home, "submit", "selftest", "--set", "fail=true", "--set", "rate=0", "--wait")
     assert bad.returncode == 1 and "asked to fail" in bad.stderr
     rejected = ftctl(daemon.home, "submit", "selftest", "--set", "speed=3")

@@ -36,6 +36,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from daemon.engine_supervisor import short_ipc_base
+
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE.parent / "fixtures"
 
@@ -202,7 +204,10 @@ def vllm_env(tmp: Path, *, lora: bool = False) -> dict[str, str]:
     }
     if lora:
         extra["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-    return _engine_env(tmp, extra)
+    env = _engine_env(tmp, extra)
+    if (ipc_base := short_ipc_base(env)) is not None:  # a deep tmp_path (CI's pytest-of-root/pytest-100/…)
+        env["VLLM_RPC_BASE_PATH"] = ipc_base
+    return env
 
 
 def vllm_launcher() -> list[str]:

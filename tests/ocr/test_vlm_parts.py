@@ -132,6 +132,17 @@ def test_vllm_argv_has_the_flags_from_the_config() -> None:
     assert "--tensor-parallel-size" not in quiet
 
 
+def test_a_deep_tmpdir_moves_vllms_ipc_sockets_where_they_fit() -> None:
+    # CI's tmp_path once pushed vLLM's <TMPDIR>/<uuid4> ipc path past sun_path's 107 bytes: vLLM died at start.
+    cfg = VllmConfig(model="m")
+    deep = "/tmp/pytest-of-root/pytest-100/test_vllm_streams_text_for_an_0/vllm/tmp"
+    assert build_env(cfg, {"TMPDIR": deep}, [])["VLLM_RPC_BASE_PATH"] == "/tmp"
+    assert "VLLM_RPC_BASE_PATH" not in build_env(cfg, {"TMPDIR": "/var/tmp"}, [])
+    assert "VLLM_RPC_BASE_PATH" not in build_env(cfg, {}, [])
+    chosen = {"TMPDIR": deep, "VLLM_RPC_BASE_PATH": "/run/x"}
+    assert build_env(cfg, chosen, [])["VLLM_RPC_BASE_PATH"] == "/run/x"
+
+
 def test_log_reason_picks_the_error_line(tmp_path: Path) -> None:
     log = tmp_path / "vllm.log"
     log.write_text("INFO starting\nTraceback (most recent call last):\n  File \"x.py\", line 3\n"

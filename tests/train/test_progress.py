@@ -117,3 +117,24 @@ async def test_follow_yields_points_as_written_and_drains_after_until(tmp_path: 
         got.append(point.step)
     await task
     assert got == [1, 2, 3, 4, 5]
+
+
+def test_a_steps_eval_loss_joins_its_training_loss_in_the_store(tmp_path: Path) -> None:
+    # LLaMA-Factory logs a step's eval line after its training line: both must reach the curve.
+    from daemon.store import Store
+    from shared.protocol import TrainPoint
+
+    store = Store(tmp_path / "state.sqlite")
+    try:
+        job, _, _ = store.create_job("train", "alice", "sft", {})
+        train = TrainPoint(job_id=job, step=2, total_steps=4, loss=6.18, ts=1.0)
+        evaluation = TrainPoint(job_id=job, step=2, total_steps=4, eval_loss=6.05, ts=2.0)
+        assert len(store.add_train_points([train])) == 1
+        merged = store.add_train_points([evaluation])
+        assert [p for _, p in merged] == [TrainPoint(job_id=job, step=2, total_steps=4, loss=6.18, eval_loss=6.05,
+                                                     ts=1.0)]
+        assert store.add_train_points([train, evaluation]) == []  # a resume repeats lines: nothing new
+        assert store.train_points(job) == [p for _, p in merged]
+        assert seen_keys(store.train_points(job)) == {(2, "train"), (2, "eval")}
+    finally:
+        store.close()
