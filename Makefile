@@ -44,7 +44,8 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP) engines
-	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	@for b in $(filter-out bench/__init__.py,$(sort $(wildcard bench/*.py))); do \
+		echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) .ftmllm .mypy_cache .ruff_cache
