@@ -67,6 +67,19 @@ class Tmux:
                                  f"{self.screen()}")
         return time.perf_counter() - t0
 
+    def styled_line(self, needle: str) -> str:
+        """The first screen line holding ``needle``, with its colours (focus shows only in those)."""
+        shown = self.run("capture-pane", "-p", "-e", "-t", "bench").splitlines()
+        return next((ln for ln in shown if needle in ln), "")
+
+    def wait_restyled(self, needle: str, before: str, timeout: float) -> None:
+        """Wait until the line holding ``needle`` is drawn differently from ``before``."""
+        t0 = time.perf_counter()
+        while self.styled_line(needle) == before:
+            if time.perf_counter() - t0 > timeout:
+                raise SystemExit(f"bench: the line with {needle!r} did not change within {timeout}s; screen:\n"
+                                 f"{self.screen()}")
+
     def kill(self) -> None:
         subprocess.run([*self.base, "kill-server"], capture_output=True)
 
@@ -140,10 +153,12 @@ def main() -> int:
         typing: list[float] = []
         tmux.run("send-keys", "-t", "bench", "2")
         tmux.wait_for("/ filter", 10)
+        unfocused = tmux.styled_line("/ filter")
         tmux.run("send-keys", "-t", "bench", "/")
-        # "e" is bound to nothing, so it is harmless should it arrive before the field has the focus;
-        # once it shows in the field, the rest of "elftest" (it matches every "selftest …" job) is typed
-        # and erased again, each key timed
+        # a key typed before the field has the focus would be lost (as it would be for a person): the
+        # field's colours change when it gets the focus; then "e" and, once it shows, the rest of "elftest"
+        # (it matches every "selftest …" job) are typed and erased again, each key timed
+        tmux.wait_restyled("/ filter", unfocused, 10)
         word = "elftest"
         tmux.run("send-keys", "-t", "bench", "-l", word[0])
         tmux.wait_for_line(lambda ln: ln.lstrip().startswith(word[0] + " ") and "sort" in ln, 10)

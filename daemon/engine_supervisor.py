@@ -35,6 +35,7 @@ import shlex
 import shutil
 import signal
 import socket
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -107,20 +108,21 @@ def build_command(cfg: VllmConfig, executable: str, port: int, served_name: str,
 _VLLM_IPC_NAME_LEN = 1 + 36
 
 
-def short_ipc_base(env: Mapping[str, str]) -> str | None:
-    """A VLLM_RPC_BASE_PATH to set when vLLM's default one would overflow sun_path, else None."""
+def ipc_base_too_long(env: Mapping[str, str]) -> bool:
+    """Whether vLLM started with ``env`` would put its ipc sockets past sun_path's limit."""
     if "VLLM_RPC_BASE_PATH" in env:
-        return None
+        return False  # chosen by the user: theirs to get right
     base = env.get("TMPDIR") or env.get("TEMP") or env.get("TMP") or "/tmp"  # tempfile.gettempdir()'s order
-    if len(os.fsencode(base.rstrip("/"))) + _VLLM_IPC_NAME_LEN <= MAX_IPC_PATH:
-        return None
-    return "/tmp"
+    return len(os.fsencode(base.rstrip("/"))) + _VLLM_IPC_NAME_LEN > MAX_IPC_PATH
+
+
+def short_ipc_dir() -> Path:
+    """A fresh directory for vLLM's ipc sockets with a path short enough; its creator removes it."""
+    return Path(tempfile.mkdtemp(prefix="ftvllm-", dir="/tmp"))
 
 
 def build_env(cfg: VllmConfig, base: dict[str, str], gpu_indices: list[int]) -> dict[str, str]:
     env = child_environ(base)
-    if (ipc_base := short_ipc_base(env)) is not None:
-        env["VLLM_RPC_BASE_PATH"] = ipc_base
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("VLLM_DO_NOT_TRACK", "1")
     if cfg.enable_lora:
@@ -212,6 +214,7 @@ class VllmSupervisor:
         self._http: httpx.AsyncClient | None = None
         self._last_poll: tuple[float, float, int] | None = None  # (time, generation tokens, pages)
         self._lock: asyncio.Lock | None = None  # serialises start/stop/sleep/wake
+        self._ipc_dir: Path | None = None  # made for vLLM's sockets when TMPDIR is too deep; goes with the child
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -573,6 +576,11 @@ class VllmSupervisor:
             self.port = free_port()
         argv = build_command(self.cfg, exe, self.port, self.served_name, max(1, len(self.gpu_indices)))
         env = build_env(self.cfg, dict(os.environ), self.gpu_indices)
+        if ipc_base_too_long(env):
+            self._drop_ipc_dir()
+            self._ipc_dir = short_ipc_dir()
+            env["VLLM_RPC_BASE_PATH"] = str(self._ipc_dir)
+            log.info("vLLM's ipc sockets go to %s: its TMPDIR is too deep for a Unix socket path", self._ipc_dir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as logfh:
             logfh.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} ftmllmd starts: {shlex.join(argv)}\n".encode())
@@ -651,6 +659,7 @@ class VllmSupervisor:
         """SIGTERM the child's process group, SIGKILL after the grace period; kill stragglers of the group."""
         proc, self.proc = self.proc, None
         if proc is None:
+            self._drop_ipc_dir()
             return
         pgid = proc.pid  # start_new_session: the child leads its own group
         if proc.returncode is None:
@@ -665,6 +674,13 @@ class VllmSupervisor:
         if proc.returncode is None:
             await proc.wait()
         self.pid_path.unlink(missing_ok=True)
+        self._drop_ipc_dir()
+
+    def _drop_ipc_dir(self) -> None:
+        """vLLM leaves its ipc socket files behind; the directory made for them goes with the child."""
+        if self._ipc_dir is not None:
+            shutil.rmtree(self._ipc_dir, ignore_errors=True)
+            self._ipc_dir = None
 
     def _reap_orphan(self) -> None:
         """A vLLM left running by a daemon that was killed holds its GPU memory and port: end it."""

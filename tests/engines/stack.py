@@ -36,7 +36,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from daemon.engine_supervisor import short_ipc_base
+from daemon.engine_supervisor import ipc_base_too_long, short_ipc_dir
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE.parent / "fixtures"
@@ -204,10 +204,7 @@ def vllm_env(tmp: Path, *, lora: bool = False) -> dict[str, str]:
     }
     if lora:
         extra["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-    env = _engine_env(tmp, extra)
-    if (ipc_base := short_ipc_base(env)) is not None:  # a deep tmp_path (CI's pytest-of-root/pytest-100/…)
-        env["VLLM_RPC_BASE_PATH"] = ipc_base
-    return env
+    return _engine_env(tmp, extra)
 
 
 def vllm_launcher() -> list[str]:
@@ -257,6 +254,7 @@ class VllmServer:
     port: int
     log: Path
     model: Path
+    ipc_dir: Path | None = None  # made when the workdir is too deep for vLLM's ipc sockets; removed by stop()
 
     @property
     def base_url(self) -> str:
@@ -273,6 +271,8 @@ class VllmServer:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+        if self.ipc_dir is not None:
+            shutil.rmtree(self.ipc_dir, ignore_errors=True)  # vLLM leaves its socket files behind
         return int(self.proc.returncode)
 
 
@@ -282,13 +282,18 @@ def start_vllm(model: Path, workdir: Path, *, lora: bool = False, port: int | No
     workdir.mkdir(parents=True, exist_ok=True)
     port = port or free_port()
     log = workdir / "vllm.log"
+    env = vllm_env(workdir, lora=lora)
+    ipc_dir = None
+    if ipc_base_too_long(env):  # a deep tmp_path (CI's /tmp/pytest-of-root/pytest-100/…)
+        ipc_dir = short_ipc_dir()
+        env["VLLM_RPC_BASE_PATH"] = str(ipc_dir)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [*vllm_command(model, port, lora=lora), *(extra_args or [])],
             stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env=vllm_env(workdir, lora=lora), cwd=workdir, start_new_session=True,
+            env=env, cwd=workdir, start_new_session=True,
         )
-    return VllmServer(proc=proc, port=port, log=log, model=model)
+    return VllmServer(proc=proc, port=port, log=log, model=model, ipc_dir=ipc_dir)
 
 
 def wait_healthy(server: VllmServer, deadline_s: float = 300.0) -> float:

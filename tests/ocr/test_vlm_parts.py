@@ -10,7 +10,14 @@ import zlib
 from pathlib import Path
 
 from daemon.engine_control import choose_default, image_dimensions
-from daemon.engine_supervisor import build_command, build_env, log_reason, served_name_of
+from daemon.engine_supervisor import (
+    build_command,
+    build_env,
+    ipc_base_too_long,
+    log_reason,
+    served_name_of,
+    short_ipc_dir,
+)
 from daemon.ocr.chat_stream import api_root, error_message
 from daemon.ocr.inflight import SATURATED_POLLS, InFlight
 from daemon.ocr.remote_engine import Server, pick
@@ -132,15 +139,17 @@ def test_vllm_argv_has_the_flags_from_the_config() -> None:
     assert "--tensor-parallel-size" not in quiet
 
 
-def test_a_deep_tmpdir_moves_vllms_ipc_sockets_where_they_fit() -> None:
+def test_a_deep_tmpdir_is_noticed_before_vllm_dies_of_it() -> None:
     # CI's tmp_path once pushed vLLM's <TMPDIR>/<uuid4> ipc path past sun_path's 107 bytes: vLLM died at start.
-    cfg = VllmConfig(model="m")
     deep = "/tmp/pytest-of-root/pytest-100/test_vllm_streams_text_for_an_0/vllm/tmp"
-    assert build_env(cfg, {"TMPDIR": deep}, [])["VLLM_RPC_BASE_PATH"] == "/tmp"
-    assert "VLLM_RPC_BASE_PATH" not in build_env(cfg, {"TMPDIR": "/var/tmp"}, [])
-    assert "VLLM_RPC_BASE_PATH" not in build_env(cfg, {}, [])
-    chosen = {"TMPDIR": deep, "VLLM_RPC_BASE_PATH": "/run/x"}
-    assert build_env(cfg, chosen, [])["VLLM_RPC_BASE_PATH"] == "/run/x"
+    assert ipc_base_too_long({"TMPDIR": deep}) and ipc_base_too_long({"TMP": deep})
+    assert not ipc_base_too_long({"TMPDIR": "/var/tmp"}) and not ipc_base_too_long({})
+    assert not ipc_base_too_long({"TMPDIR": deep, "VLLM_RPC_BASE_PATH": "/run/x"})  # the user's choice stands
+    made = short_ipc_dir()
+    try:
+        assert made.is_dir() and not ipc_base_too_long({"TMPDIR": str(made)})
+    finally:
+        made.rmdir()
 
 
 def test_log_reason_picks_the_error_line(tmp_path: Path) -> None:

@@ -81,6 +81,11 @@ def finished_total(metrics: str, reason: str) -> float:
 def vllm_config(home: Path, port: int, **vllm: object) -> str:
     """TOML for a daemon that serves OCR with vLLM on the tiny model (flags and env that work on CPU)."""
     env = {k: v for k, v in stack.vllm_env(home / "engine", lora=True).items() if k.startswith(_ENV_PREFIXES)}
+    # Deep on purpose, as a pytest tmp_path on CI is: vLLM's ipc sockets would not fit under it, and the
+    # daemon must notice and give them a short directory (test_engine_stop_… checks that it goes with vLLM).
+    deep = home / "engine" / ("deep-" + "d" * 60) / "tmp"
+    deep.mkdir(parents=True, exist_ok=True)
+    env["TMPDIR"] = str(deep)
     section: dict[str, object] = {
         "executable": str(stack.vllm_venv() / "bin" / "vllm"),
         "model": str(stack.tiny_model_cached()),

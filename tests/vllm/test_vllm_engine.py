@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import shutil
 import signal
 import tempfile
@@ -207,9 +208,13 @@ def test_ask_streams_an_answer_about_a_pdf_page(vd: VllmDaemon, work: Path) -> N
 def test_engine_stop_for_training_makes_pages_wait_and_wake_brings_it_back(vd: VllmDaemon, work: Path) -> None:
     """Sleep mode does not exist on CPU: "sleep" stops vLLM (parked) and "wake" starts it again."""
     c = vd.proc.client(timeout=120)
+    # the engine's TMPDIR is too deep for its ipc sockets (conftest): the daemon gave it a short directory
+    ipc_dir = Path(re.findall(r"vLLM's ipc sockets go to (\S+):", vd.proc.log_text())[-1])
+    assert any(p.is_socket() for p in ipc_dir.iterdir())
     reply = c.call(EngineCommand(action="sleep"), EngineReply, timeout=300)
     assert reply.engine.state == "stopped" and "sleep mode is off" in reply.message, reply
     assert vd.vllm_pids() == []
+    assert not ipc_dir.exists()  # vLLM leaves its socket files; the directory went with it
     job = submit_ocr(vd, pdfs.numbered(work / "parked.pdf", 2), work / "out").job
     wait_for(lambda: c.call(ShowJob(job_id=job.id), JobDetail).job.state == "running", 60, "the job to run",
              interval=0.2)
