@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -307,6 +308,7 @@ def serve(conn: Connection) -> None:
     pymupdf.TOOLS.mupdf_display_errors(False)
     pymupdf.TOOLS.mupdf_display_warnings(False)
     worker = Worker(cfg)
+    trim = _malloc_trim()
     started = time.monotonic()
     worker.preload()
     _warnings()
@@ -340,6 +342,21 @@ def serve(conn: Connection) -> None:
         except Exception as e:  # a result that does not pickle is our bug; say so instead of dying
             conn.send(("err", "internal", f"cannot send the result: {type(e).__name__}: {_reason(e)}"))
         sys.stdout.flush()
+        trim()  # after the reply: the daemon is not kept waiting for it
+
+
+def _malloc_trim() -> Callable[[], object]:
+    """glibc's malloc_trim(0), or a no-op where there is none.
+
+    The layout model and MuPDF free most of what a page allocated, but glibc keeps the freed heap: a worker
+    with the OCR models loaded grew by ~5 MB a page (273 → 582 MB over 60 pages, ~1.1 GB each on a 300-page
+    document); trimming after every request keeps it flat (~265 MB) for ~9 ms a request (2 % of a layout page).
+    """
+    try:
+        fn = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: fn(0)
 
 
 if __name__ == "__main__":
