@@ -40,9 +40,10 @@ def cap_onnx_threads(threads: int) -> None:
     """Make every onnxruntime session created from now on in this process use ``threads`` threads.
 
     pymupdf's layout model builds its sessions with default options: one intra-op thread per core, in every
-    worker. Two workers on two cores then each run two spinning threads, and the pool is no faster than one
-    process (measured: 0.87 s a page per worker vs 0.42 s alone). The pool sizes ``threads`` so that the
-    workers together fill the cores once. pymupdf exposes no setting for this, hence the subclass.
+    worker, so two workers on two cores ran four spinning threads that also starved the daemon's own loop.
+    The pool sizes ``threads`` so that the workers together fill the cores once (the rule rapidocr's sessions
+    already follow). pymupdf exposes no setting for this, hence the subclass. (The layout model is memory
+    bound on small machines: see bench/ocr_cpu.py for what the pool gains over one process.)
     """
     import onnxruntime as ort
 
