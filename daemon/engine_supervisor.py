@@ -278,15 +278,21 @@ class VllmSupervisor:
     async def start(self) -> str:
         """Start the child (and keep it running) unless it already runs; returns at once."""
         async with self._mutex():
-            self.parked = False
             if self._task is not None and not self._task.done():
                 if self.state == "sleeping":
                     return await self._wake_locked()
+                self.parked = False
                 return f"vLLM is already {self.state}"
-            self.workdir.mkdir(parents=True, exist_ok=True)
-            await asyncio.to_thread(self._reap_orphan)
-            self._task = asyncio.get_running_loop().create_task(self._supervise(), name="vllm-supervisor")
+            await self._launch_supervisor()
             return f"vLLM is starting ({self.served_name}); log: {self.log_path}"
+
+    async def _launch_supervisor(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self._reap_orphan)
+        self._task = asyncio.get_running_loop().create_task(self._supervise(), name="vllm-supervisor")
+        # Unparked only now, with no await since the task exists: a page asking for the server while the
+        # orphan check ran would have seen "stopped, not parked, no supervisor" and failed instead of waiting.
+        self.parked = False
 
     async def stop(self, what: str = "stopped", parked: bool = False) -> str:
         async with self._mutex():
@@ -341,8 +347,8 @@ class VllmSupervisor:
             return await self._wake_locked()
 
     async def _wake_locked(self) -> str:
-        self.parked = False
         if self.state == "sleeping" and self.running:
+            self.parked = False  # pages wait while it is "sleeping" whatever this says
             try:
                 resp = await self._client().post(f"{self.root}/wake_up", timeout=300.0)
             except httpx.HTTPError as exc:
@@ -353,10 +359,9 @@ class VllmSupervisor:
             self._set_state("ready", "awake again")
             return "vLLM is awake"
         if self._task is not None and not self._task.done():
+            self.parked = False
             return f"vLLM is {self.state}"
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(self._reap_orphan)
-        self._task = asyncio.get_running_loop().create_task(self._supervise(), name="vllm-supervisor")
+        await self._launch_supervisor()
         return "vLLM is starting again"
 
     async def wait_ready(self, timeout: float | None = None) -> bool:

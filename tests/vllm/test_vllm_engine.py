@@ -23,6 +23,7 @@ import pytest
 
 from shared.client import RemoteError
 from shared.protocol import (
+    TERMINAL_STATES,
     Ask,
     AskReply,
     EngineCommand,
@@ -225,8 +226,12 @@ def test_engine_stop_for_training_makes_pages_wait_and_wake_brings_it_back(vd: V
     reply = c.call(EngineCommand(action="wake"), EngineReply, timeout=300)
     assert "starting" in reply.message
     wait_engine(vd, "ready", 400)
-    wait_for(lambda: c.call(ShowJob(job_id=job.id), JobDetail).job.state == "succeeded", JOB_TIMEOUT_S,
-             "the job that waited for the engine to finish", interval=0.5)
+    wait_for(lambda: c.call(ShowJob(job_id=job.id), JobDetail).job.state in TERMINAL_STATES, JOB_TIMEOUT_S,
+             "the job that waited for the engine to end", interval=0.5)
+    # a page that asked for the server while the wake-up was under way once failed ("the vLLM engine was
+    # stopped") instead of waiting: the supervisor now unparks only once its task exists
+    ended = c.call(ShowJob(job_id=job.id), JobDetail).job
+    assert ended.state == "succeeded", f"{ended.error}\n{vd.logs()}"
 
 
 def test_remote_engine_sends_pages_to_the_server_that_answers(vd: VllmDaemon, work: Path) -> None:
