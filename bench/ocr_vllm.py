@@ -19,6 +19,7 @@ import asyncio
 import base64
 import json
 import math
+import shutil
 import sys
 import tempfile
 import time
@@ -149,6 +150,7 @@ def main() -> int:
         daemon_s, ideal_s = min(daemon_runs), min(ideal_runs)
     finally:
         vd.proc.close()
+        shutil.rmtree(work, ignore_errors=True)
     seq_pps, daemon_pps, ideal_pps = PAGES / seq_s, PAGES / daemon_s, PAGES / ideal_s
     b_over_a, b_over_c = daemon_pps / seq_pps, daemon_pps / ideal_pps
     print(f"b/a = {b_over_a:.2f} (goal ≥ 5), b/c = {b_over_c:.2f} (goal ≥ 0.9)")

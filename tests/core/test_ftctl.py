@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,8 +18,11 @@ def ftctl(home: Path, *args: str, timeout: float = 60) -> subprocess.CompletedPr
 
 
 def test_no_daemon_is_one_line_with_how_to_start_and_exit_3() -> None:
-    home = Path(tempfile.mkdtemp(prefix="ft"))
-    r = ftctl(home, "jobs")
+    home = Path(tempfile.mkdtemp(prefix="ft"))  # short: the socket paths under it must fit sun_path
+    try:
+        r = ftctl(home, "jobs")
+    finally:
+        shutil.rmtree(home, ignore_errors=True)
     assert r.returncode == 3
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "not running" in lines[0] and "systemctl start ftmllmd" in lines[0]
