@@ -116,9 +116,14 @@ def ipc_base_too_long(env: Mapping[str, str]) -> bool:
     return len(os.fsencode(base.rstrip("/"))) + _VLLM_IPC_NAME_LEN > MAX_IPC_PATH
 
 
-def short_ipc_dir() -> Path:
-    """A fresh directory for vLLM's ipc sockets with a path short enough; its creator removes it."""
-    return Path(tempfile.mkdtemp(prefix="ftvllm-", dir="/tmp"))
+def give_short_ipc_dir(env: dict[str, str]) -> Path | None:
+    """If vLLM's ipc sockets would not fit under ``env``'s TMPDIR, make a short directory for them, point
+    ``VLLM_RPC_BASE_PATH`` at it and return it (the caller removes it when vLLM is gone); else None."""
+    if not ipc_base_too_long(env):
+        return None
+    made = Path(tempfile.mkdtemp(prefix="ftvllm-", dir="/tmp"))
+    env["VLLM_RPC_BASE_PATH"] = str(made)
+    return made
 
 
 def build_env(cfg: VllmConfig, base: dict[str, str], gpu_indices: list[int]) -> dict[str, str]:
@@ -581,10 +586,9 @@ class VllmSupervisor:
             self.port = free_port()
         argv = build_command(self.cfg, exe, self.port, self.served_name, max(1, len(self.gpu_indices)))
         env = build_env(self.cfg, dict(os.environ), self.gpu_indices)
-        if ipc_base_too_long(env):
-            self._drop_ipc_dir()
-            self._ipc_dir = short_ipc_dir()
-            env["VLLM_RPC_BASE_PATH"] = str(self._ipc_dir)
+        self._drop_ipc_dir()
+        self._ipc_dir = give_short_ipc_dir(env)
+        if self._ipc_dir is not None:
             log.info("vLLM's ipc sockets go to %s: its TMPDIR is too deep for a Unix socket path", self._ipc_dir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as logfh:

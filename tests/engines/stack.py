@@ -36,7 +36,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from daemon.engine_supervisor import ipc_base_too_long, short_ipc_dir
+from daemon.engine_supervisor import give_short_ipc_dir
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE.parent / "fixtures"
@@ -283,10 +283,7 @@ def start_vllm(model: Path, workdir: Path, *, lora: bool = False, port: int | No
     port = port or free_port()
     log = workdir / "vllm.log"
     env = vllm_env(workdir, lora=lora)
-    ipc_dir = None
-    if ipc_base_too_long(env):  # a deep tmp_path (CI's /tmp/pytest-of-root/pytest-100/…)
-        ipc_dir = short_ipc_dir()
-        env["VLLM_RPC_BASE_PATH"] = str(ipc_dir)
+    ipc_dir = give_short_ipc_dir(env)  # a deep tmp_path (CI's /tmp/pytest-of-root/pytest-100/…)
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [*vllm_command(model, port, lora=lora), *(extra_args or [])],

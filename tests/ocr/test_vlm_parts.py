@@ -13,10 +13,10 @@ from daemon.engine_control import choose_default, image_dimensions
 from daemon.engine_supervisor import (
     build_command,
     build_env,
+    give_short_ipc_dir,
     ipc_base_too_long,
     log_reason,
     served_name_of,
-    short_ipc_dir,
 )
 from daemon.ocr.chat_stream import api_root, error_message
 from daemon.ocr.inflight import SATURATED_POLLS, InFlight
@@ -145,9 +145,13 @@ def test_a_deep_tmpdir_is_noticed_before_vllm_dies_of_it() -> None:
     assert ipc_base_too_long({"TMPDIR": deep}) and ipc_base_too_long({"TMP": deep})
     assert not ipc_base_too_long({"TMPDIR": "/var/tmp"}) and not ipc_base_too_long({})
     assert not ipc_base_too_long({"TMPDIR": deep, "VLLM_RPC_BASE_PATH": "/run/x"})  # the user's choice stands
-    made = short_ipc_dir()
+    assert give_short_ipc_dir({"TMPDIR": "/var/tmp"}) is None
+    env = {"TMPDIR": deep}
+    made = give_short_ipc_dir(env)
+    assert made is not None
     try:
-        assert made.is_dir() and not ipc_base_too_long({"TMPDIR": str(made)})
+        assert made.is_dir() and env["VLLM_RPC_BASE_PATH"] == str(made) and not ipc_base_too_long(env)
+        assert not ipc_base_too_long({"TMPDIR": str(made)})
     finally:
         made.rmdir()
 
