@@ -31,8 +31,8 @@ import pymupdf
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from daemon.ocr.prompts import load_prompt
-from daemon.ocr.server_metrics import parse_load
+from daemon.engines.vlm.prompts import load_prompt
+from daemon.engines.vlm.server_metrics import parse_load
 from shared.client import Client
 from shared.protocol import JobPages, PagesReply
 from tests.daemon_proc import run_job

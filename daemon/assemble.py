@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from daemon import engine_control
-from daemon.hotfolder import HotFolder
+from daemon.core.sdnotify import Notifier
+from daemon.daemon import Daemon
+from daemon.engines import control as engine_control
 from daemon.jobs.base import Caller
+from daemon.ocr.hotfolder import HotFolder
+from daemon.ocr.kind import OcrKind
 from daemon.ocr.pdfworker import PdfWorkerPool
-from daemon.ocr.pipeline import OcrKind
-from daemon.sdnotify import Notifier
-from daemon.service import Daemon
 from daemon.train import part as training
 from shared.config import Settings
 from shared.protocol import JobInfo

@@ -10,9 +10,9 @@ import sys
 import time
 
 from daemon import __version__
-from daemon.lock import AlreadyRunning, StateLock
-from daemon.logsetup import setup_logging
-from daemon.sdnotify import Notifier
+from daemon.core.lock import AlreadyRunning, StateLock
+from daemon.core.logsetup import setup_logging
+from daemon.core.sdnotify import Notifier
 from shared.config import ConfigError, Settings, load_settings
 
 log = logging.getLogger("ftmllmd")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from daemon.service_install import InstallError, install
+from daemon.system.install import InstallError, install
 from tui.ftctl import EXIT_FAILED, EXIT_OK, err, out
 
 

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from daemon.events import EventBus
-from daemon.store import Store
+from daemon.core.events import EventBus
+from daemon.core.store import Store
 from shared.config import Settings
 from shared.protocol import (
     EventBody,

@@ -14,9 +14,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from daemon.events import EventBus
+from daemon.core.events import EventBus
+from daemon.core.store import Store
 from daemon.jobs.base import Caller, JobContext, JobEndHook, JobFailed, JobKind, Resources, SpecError
-from daemon.store import Store
 from shared.config import Settings
 from shared.protocol import TERMINAL_STATES, JobChanged, JobInfo, Progress, QueueChanged
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from daemon.atomic import write_atomic
+from daemon.core.atomic import write_atomic
 from daemon.train.images import ImageProblem, probe_image
 
 DATASET_INFO = "dataset_info.json"

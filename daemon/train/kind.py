@@ -35,10 +35,10 @@ from typing import Any, Literal
 
 import msgspec
 
-from daemon.atomic import write_atomic
+from daemon.core.atomic import write_atomic
+from daemon.core.sdnotify import child_environ
+from daemon.core.store import Store, UnknownJob
 from daemon.jobs.base import Caller, JobContext, JobFailed, Resources, SpecError
-from daemon.sdnotify import child_environ
-from daemon.store import Store, UnknownJob
 from daemon.train.failures import disk_free, explain_failure, read_log_tail
 from daemon.train.launch import (
     MODEL_FILES,

@@ -10,10 +10,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from daemon.engine_port import GpuEngine, SupervisedVllm
-from daemon.gpu_allocator import GpuAllocator
-from daemon.gpus import GpuSnapshot
-from daemon.service import Daemon
+from daemon.daemon import Daemon
+from daemon.gpus.allocator import GpuAllocator
+from daemon.gpus.engine_port import GpuEngine, SupervisedVllm
+from daemon.gpus.nvml import GpuSnapshot
 from daemon.train.kind import TRAIN_KINDS, TRAIN_LANE, LlamaFactoryKind, TrainSetup
 from daemon.train.requests import TrainRequests
 from shared.config import Settings

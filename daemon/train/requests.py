@@ -15,11 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from daemon.atomic import write_atomic
-from daemon.engine_port import DeployError, GpuEngine
+from daemon.core.atomic import write_atomic
+from daemon.core.store import Store
+from daemon.gpus.engine_port import DeployError, GpuEngine
 from daemon.jobs.base import Caller, SpecError
 from daemon.jobs.manager import RequestDenied
-from daemon.store import Store
 from daemon.train.datasets import MEDIA_LIST_SUFFIX, DatasetProblem, add_dataset, list_datasets, remove_dataset
 from daemon.train.kind import TrainSetup
 from daemon.train.launch import MODEL_FILES, any_present, saved_state

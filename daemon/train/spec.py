@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import yaml
 
-from daemon.atomic import write_atomic
+from daemon.core.atomic import write_atomic
 
 JobKind = Literal["train", "eval", "export"]
 CliCommand = Literal["train", "export"]

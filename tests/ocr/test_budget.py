@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from daemon.ocr.budget import (
+from daemon.engines.vlm.budget import (
     FACTOR,
     LEGIBLE_TOKENS,
     MIN_ANSWER_TOKENS,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.ocr.cpu_engine import CpuEngine
+from daemon.engines.cpu import CpuEngine
 from daemon.ocr.engine import PageInput, PageResult, TextDelta, load_page_input, run_page
 from daemon.ocr.pdfworker import PdfWorkerPool
 from tests.fixtures import pdfs

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from daemon.ocr.cpu_engine import paragraphs
+from daemon.engines.cpu import paragraphs
 from daemon.ocr.reading_order import Box, boxes_from_ocr, to_markdown
 
 

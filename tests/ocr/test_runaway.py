@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 
-from daemon.ocr.runaway import MIN_CHARS, RepetitionGuard, cut_loop, describe, find_loop
+from daemon.engines.vlm.runaway import MIN_CHARS, RepetitionGuard, cut_loop, describe, find_loop
 
 TABLE = "| Region | Units | Revenue |\n| --- | --- | --- |\n" + "".join(
     f"| r{i} | {i * 7} | {i * 40} |\n" for i in range(60))

@@ -9,8 +9,9 @@ import struct
 import zlib
 from pathlib import Path
 
-from daemon.engine_control import choose_default, image_dimensions
-from daemon.engine_supervisor import (
+from daemon.engines.control import choose_default, image_dimensions
+from daemon.engines.remote import Server, pick
+from daemon.engines.vllm_supervisor import (
     build_command,
     build_env,
     give_short_ipc_dir,
@@ -18,11 +19,10 @@ from daemon.engine_supervisor import (
     log_reason,
     served_name_of,
 )
-from daemon.ocr.chat_stream import api_root, error_message
-from daemon.ocr.inflight import SATURATED_POLLS, InFlight
-from daemon.ocr.remote_engine import Server, pick
-from daemon.ocr.server_metrics import parse_load
-from daemon.ocr.vlm import chat_body, data_url, unfence
+from daemon.engines.vlm.chat_stream import api_root, error_message
+from daemon.engines.vlm.converter import chat_body, data_url, unfence
+from daemon.engines.vlm.inflight import SATURATED_POLLS, InFlight
+from daemon.engines.vlm.server_metrics import parse_load
 from shared.config import Config, VllmConfig, load_settings, parse_config
 
 METRICS = """\

@@ -15,7 +15,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
-from daemon.auth import ZAP_DOMAIN, Identities, bind_zap, parse_peer, serve_zap
+from daemon.ctl.auth import ZAP_DOMAIN, Identities, bind_zap, parse_peer, serve_zap
 
 
 @pytest.mark.parametrize("address, expected", [

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from daemon.sdnotify import SYSTEMD_ONLY_ENV
+from daemon.core.sdnotify import SYSTEMD_ONLY_ENV
 from shared.client import Client
 from shared.protocol import Hello, HelloReply, JobDetail, ShowJob, Submit
 from tests.daemon_proc import ROOT, DaemonProc, wait_for

@@ -1,4 +1,4 @@
-"""`ftctl install-service` (daemon/service_install.py): what it writes, where, and what it tells you."""
+"""`ftctl install-service` (daemon/system/install.py): what it writes, where, and what it tells you."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon import service_install
-from daemon.service_install import InstallError, default_exec_path, install, templates_dir, write_atomic
+from daemon.system import install as service_install
+from daemon.system.install import InstallError, default_exec_path, install, templates_dir, write_atomic
 from shared.config import parse_config
 from tests.systemd.units import make_executable, unit_settings, verify_problems
 
@@ -98,17 +98,18 @@ def test_install_without_an_ftmllmd_says_how_to_get_one(tmp_path: Path) -> None:
 
 def test_a_unit_dir_you_may_not_write_gives_the_sudo_or_dest_hint(public_dir: Path) -> None:
     # Root may write anywhere, so the installer runs as user nobody, from a copy nobody can read.
+    # The whole daemon package is copied, not the installer alone: whatever it imports comes from this checkout,
+    # never from something an earlier run left importable for /usr/bin/python3.
     pkg = public_dir / "pkg"
-    (pkg / "daemon").mkdir(parents=True)
-    (pkg / "daemon" / "__init__.py").write_text("")
-    shutil.copy(Path(service_install.__file__), pkg / "daemon" / "service_install.py")
+    source = Path(service_install.__file__).resolve().parents[1]
+    shutil.copytree(source, pkg / "daemon", ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copytree(templates_dir(), pkg / "systemd")
     exe = make_executable(public_dir / "bin" / "ftmllmd")
     root_only = public_dir / "units"
     root_only.mkdir()
     for p in [public_dir, *public_dir.rglob("*")]:
         p.chmod(0o755 if p.is_dir() or p == exe else 0o644)
-    code = ("import sys; from pathlib import Path; from daemon.service_install import install, InstallError\n"
+    code = ("import sys; from pathlib import Path; from daemon.system.install import install, InstallError\n"
             "try: install(False, Path(sys.argv[1]), exec_path=Path(sys.argv[2]))\n"
             "except InstallError as e: print(e)")
     nobody = pwd.getpwnam("nobody")

@@ -10,8 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from daemon import service_install
-from daemon.service_install import default_exec_path, templates_dir
+from daemon.system import install as service_install
+from daemon.system.install import default_exec_path, templates_dir
 from tests.systemd.units import unit_settings, verify_problems
 
 FTCTL = Path(sys.executable).absolute().parent / "ftctl"

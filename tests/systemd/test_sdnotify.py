@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.sdnotify import Notifier, child_environ
+from daemon.core.sdnotify import Notifier, child_environ
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -94,7 +94,7 @@ def abstract_socket() -> Iterator[tuple[FakeSystemd, str]]:
 # The program under test: what the daemon does, plus markers around a deliberately blocked event loop.
 PROGRAM = textwrap.dedent("""
     import asyncio, os, subprocess, sys, time
-    from daemon.sdnotify import Notifier
+    from daemon.core.sdnotify import Notifier
 
     BLOCK_S = float(sys.argv[1])
 
@@ -213,7 +213,7 @@ def test_a_vanished_notify_socket_is_logged_once_and_never_raises(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     n = Notifier(str(tmp_path / "gone"))
-    with caplog.at_level(logging.WARNING, logger="daemon.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="daemon.core.sdnotify"):
         results = [n.watchdog_ping() for _ in range(5)]
     assert results == [False] * 5
     assert len(caplog.records) == 1 and "cannot notify systemd" in caplog.records[0].getMessage()
@@ -227,7 +227,7 @@ def test_a_full_notify_socket_drops_messages_instead_of_blocking_the_loop(
     n = Notifier("@" + name[1:])
     results: list[bool] = []
     sender = threading.Thread(target=lambda: results.extend(n.watchdog_ping() for _ in range(2000)))
-    with caplog.at_level(logging.WARNING, logger="daemon.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="daemon.core.sdnotify"):
         sender.start()
         sender.join(timeout=30)
     fake.sock.close()

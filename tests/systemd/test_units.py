@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from daemon import main
-from daemon.service_install import render_unit, templates_dir
+from daemon.system.install import render_unit, templates_dir
 from tests.systemd.units import make_executable, tool, unit_settings, verify_problems
 
 

@@ -121,7 +121,7 @@ async def test_follow_yields_points_as_written_and_drains_after_until(tmp_path: 
 
 def test_a_steps_eval_loss_joins_its_training_loss_in_the_store(tmp_path: Path) -> None:
     # LLaMA-Factory logs a step's eval line after its training line: both must reach the curve.
-    from daemon.store import Store
+    from daemon.core.store import Store
     from shared.protocol import TrainPoint
 
     store = Store(tmp_path / "state.sqlite")

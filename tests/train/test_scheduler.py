@@ -9,8 +9,8 @@ from pathlib import Path
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.gpus import GpuSnapshot
-from daemon.scheduler import EngineAction, EngineView, Policy, QueuedJob, RunningJob, Start, plan
+from daemon.gpus.nvml import GpuSnapshot
+from daemon.gpus.plan import EngineAction, EngineView, Policy, QueuedJob, RunningJob, Start, plan
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "nvml"
 IDLE = GpuSnapshot.load(FIXTURES / "box8_idle.json")

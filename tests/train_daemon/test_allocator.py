@@ -20,13 +20,13 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from daemon.events import EventBus
-from daemon.gpu_allocator import GpuAllocator
-from daemon.gpus import GpuSnapshot
+from daemon.core.events import EventBus
+from daemon.core.store import Store
+from daemon.gpus.allocator import GpuAllocator
+from daemon.gpus.nvml import GpuSnapshot
+from daemon.gpus.plan import EngineState, EngineView
 from daemon.jobs.base import Caller, JobContext, Resources
 from daemon.jobs.manager import JobManager
-from daemon.scheduler import EngineState, EngineView
-from daemon.store import Store
 from shared.config import load_settings
 from shared.protocol import GpuInfo, JobInfo
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.gpus import GpuSnapshot
+from daemon.gpus.nvml import GpuSnapshot
 from daemon.train.launch import saved_state
 from shared.protocol import JobInfo, Status, StatusReply
 from tests.daemon_proc import ROOT, wait_for

@@ -43,13 +43,13 @@ from pathlib import Path
 import httpx
 import psutil
 
-from daemon.atomic import write_atomic
-from daemon.ocr.chat_stream import error_message
+from daemon.core.atomic import write_atomic
+from daemon.core.sdnotify import child_environ
+from daemon.engines.vlm.chat_stream import error_message
+from daemon.engines.vlm.converter import Target
+from daemon.engines.vlm.inflight import InFlight
+from daemon.engines.vlm.server_metrics import ServerLoad, parse_load
 from daemon.ocr.errors import OcrError
-from daemon.ocr.inflight import InFlight
-from daemon.ocr.server_metrics import ServerLoad, parse_load
-from daemon.ocr.vlm import Target
-from daemon.sdnotify import child_environ
 from shared.config import MAX_IPC_PATH, VllmConfig
 
 log = logging.getLogger(__name__)

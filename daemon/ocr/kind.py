@@ -19,13 +19,13 @@ from typing import Any
 
 import msgspec
 
-from daemon.atomic import write_atomic
+from daemon.core.atomic import write_atomic
+from daemon.core.store import Store, UnknownJob
 from daemon.jobs.base import Caller, JobContext, JobFailed, Resources, SpecError
 from daemon.ocr.engine import Engine, PageResult, load_page_input, run_page
 from daemon.ocr.engine import TextDelta as EngineDelta
 from daemon.ocr.errors import OcrError
 from daemon.ocr.pdfworker import PdfWorkerPool
-from daemon.store import Store, UnknownJob
 from shared.config import Settings
 from shared.protocol import TERMINAL_STATES, JobInfo, PageInfo, TextDelta
 

@@ -25,18 +25,18 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.engine_supervisor import EngineCommandError
+from daemon.daemon import Daemon
+from daemon.engines.cpu import CpuEngine
+from daemon.engines.remote import RemoteEngine
+from daemon.engines.vllm import VllmEngine
+from daemon.engines.vllm_supervisor import EngineCommandError
+from daemon.engines.vlm.prompts import load_prompt
 from daemon.jobs.base import Caller
 from daemon.jobs.manager import RequestDenied
-from daemon.ocr.cpu_engine import CpuEngine
 from daemon.ocr.engine import Engine
 from daemon.ocr.errors import OcrError
+from daemon.ocr.kind import EngineChoice
 from daemon.ocr.pdfworker import PdfWorkerPool
-from daemon.ocr.pipeline import EngineChoice
-from daemon.ocr.prompts import load_prompt
-from daemon.ocr.remote_engine import RemoteEngine
-from daemon.ocr.vllm_engine import VllmEngine
-from daemon.service import Daemon
 from shared.config import Settings
 from shared.protocol import Ask, AskReply, EngineChanged, EngineCommand, EngineInfo, EngineReply, TextDelta
 
@@ -50,7 +50,7 @@ def gpu_view(daemon: Daemon) -> tuple[list[int], str]:
     monitor = getattr(daemon, "gpu_monitor", None)
     try:
         if monitor is None:
-            from daemon.gpus import GpuMonitor
+            from daemon.gpus.nvml import GpuMonitor
 
             monitor = GpuMonitor()
         snap = monitor.snapshot()
@@ -329,7 +329,7 @@ class EngineControl:
             if size is None:
                 raise OcrError("not_image", f"{path.name} is not a PNG or JPEG image it can read; convert it to PNG")
             return data, size[0], size[1], mime
-        from daemon.ocr.budget import plan_render  # the render cap for this question's prompt
+        from daemon.engines.vlm.budget import plan_render  # the render cap for this question's prompt
 
         cap = plan_render(engine.converter.question_limits(question)).max_pixels
         r = await self.pool.render_page(path, page_no, None, dpi=self.settings.config.ocr.dpi, max_pixels=cap,

@@ -24,10 +24,10 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 from watchdog.observers.api import ObservedWatch
 
-from daemon.atomic import write_atomic
-from daemon.auth import user_name
+from daemon.core.atomic import write_atomic
+from daemon.ctl.auth import user_name
 from daemon.jobs.base import Caller, SpecError
-from daemon.ocr.pipeline import sha256_of
+from daemon.ocr.kind import sha256_of
 from shared.config import Settings
 from shared.protocol import JobInfo
 

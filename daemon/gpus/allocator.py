@@ -22,13 +22,13 @@ import os
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
-from daemon.engine_port import GpuEngine
-from daemon.events import EventBus
-from daemon.gpus import GpuMonitor, GpuSnapshot
+from daemon.core.events import EventBus
+from daemon.core.store import Store
+from daemon.gpus.engine_port import GpuEngine
+from daemon.gpus.nvml import GpuMonitor, GpuSnapshot
+from daemon.gpus.plan import Decisions, EngineAction, EngineView, Policy, QueuedJob, plan
+from daemon.gpus.plan import RunningJob as PlannedJob
 from daemon.jobs.base import Resources
-from daemon.scheduler import Decisions, EngineAction, EngineView, Policy, QueuedJob, plan
-from daemon.scheduler import RunningJob as PlannedJob
-from daemon.store import Store
 from shared.config import SchedulerConfig
 from shared.protocol import GpuInfo, GpuProcess, GpusSampled, JobInfo, Progress
 

@@ -14,11 +14,11 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import msgspec
 
-from daemon.scheduler import EngineState, EngineView
+from daemon.gpus.plan import EngineState, EngineView
 from daemon.train.launch import group_members
 
 if TYPE_CHECKING:
-    from daemon.engine_supervisor import VllmSupervisor
+    from daemon.engines.vllm_supervisor import VllmSupervisor
 
 
 class DeployError(Exception):
@@ -76,7 +76,7 @@ class SupervisedVllm:
         await self.sup.wake()
 
     async def load_adapter(self, name: str, path: Path) -> str:
-        from daemon.engine_supervisor import EngineCommandError
+        from daemon.engines.vllm_supervisor import EngineCommandError
 
         try:
             return await self.sup.load_adapter(name, str(path))

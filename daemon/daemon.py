@@ -19,14 +19,14 @@ import zmq
 import zmq.asyncio
 
 from daemon import __version__
-from daemon.auth import ZAP_DOMAIN, Identities, bind_zap, serve_zap, socket_gid
-from daemon.events import EventBus
+from daemon.core.events import EventBus
+from daemon.core.sdnotify import Notifier
+from daemon.core.store import Store
+from daemon.ctl.auth import ZAP_DOMAIN, Identities, bind_zap, serve_zap, socket_gid
+from daemon.ctl.server import CtlServer, Handler
 from daemon.jobs.base import Caller, JobKind
 from daemon.jobs.manager import JobManager
 from daemon.jobs.selftest import SelftestKind
-from daemon.sdnotify import Notifier
-from daemon.server import CtlServer, Handler
-from daemon.store import Store
 from shared.config import ConfigError, Settings, load_settings
 from shared.protocol import (
     MAX_WIRE_BYTES,

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import httpx
 
-from daemon.engine_supervisor import ChangeHook, VllmSupervisor
-from daemon.ocr.budget import Limits, estimate_prompt_tokens
+from daemon.engines.vllm_supervisor import ChangeHook, VllmSupervisor
+from daemon.engines.vlm.budget import Limits, estimate_prompt_tokens
+from daemon.engines.vlm.converter import Sampling, Target, VlmConverter
+from daemon.engines.vlm.inflight import InFlight
 from daemon.ocr.engine import PageInput, PageResult, TextDelta
-from daemon.ocr.inflight import InFlight
 from daemon.ocr.pdfworker import PdfWorkerPool
-from daemon.ocr.vlm import Sampling, Target, VlmConverter
 from shared.config import OcrConfig, VllmConfig
 
 log = logging.getLogger(__name__)

@@ -16,10 +16,10 @@ from typing import Any
 import zmq
 import zmq.asyncio
 
-from daemon.auth import Identities
+from daemon.core.store import StoreError, UnknownJob
+from daemon.ctl.auth import Identities
 from daemon.jobs.base import Caller, JobFailed, SpecError
 from daemon.jobs.manager import RequestDenied
-from daemon.store import StoreError, UnknownJob
 from shared.protocol import (
     MAX_FRAME_BYTES,
     ErrorInfo,

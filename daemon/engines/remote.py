@@ -22,15 +22,15 @@ from dataclasses import dataclass, field, replace
 
 import httpx
 
-from daemon.ocr.budget import Limits, estimate_prompt_tokens
-from daemon.ocr.chat_stream import api_root, headers
+from daemon.engines.vllm import tokenized_length
+from daemon.engines.vlm.budget import Limits, estimate_prompt_tokens
+from daemon.engines.vlm.chat_stream import api_root, headers
+from daemon.engines.vlm.converter import Sampling, Target, VlmConverter
+from daemon.engines.vlm.inflight import InFlight
+from daemon.engines.vlm.server_metrics import ServerLoad, parse_load
 from daemon.ocr.engine import PageInput, PageResult, TextDelta
 from daemon.ocr.errors import OcrError
-from daemon.ocr.inflight import InFlight
 from daemon.ocr.pdfworker import PdfWorkerPool
-from daemon.ocr.server_metrics import ServerLoad, parse_load
-from daemon.ocr.vllm_engine import tokenized_length
-from daemon.ocr.vlm import Sampling, Target, VlmConverter
 from shared.config import OcrConfig, RemoteConfig, VllmConfig
 
 log = logging.getLogger(__name__)

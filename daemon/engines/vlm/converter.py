@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from daemon.ocr.budget import (
+from daemon.engines.vlm.budget import (
     SAFETY_TOKENS,
     BudgetError,
     Limits,
@@ -41,12 +41,12 @@ from daemon.ocr.budget import (
     estimate_prompt_tokens,
     plan_render,
 )
-from daemon.ocr.chat_stream import Piece, Rejected, ServerGone, stream_chat
+from daemon.engines.vlm.chat_stream import Piece, Rejected, ServerGone, stream_chat
+from daemon.engines.vlm.inflight import InFlight
+from daemon.engines.vlm.runaway import LADDER, Loop, RepetitionGuard, cut_loop, describe
 from daemon.ocr.engine import PageInput, PageResult, TextDelta
 from daemon.ocr.errors import OcrError
-from daemon.ocr.inflight import InFlight
 from daemon.ocr.pdfworker import PdfWorkerPool
-from daemon.ocr.runaway import LADDER, Loop, RepetitionGuard, cut_loop, describe
 
 # A page survives this many broken streams (server restarts) before it fails: a server that dies on
 # every attempt at this page is probably crashing because of it.

@@ -33,7 +33,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from daemon.gpus import GpuInfo, GpuSnapshot
+from daemon.gpus.nvml import GpuInfo, GpuSnapshot
 
 EngineState = Literal["running", "sleeping", "stopped", "absent"]
 MIB_PER_GIB = 1024.0

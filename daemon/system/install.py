@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from daemon.atomic import write_atomic
+from daemon.core.atomic import write_atomic
 
 UNIT_NAME = "ftmllmd.service"
 SERVICE_USER = "ftmllm"
@@ -43,7 +43,7 @@ class InstallResult:
 
 def templates_dir() -> Path:
     """``systemd/`` of the source tree this module was imported from."""
-    return Path(__file__).resolve().parent.parent / "systemd"
+    return Path(__file__).resolve().parents[2] / "systemd"
 
 
 def default_exec_path() -> Path:
@@ -142,7 +142,7 @@ def _reachability_warnings(exec_path: Path) -> list[str]:
     warnings = []
     checks = (("ftmllmd", exec_path), ("its Python interpreter", _interpreter(exec_path)),
               # an editable install runs the code from the checkout, which must be reachable too
-              ("the ftmllm code", Path(__file__).resolve().parent))
+              ("the ftmllm code", Path(__file__).resolve().parents[1]))
     for what, path in checks:
         if path is None:
             continue
