@@ -10,7 +10,7 @@ HOME_DIR ?= $(CURDIR)/.ftmllm
 help:
 	@echo "make run    start ftmllmd in the foreground with everything under ./.ftmllm/"
 	@echo "make test   install what the tests need (engines cached in ~/.cache/ftmllm-test) and run them all"
-	@echo "make lint   ruff + mypy"
+	@echo "make lint   ruff, mypy and the import contracts (lint-imports)"
 	@echo "make bench  run the benchmarks in bench/ (each ends with one key=value line)"
 
 $(STAMP): pyproject.toml
@@ -42,6 +42,7 @@ test-vllm: $(STAMP) engines
 lint: $(STAMP)
 	$(BIN)/ruff check daemon shared tui tests bench
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 bench: $(STAMP) engines
 	@for b in $(filter-out bench/__init__.py,$(sort $(wildcard bench/*.py))); do \

@@ -1,0 +1,1 @@
+"""The Part protocol: how a part of the daemon plugs into it (written by the assembly refactor)."""
