@@ -40,7 +40,7 @@ test-vllm: $(STAMP) engines
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/vllm
 
 lint: $(STAMP)
-	$(BIN)/ruff check daemon shared tui tests bench
+	$(BIN)/ruff check daemon shared tui tests bench tools
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 

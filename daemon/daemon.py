@@ -1,7 +1,8 @@
-"""The daemon's assembly: sockets, store, bus, job manager, and the request handlers.
+"""The daemon: sockets, store, event bus, job manager, lifecycle, and the requests every daemon answers.
 
-:class:`Daemon` wires the parts and answers requests; each part owns its own state (the store owns rows,
-the job manager owns transitions and tasks, the engine owns its child process).
+:class:`Daemon` answers the core requests and runs the parts plugged into it (daemon/part.py); each owns its
+own state (the store owns rows, the job manager owns transitions and tasks, the engine part owns its child
+process, the GPU allocator owns the GPU list) and the daemon asks the parts for what status and snapshots show.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import os
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +25,10 @@ from daemon.core.sdnotify import Notifier
 from daemon.core.store import Store
 from daemon.ctl.auth import ZAP_DOMAIN, Identities, bind_zap, serve_zap, socket_gid
 from daemon.ctl.server import CtlServer, Handler
-from daemon.jobs.base import Caller, JobKind
-from daemon.jobs.manager import JobManager
+from daemon.jobs.base import Caller
+from daemon.jobs.manager import Admission, JobManager
 from daemon.jobs.selftest import SelftestKind
+from daemon.part import Part
 from shared.config import ConfigError, Settings, load_settings
 from shared.protocol import (
     MAX_WIRE_BYTES,
@@ -66,11 +68,13 @@ log = logging.getLogger(__name__)
 
 # Enough for 10 subscribers to absorb a burst of ~20 s at 5,000 events/s without a drop.
 EVENT_HWM = 100_000
+# what status and snapshots show until a part says otherwise
+NO_ENGINE = EngineInfo(kind="cpu", state="stopped", reason="no engine configured yet")
+NO_GPUS = "no GPUs found"
 
 
 class Daemon:
-    def __init__(self, settings: Settings, kinds: dict[str, JobKind] | None = None,
-                 notifier: Notifier | None = None) -> None:
+    def __init__(self, settings: Settings, notifier: Notifier | None = None) -> None:
         self.settings = settings
         self.notifier = notifier or Notifier(None)
         self._status_pending = False
@@ -87,13 +91,8 @@ class Daemon:
         self.pub.linger = 0
         self.bus = EventBus(self.pub, self.session, self.store.seq)
         self.store.on_commit = self._committed
-        self.kinds: dict[str, JobKind] = {"selftest": SelftestKind()}
-        if kinds:
-            self.kinds.update(kinds)
-        self.jobs = JobManager(settings, self.store, self.bus, self.kinds)
-        self.engine = EngineInfo(kind="cpu", state="stopped", reason="no engine configured yet")
-        self.gpus: list[GpuInfo] = []
-        self.gpu_note = "no GPUs found"
+        self.jobs = JobManager(settings, self.store, self.bus, {"selftest": SelftestKind()})
+        self.parts: list[Part] = []
         self.router = self.ctx.socket(zmq.ROUTER)
         self.router.linger = 0
         self.router.rcvhwm = 10_000
@@ -101,9 +100,20 @@ class Daemon:
         self.router.setsockopt(zmq.MAXMSGSIZE, MAX_WIRE_BYTES)
         self.ctl = CtlServer(self.router, self.identities, self._handlers())
         self._tasks: list[asyncio.Task[Any]] = []
-        self.extra_handlers: dict[type, Handler] = {}
-        self.start_callbacks: list[Callable[[], Awaitable[None]]] = []
-        self.stop_callbacks: list[Callable[[], Awaitable[None]]] = []
+
+    def plug(self, parts: Sequence[Part], admission: Admission | None) -> None:
+        """Plug the parts in: their kinds, lane limits, handlers and job-end hooks now; they start in this
+        order and stop in reverse. ``admission`` decides when a queued job starts and on which GPUs (the GPU
+        allocator); None leaves it to the lane limits alone."""
+        if self.parts:
+            raise RuntimeError("the daemon's parts are plugged in once")
+        for part in parts:
+            _claim(self.jobs.kinds, part.kinds(), "job kind")
+            _claim(self.ctl.handlers, part.handlers(), "request")
+            self.jobs.lane_limits.update(part.lane_limits())
+            self.jobs.end_hooks.append(part.on_job_end)
+        self.jobs.admission = admission
+        self.parts = list(parts)
 
     def _committed(self) -> None:
         self.bus.committed()
@@ -135,7 +145,6 @@ class Daemon:
             os.chmod(run / name, 0o660)
             if gid is not None:
                 os.chown(run / name, -1, gid)
-        self.ctl.handlers.update(self.extra_handlers)
 
     async def start(self) -> None:
         self.jobs.recover()
@@ -146,20 +155,17 @@ class Daemon:
             loop.create_task(self.bus.run_heartbeat(self.settings.config.daemon.heartbeat_s), name="hb"),
             loop.create_task(self.jobs.run(), name="jobs"),
         ]
-        for cb in self.start_callbacks:
-            await cb()
+        for part in self.parts:
+            await part.start()
         self.jobs.kick()
-
-    def add_task(self, coro: Awaitable[Any], name: str) -> None:
-        self._tasks.append(asyncio.get_running_loop().create_task(coro, name=name))  # type: ignore[arg-type]
 
     async def stop(self, timeout: float = 60.0) -> None:
         await self.jobs.stop(timeout)
-        for cb in self.stop_callbacks:
+        for part in reversed(self.parts):
             try:
-                await cb()
+                await part.stop()
             except Exception:
-                log.exception("error while stopping")
+                log.exception("error while stopping %s", type(part).__name__)
         for t in self._tasks:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -172,6 +178,24 @@ class Daemon:
             (self.paths.runtime_dir / name).unlink(missing_ok=True)
         self.ctx.term()
         self.store.close()
+
+    # ------------------------------------------------------------------------------ what is shown
+
+    def _shown(self) -> tuple[EngineInfo, list[GpuInfo], str]:
+        """(engine, GPUs, GPU note) as the parts show them; a later part's word over an earlier one's."""
+        engine, note = NO_ENGINE, NO_GPUS
+        gpus: list[GpuInfo] = []
+        for part in self.parts:
+            shown = part.shown()
+            engine = shown.engine if shown.engine is not None else engine
+            gpus = shown.gpus if shown.gpus is not None else gpus
+            note = shown.gpu_note if shown.gpu_note is not None else note
+        return engine, gpus, note
+
+    @property
+    def engine(self) -> EngineInfo:
+        """The engine that serves jobs naming none, as the part that owns it shows it."""
+        return self._shown()[0]
 
     def status_line(self) -> str:
         """One line for systemd's STATUS= (shown by `systemctl status ftmllmd`)."""
@@ -237,17 +261,17 @@ class Daemon:
                           pid=os.getpid(), user=caller.user, seq=self.bus.seq)
 
     def snapshot(self) -> Snapshot:
-        return Snapshot(session=self.session, seq=self.bus.seq, jobs=self.store.list_jobs(),
-                        engine=self.engine, gpus=self.gpus, gpu_note=self.gpu_note,
-                        queue_paused=self.jobs.paused)
+        engine, gpus, note = self._shown()
+        return Snapshot(session=self.session, seq=self.bus.seq, jobs=self.store.list_jobs(), engine=engine,
+                        gpus=gpus, gpu_note=note, queue_paused=self.jobs.paused)
 
     def on_status(self, body: Status, caller: Caller) -> StatusReply:
+        engine, gpus, note = self._shown()
         return StatusReply(session=self.session, pid=os.getpid(), version=__version__,
                            uptime_s=time.monotonic() - self.started, seq=self.bus.seq,
                            state_dir=str(self.paths.state_dir), runtime_dir=str(self.paths.runtime_dir),
                            hotfolder=str(self.paths.inbox), counts=self.store.counts(),
-                           queue_paused=self.jobs.paused, engine=self.engine, gpus=self.gpus,
-                           gpu_note=self.gpu_note)
+                           queue_paused=self.jobs.paused, engine=engine, gpus=gpus, gpu_note=note)
 
     def on_show(self, body: ShowJob, caller: Caller) -> JobDetail:
         job = self.store.get_job(body.job_id)
@@ -270,6 +294,14 @@ class Daemon:
         self.jobs.set_paused(paused, caller)
         return Done(message="queue paused: running jobs go on, queued ones wait for `ftctl resume`"
                     if paused else "queue resumed")
+
+
+def _claim(table: dict[Any, Any], new: dict[Any, Any], what: str) -> None:
+    twice = table.keys() & new.keys()
+    if twice:
+        names = ", ".join(sorted(k if isinstance(k, str) else k.__name__ for k in twice))
+        raise RuntimeError(f"{what} {names} claimed by two parts of the daemon")
+    table.update(new)
 
 
 def read_log(job_dir: Path, req: JobLogs, finished: bool) -> LogChunk:

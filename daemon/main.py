@@ -8,15 +8,18 @@ import logging
 import signal
 import sys
 import time
+from pathlib import Path
 
 from daemon import __version__
 from daemon.core.lock import AlreadyRunning, StateLock
 from daemon.core.logsetup import setup_logging
 from daemon.core.sdnotify import Notifier
+from daemon.system.install import InstallError, install
 from shared.config import ConfigError, Settings, load_settings
 
 log = logging.getLogger("ftmllmd")
 
+EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_RUNNING = 4
 
@@ -36,10 +39,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--print-config", action="store_true", help="print every key with its default and exit")
     p.add_argument("--check-config", action="store_true", help="validate the config and exit")
     p.add_argument("--version", action="version", version=f"ftmllmd {__version__}")
+    commands = p.add_subparsers(dest="command", metavar="COMMAND", help="without one: run the daemon")
+    sp = commands.add_parser(
+        "install-service", help="write the systemd unit for this installation (system, or --user)",
+        description="Write ftmllmd.service with ExecStart pointing at this ftmllmd, plus (system service) "
+        "sysusers.d/tmpfiles.d snippets and /etc/ftmllm/ftmllm.toml if missing; prints the systemctl "
+        "commands to run. `ftctl install-service` runs this.")
+    sp.add_argument("--user", action="store_true", help="a unit for `systemctl --user` instead of the system")
+    sp.add_argument("--dest", help="write everything into this directory instead (for packaging or review)")
+    sp.add_argument("--config-file", dest="config_file", help="the config the service should use")
+    sp.add_argument("--rw", action="append", metavar="PATH",
+                    help="extra paths the service may write (model dirs, another hot folder)")
     return p
 
 
+def install_service(args: argparse.Namespace) -> int:
+    try:
+        result = install(args.user, Path(args.dest) if args.dest else None,
+                         config=Path(args.config_file).resolve() if args.config_file else None,
+                         read_write_paths=[Path(p).resolve() for p in args.rw or []])
+    except InstallError as exc:
+        print(f"ftmllmd: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    # flushed line by line: stdout and stderr keep their order when both go to one file
+    for path in result.written:
+        print(f"wrote {path}", flush=True)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    print("now run:")
+    for cmd in result.commands:
+        print(f"  {cmd}")
+    return 0
+
+
 async def run_daemon(settings: Settings, notifier: Notifier, ready_t0: float) -> int:
+    # imported only here: the other commands (--print-config, install-service) need none of the parts and
+    # their libraries
     from daemon.assemble import assemble
 
     daemon = assemble(settings, notifier)
@@ -70,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     # first, before any thread or child exists: no child may inherit NOTIFY_SOCKET
     notifier = Notifier.from_environ(unset=True)
     args = build_parser().parse_args(argv)
+    if args.command == "install-service":
+        return install_service(args)
     if args.print_config:
         from shared.config import default_config_toml
 

@@ -260,9 +260,15 @@ class AsyncClient:
         sub.connect(self.paths.events_endpoint)
         return sub
 
-    async def events(self, topics: tuple[str, ...]) -> AsyncIterator[Event]:
-        """Raw events of some topics (no mirror, no gap checks): e.g. one job's text deltas."""
-        sub = self.subscribe(topics)
+    def events(self, topics: tuple[str, ...]) -> AsyncIterator[Event]:
+        """Raw events of some topics, and heartbeats (no mirror, no gap checks): e.g. one job's text deltas.
+
+        Subscribed before this returns, not at the first ``anext``: what a caller asks next (a job's state)
+        is followed by every later event once the first message, at the latest a heartbeat, has arrived
+        (ZeroMQ joins a subscriber a moment after it connects)."""
+        return self._read_events(self.subscribe(topics))
+
+    async def _read_events(self, sub: zmq.asyncio.Socket) -> AsyncIterator[Event]:
         try:
             while True:
                 _topic, frame = await sub.recv_multipart()
@@ -399,7 +405,8 @@ class Client:
         return self._iterate(self._async.watch(), threading.Event())
 
     def events(self, topics: tuple[str, ...]) -> Iterator[Event]:
-        return self._iterate(self._async.events(topics), threading.Event())
+        """Subscribed before this returns (see :meth:`AsyncClient.events`)."""
+        return self._iterate(self._run(_subscribe(self._async, topics)), threading.Event())
 
     def close(self) -> None:
         async def _close() -> None:
@@ -418,3 +425,7 @@ class Client:
 async def _make_async(paths: Paths, name: str, timeout: float) -> AsyncClient:
     return AsyncClient(paths, name=name, timeout=timeout)
 
+
+async def _subscribe(client: AsyncClient, topics: tuple[str, ...]) -> AsyncIterator[Event]:
+    # on the loop's thread, which owns the client's sockets
+    return client.events(topics)

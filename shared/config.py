@@ -119,7 +119,7 @@ class SchedulerConfig(_Section, frozen=True):
     idle_used_mib: float = 1024.0
     # jobs that run at once without GPUs (on the CPU)
     cpu_slots: int = 1
-    # a recorded GPU snapshot (JSON, daemon/gpus.py) used instead of NVML: demos and tests without GPUs
+    # a recorded GPU snapshot (JSON, daemon/gpus/nvml.py) used instead of NVML: demos and tests without GPUs
     gpu_snapshot_file: str = ""
 
 

@@ -33,7 +33,6 @@ MAX_WIRE_BYTES = 1024 * 1024
 
 JobState = Literal["queued", "running", "succeeded", "failed", "canceled", "interrupted"]
 TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
-JOB_KINDS = ("ocr", "train", "eval", "export", "selftest")
 
 
 class Struct(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):

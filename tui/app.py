@@ -1,8 +1,8 @@
 """``ftui``: the terminal UI of ftmllmd — everything the daemon knows, live, at 80×24 over SSH.
 
 One worker (:class:`~tui.link.Link`) owns the daemon client; screens read the :class:`~tui.state.State`
-when told what changed, and reach the daemon only through :meth:`FtuiApp.send`, whose answer comes back
-to them as a Message.
+when told what changed, and reach the daemon only through the app as their :class:`~tui.host.Host`
+(:meth:`FtuiApp.send`, whose answer comes back to them as a Message, and ``want_pages``/``want_train``).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from tui.screens.modals import ConfirmScreen, FilePickerScreen, HelpScreen, Trai
 from tui.screens.ocr import OcrScreen
 from tui.screens.training import TrainingScreen
 from tui.screens.try_ask import TryScreen
+from tui.state import State
 
 # What an OCR job's spec names its input (daemon/ocr's kind reads this key).
 OCR_FILE_KEY = "file"
@@ -93,7 +94,6 @@ class FtuiApp(App[None]):
                  templates_dir: Path | None = None, start_mode: str = "dashboard", flush_s: float = 0.05,
                  file_root: Path | None = None, tick_s: float = TICK_S) -> None:
         super().__init__()
-        self._source_factory = source_factory
         self.clock = clock
         self.templates_dir = templates_dir or default_templates_dir()
         self.start_mode = start_mode
@@ -154,7 +154,17 @@ class FtuiApp(App[None]):
             if isinstance(screen, FtScreen) and screen.is_mounted:
                 screen.tick()
 
-    # ---------------------------------------------------------------------------------- requests
+    # ------------------------------------------------------------------- what screens ask (tui.host.Host)
+
+    @property
+    def state(self) -> State:
+        return self.link.state
+
+    def want_pages(self, job_id: int) -> None:
+        self.link.want_pages(job_id)
+
+    def want_train(self, job_id: int) -> None:
+        self.link.want_train(job_id)
 
     def send(self, body: RequestBody, *, reply_to: MessagePump | None = None, tag: str = "",
              announce: bool = True) -> None:
@@ -213,14 +223,14 @@ class FtuiApp(App[None]):
             if body is not None:
                 self.send(body)
 
-        self.push_screen(TrainFormScreen(self.templates_dir, self.file_root), chosen)
+        self.push_screen(TrainFormScreen(self, self.templates_dir, self.file_root), chosen)
 
     def action_submit_selftest(self) -> None:
         """A job that only reports progress: shows the daemon, the queue and ftui working end to end."""
         self.send(Submit(kind="selftest", spec={"steps": 50, "rate": 25}))
 
     def action_cancel_job(self, job_id: int | None = None) -> None:
-        job = self.link.state.job(job_id) if job_id is not None else self.current_job()
+        job = self.state.job(job_id) if job_id is not None else self.current_job()
         if job is None:
             self.notify("no job selected: move the cursor onto a job (Jobs screen: 2) first", severity="warning")
             return
@@ -238,7 +248,7 @@ class FtuiApp(App[None]):
         self.push_screen(ConfirmScreen(question, yes="Cancel the job", no="Keep it running"), answered)
 
     def action_retry_job(self, job_id: int | None = None) -> None:
-        job = self.link.state.job(job_id) if job_id is not None else self.current_job()
+        job = self.state.job(job_id) if job_id is not None else self.current_job()
         if job is None:
             self.notify("no job selected: move the cursor onto a job (Jobs screen: 2) first", severity="warning")
             return
@@ -246,7 +256,7 @@ class FtuiApp(App[None]):
 
     def action_deploy_job(self, job_id: int | None = None) -> None:
         """Serve a finished training run's adapter in the engine (asks first: the engine may restart)."""
-        job = self.link.state.job(job_id) if job_id is not None else self.current_job()
+        job = self.state.job(job_id) if job_id is not None else self.current_job()
         if job is None or job.kind not in ("train", "export") or job.state != "succeeded":
             self.notify("pick a succeeded train or export job first (Training screen: 3)", severity="warning")
             return
@@ -261,7 +271,7 @@ class FtuiApp(App[None]):
                                        yes="Deploy", no="Not now"), answered)
 
     def action_toggle_queue(self) -> None:
-        self.send(ResumeQueue() if self.link.state.mirror.queue_paused else PauseQueue())
+        self.send(ResumeQueue() if self.state.mirror.queue_paused else PauseQueue())
 
     def action_pause_queue(self) -> None:
         self.send(PauseQueue())

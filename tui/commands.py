@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, cast
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
 from shared.protocol import TERMINAL_STATES
+from tui.screens.engine import EngineScreen
 from tui.widgets.chrome import SCREENS, TITLES
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ Command = tuple[str, str, Callable[[], object]]
 class FtCommands(Provider):
     def commands(self) -> list[Command]:
         app = cast("FtuiApp", self.app)
-        st = app.link.state
+        st = app.state
         cmds: list[Command] = []
         for key, mode, _label in SCREENS:
             cmds.append((f"Go to {TITLES[mode]}", f"screen {key}", partial(app.switch_mode, mode)))
@@ -52,8 +53,6 @@ class FtCommands(Provider):
         return cmds
 
     def _load_adapter(self) -> None:
-        from tui.screens.engine import EngineScreen
-
         app = cast("FtuiApp", self.app)
 
         async def go() -> None:

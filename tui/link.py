@@ -80,7 +80,6 @@ class Link:
         self._tasks: set[asyncio.Task[None]] = set()
         self._pages_loaded: set[int] = set()
         self._train_loaded: set[int] = set()
-        self.flushes = 0
 
     # ------------------------------------------------------------------------------- main loop
 
@@ -132,7 +131,6 @@ class Link:
         else:
             ev = update.event
             assert ev is not None
-            st.events_seen += 1
             ch.events += 1
             body = ev.body
             if isinstance(body, JobChanged):
@@ -209,7 +207,6 @@ class Link:
         changes, self._pending = self._pending, Changes()
         self._awaiting_ack = True
         self._last_flush = time.monotonic()
-        self.flushes += 1
         self._post(StateChanged(changes))
 
     def ack(self) -> None:

@@ -119,7 +119,6 @@ class State:
         # history lines seen in JobChanged events, so a detail view fetched once (ShowJob) stays current
         # without asking the daemon again at every step
         self.history: dict[int, deque[HistoryEntry]] = {}
-        self.events_seen = 0
         self.loaded = False  # a snapshot arrived at least once
 
     # --------------------------------------------------------------------------------- readers
@@ -150,9 +149,6 @@ class State:
 
     def page_list(self, job_id: int) -> list[PageInfo]:
         return [p for _, p in sorted(self.pages.get(job_id, {}).items())]
-
-    def stream_for_page(self, job_id: int, page_no: int) -> TextStream | None:
-        return self.text.get(f"{job_id}:{page_no}")
 
     def live_stream_of_job(self, job_id: int) -> TextStream | None:
         """The stream of the page this job decodes now: the newest key of the job that is not final."""

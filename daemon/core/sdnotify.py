@@ -18,18 +18,13 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Mapping, MutableMapping
+from collections.abc import MutableMapping
 
 log = logging.getLogger(__name__)
 
 # What systemd hands the daemon for itself alone; children must not see it (a child that pings would keep a
 # dead daemon "alive", one that sends READY=1 would confuse the unit's state).
 SYSTEMD_ONLY_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES")
-
-
-def child_environ(environ: Mapping[str, str]) -> dict[str, str]:
-    """A copy of ``environ`` for a child process, without the variables meant for the daemon alone."""
-    return {k: v for k, v in environ.items() if k not in SYSTEMD_ONLY_ENV}
 
 
 def _socket_address(value: str) -> str | None:

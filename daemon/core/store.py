@@ -2,7 +2,7 @@
 
 Every state change is one transaction that updates its row *and* appends an event row; the event's
 ``seq`` is the row's AUTOINCREMENT key, so it is global, never reused and never goes backwards, even after
-``kill -9``. The store owns no sockets: :class:`daemon.events.EventBus` publishes what the store returns.
+``kill -9``. The store owns no sockets: :class:`daemon.core.events.EventBus` publishes what the store returns.
 """
 
 from __future__ import annotations
@@ -20,19 +20,15 @@ import msgspec
 
 from shared.protocol import (
     TERMINAL_STATES,
-    EventBody,
     HistoryEntry,
-    JobChanged,
     JobInfo,
     JobState,
-    PageChanged,
     PageInfo,
     Progress,
     TrainPoint,
-    TrainProgress,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -57,8 +53,7 @@ CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
     ts REAL NOT NULL,
     job_id INTEGER,
-    what TEXT NOT NULL,
-    body BLOB NOT NULL
+    what TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id);
 CREATE INDEX IF NOT EXISTS events_history ON events(job_id, seq) WHERE what != '';
@@ -86,8 +81,17 @@ CREATE TABLE IF NOT EXISTS sources (
 
 _JOB_COLUMNS = "id, kind, owner, state, name, spec, created, started, finished, error, artifacts, progress, " \
     "attempts, gpus"
-_event_encoder = msgspec.msgpack.Encoder()
-_event_decoder = msgspec.msgpack.Decoder(EventBody)
+_point_encoder = msgspec.msgpack.Encoder()
+
+
+def _drop_event_bodies(db: sqlite3.Connection) -> None:
+    """Schema 1 kept every event's encoded body, which nothing ever read back: events go to clients as they
+    happen, and a client that missed some asks for a snapshot. Rewrites the events table once."""
+    db.execute("ALTER TABLE events DROP COLUMN body")
+
+
+# schema N → N + 1, run in order at open inside one transaction; a store this version wrote never needs them
+_MIGRATIONS: dict[int, Callable[[sqlite3.Connection], None]] = {1: _drop_event_bodies}
 
 
 class StoreError(Exception):
@@ -134,6 +138,7 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
+        # a new store gets every table; an older one keeps its tables as they are until _migrate changes them
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
         if row is None:
@@ -143,6 +148,21 @@ class Store:
                 f"{path}: store schema {row[0]} is newer than this ftmllmd understands ({SCHEMA_VERSION}); "
                 "upgrade ftmllm"
             )
+        else:
+            self._migrate(int(row[0]))
+
+    def _migrate(self, found: int) -> None:
+        if found == SCHEMA_VERSION:
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for version in range(found, SCHEMA_VERSION):
+                _MIGRATIONS[version](self._db)
+            self._db.execute("UPDATE meta SET value=? WHERE key='schema'", (str(SCHEMA_VERSION),))
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def close(self) -> None:
         self.commit()
@@ -186,12 +206,9 @@ class Store:
         if not deferred:
             self.commit()
 
-    def _append_event(self, db: sqlite3.Connection, ts: float, job_id: int | None, what: str,
-                      body: EventBody) -> int:
-        cur = db.execute(
-            "INSERT INTO events (ts, job_id, what, body) VALUES (?, ?, ?, ?)",
-            (ts, job_id, what, _event_encoder.encode(body)),
-        )
+    def _append_event(self, db: sqlite3.Connection, ts: float, job_id: int | None, what: str) -> int:
+        """The event's row: its seq, and its line in the job's history when ``what`` says something."""
+        cur = db.execute("INSERT INTO events (ts, job_id, what) VALUES (?, ?, ?)", (ts, job_id, what))
         assert cur.lastrowid is not None
         return cur.lastrowid
 
@@ -209,10 +226,10 @@ class Store:
     def set_meta(self, key: str, value: str) -> None:
         self._db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
-    def record(self, body: EventBody, job_id: int | None = None, what: str = "") -> int:
-        """Append an event that is not tied to a row change here (engine state, queue pause)."""
+    def record(self, what: str, job_id: int | None = None) -> int:
+        """Append an event that is not tied to a row change here (engine state, queue pause); its seq."""
         with self._tx() as db:
-            return self._append_event(db, time.time(), job_id, what, body)
+            return self._append_event(db, time.time(), job_id, what)
 
     # ------------------------------------------------------------------------------------------ jobs
 
@@ -227,7 +244,7 @@ class Store:
             job = JobInfo(id=cur.lastrowid, kind=kind, owner=owner, state="queued", name=name, spec=spec,
                           created=now)
             what = f"queued by {owner}"
-            seq = self._append_event(db, now, job.id, what, JobChanged(job=job, what=what))
+            seq = self._append_event(db, now, job.id, what)
         return seq, job, what
 
     def get_job(self, job_id: int) -> JobInfo:
@@ -277,7 +294,7 @@ class Store:
             if row is None:
                 raise UnknownJob(job_id)
             job = _job_from_row(row)
-            seq = self._append_event(db, now, job_id, what, JobChanged(job=job, what=what))
+            seq = self._append_event(db, now, job_id, what)
         return seq, job
 
     def history(self, job_id: int, limit: int = 200) -> list[HistoryEntry]:
@@ -286,12 +303,6 @@ class Store:
             (job_id, limit),
         ).fetchall()
         return [HistoryEntry(seq=s, ts=t, what=w) for s, t, w in reversed(rows)]
-
-    def events_since(self, seq: int, limit: int = 10000) -> list[tuple[int, float, EventBody]]:
-        rows = self._db.execute(
-            "SELECT seq, ts, body FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (seq, limit)
-        ).fetchall()
-        return [(s, t, _event_decoder.decode(b)) for s, t, b in rows]
 
     def counts(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())
@@ -310,7 +321,7 @@ class Store:
                 (page.job_id, page.page_no, page.state, page.method, text or "", json.dumps(page.timings),
                  page.error),
             )
-            return self._append_event(db, now, page.job_id, "", PageChanged(page=page))
+            return self._append_event(db, now, page.job_id, "")
 
     def pages(self, job_id: int) -> list[PageInfo]:
         rows = self._db.execute(
@@ -334,9 +345,6 @@ class Store:
         return PageInfo(job_id=job_id, page_no=page_no, state=s, method=m, timings=json.loads(t), error=e,
                         chars=len(text)), text
 
-    def clear_pages(self, job_id: int) -> None:
-        self._db.execute("DELETE FROM pages WHERE job_id=?", (job_id,))
-
     # ---------------------------------------------------------------------------------- train points
 
     def add_train_points(self, points: Iterable[TrainPoint]) -> list[tuple[int, TrainPoint]]:
@@ -354,8 +362,8 @@ class Store:
                     if p == old:
                         continue
                 db.execute("INSERT OR REPLACE INTO train_points (job_id, step, data) VALUES (?, ?, ?)",
-                           (p.job_id, p.step, _event_encoder.encode(p)))
-                out.append((self._append_event(db, now, p.job_id, "", TrainProgress(point=p)), p))
+                           (p.job_id, p.step, _point_encoder.encode(p)))
+                out.append((self._append_event(db, now, p.job_id, ""), p))
         return out
 
     def train_points(self, job_id: int, since_step: int = -1) -> list[TrainPoint]:

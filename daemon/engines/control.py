@@ -1,5 +1,5 @@
-"""The daemon's OCR engines: which exist, which one serves and why, their state as events, and the
-``engine`` and ``ask`` requests.
+"""The daemon's OCR engines: which exist, which one serves and why, the PDF workers they convert with, their
+state as events, and the ``engine`` and ``ask`` requests.
 
 * ``cpu`` always exists. ``vllm`` exists when ``vllm.model`` is set (a supervised ``vllm serve``), ``remote``
   when ``remote.urls`` lists servers. A job may name any of them; the default serves the hot folder and
@@ -9,8 +9,9 @@
   :class:`EngineInfo` (``ftctl status``).
 * The default engine's state changes are durable ``EngineChanged`` events (a row in the store, a ``seq``);
   its load figures (running/waiting, KV cache, tokens/s) are stream events every couple of seconds.
-  ``daemon.engine`` always holds the latest, for snapshots and status.
-* ``sleep()``/``wake()`` are the training scheduler's way to borrow the engine's GPUs.
+  Snapshots and status ask :meth:`EngineControl.shown`.
+* The GPU allocator borrows the vLLM engine's GPUs through :attr:`EngineControl.gpu_engine`
+  (daemon/engines/gpu_port.py).
 """
 
 from __future__ import annotations
@@ -25,18 +26,23 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from daemon.daemon import Daemon
+from daemon.core.events import EventBus
+from daemon.core.store import Store
+from daemon.ctl.server import Handler
 from daemon.engines.cpu import CpuEngine
+from daemon.engines.gpu_port import SupervisedVllm
 from daemon.engines.remote import RemoteEngine
 from daemon.engines.vllm import VllmEngine
 from daemon.engines.vllm_supervisor import EngineCommandError
 from daemon.engines.vlm.prompts import load_prompt
+from daemon.gpus.engine_port import GpuEngine
+from daemon.gpus.source import GpuSource
 from daemon.jobs.base import Caller
 from daemon.jobs.manager import RequestDenied
-from daemon.ocr.engine import Engine
+from daemon.ocr.engine import Engine, EngineChoice
 from daemon.ocr.errors import OcrError
-from daemon.ocr.kind import EngineChoice
 from daemon.ocr.pdfworker import PdfWorkerPool
+from daemon.part import Part, Shown
 from shared.config import Settings
 from shared.protocol import Ask, AskReply, EngineChanged, EngineCommand, EngineInfo, EngineReply, TextDelta
 
@@ -45,15 +51,10 @@ log = logging.getLogger(__name__)
 IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}
 
 
-def gpu_view(daemon: Daemon) -> tuple[list[int], str]:
-    """GPU indices (most free memory first) and a note, from the daemon's monitor or a fresh NVML look."""
-    monitor = getattr(daemon, "gpu_monitor", None)
+def gpu_view(source: GpuSource) -> tuple[list[int], str]:
+    """GPU indices (most free memory first) and a note."""
     try:
-        if monitor is None:
-            from daemon.gpus.nvml import GpuMonitor
-
-            monitor = GpuMonitor()
-        snap = monitor.snapshot()
+        snap = source.snapshot()
     except Exception as exc:  # NVML trouble is never a reason not to start
         return [], f"no GPUs found ({exc})"
     gpus = sorted(snap.gpus, key=lambda g: -g.memory_free_mib)
@@ -97,10 +98,10 @@ class Decision:
     gpus: list[int]  # GPU indices, most free memory first
 
 
-def decide(daemon: Daemon, settings: Settings) -> Decision:
-    """Which engine serves by default, before anything is built (the PDF workers are sized by it)."""
+def decide(settings: Settings, gpus_seen: GpuSource) -> Decision:
+    """Which engine serves by default, before anything is built (what the PDF workers preload depends on it)."""
     cfg = settings.config
-    gpus, note = gpu_view(daemon)
+    gpus, note = gpu_view(gpus_seen)
     available = {"cpu"} | ({"vllm"} if cfg.vllm.model else set()) | ({"remote"} if cfg.remote.urls else set())
     default, reason = choose_default(settings, available, gpus, note, shutil.which(cfg.vllm.executable))
     return Decision(default, reason, gpus)
@@ -112,15 +113,20 @@ def worker_preload(decision: Decision) -> tuple[str, ...]:
     return ("markdown", "ocr") if decision.default == "cpu" else ()
 
 
-class EngineControl:
-    def __init__(self, daemon: Daemon, settings: Settings, pool: PdfWorkerPool,
-                 decision: Decision | None = None) -> None:
+class EngineControl(Part):
+    def __init__(self, settings: Settings, store: Store, bus: EventBus, gpus_seen: GpuSource) -> None:
+        """``gpus_seen``: the GPUs the default engine is chosen by (and vLLM placed on)."""
         # httpx logs every request at INFO: the /metrics poll alone would fill the daemon's log
         logging.getLogger("httpx").setLevel(logging.WARNING)
-        self.daemon = daemon
         self.settings = settings
-        self.pool = pool
+        self.store = store
+        self.bus = bus
         cfg = settings.config
+        decision = decide(settings, gpus_seen)
+        # the PDF workers are the engines': what they load at start depends on which engine serves
+        self.pool = pool = PdfWorkerPool(size=max(1, cfg.ocr.workers), markdown_mode=cfg.ocr.markdown_mode,
+                                         preload=worker_preload(decision),
+                                         log_path=settings.paths.state_dir / "pdfworkers.log")
         self.cpu = CpuEngine(pool, page_timeout_s=cfg.ocr.page_timeout_s, dpi=cfg.ocr.dpi)
         engines: dict[str, Engine] = {"cpu": self.cpu}
         self.prompt_error = ""
@@ -129,7 +135,6 @@ class EngineControl:
         except OcrError as exc:
             self.prompt_error = exc.message
             prompt = ""
-        decision = decision or decide(daemon, settings)
         gpus = decision.gpus
         self.vllm: VllmEngine | None = None
         self.remote: RemoteEngine | None = None
@@ -143,10 +148,15 @@ class EngineControl:
                                        on_change=lambda what, durable: self._changed("remote", what, durable))
             engines["remote"] = self.remote
         self.choice = EngineChoice(engines=engines, default=decision.default, reason=decision.reason)
-        daemon.engine = self.info(decision.default)
+        # what the GPU allocator parks when a job needs its GPUs, and what `ftctl deploy` loads into
+        self.gpu_engine: GpuEngine | None = SupervisedVllm(self.vllm.supervisor) if self.vllm is not None else None
         self._asks: set[asyncio.Task[None]] = set()
+        self._pool_start: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------------------------------- state
+
+    def shown(self) -> Shown:
+        return Shown(engine=self.info())
 
     def info(self, name: str | None = None) -> EngineInfo:
         name = name or self.choice.default
@@ -173,13 +183,11 @@ class EngineControl:
             if durable and what:
                 log.info("%s engine: %s", name, what)
             return
-        info = self.info(name)
-        self.daemon.engine = info
-        event = EngineChanged(engine=info)
+        event = EngineChanged(engine=self.info(name))
         if durable:
-            self.daemon.bus.durable(self.daemon.store.record(event, what=f"engine {name}: {what}"), event)
+            self.bus.durable(self.store.record(f"engine {name}: {what}"), event)
         else:
-            self.daemon.bus.stream(event)
+            self.bus.stream(event)
 
     # ------------------------------------------------------------------------- daemon lifecycle
 
@@ -190,7 +198,7 @@ class EngineControl:
         if self.choice.default != "cpu":
             # the PDF workers only render for a VLM engine (light, see worker_preload): have them ready before
             # the first page rather than after it
-            self.daemon.add_task(self._start_pool(), "pdf-workers")
+            self._pool_start = asyncio.get_running_loop().create_task(self._start_pool(), name="pdf-workers")
         if self.choice.default == "vllm" and self.vllm is not None and not self.prompt_error:
             await self.vllm.start()
         elif self.choice.default == "remote" and self.remote is not None:
@@ -209,25 +217,14 @@ class EngineControl:
                     await engine.stop()
                 except Exception:
                     log.exception("stopping the %s engine failed", engine.name)
-
-    # ------------------------------------------------------------------ the training scheduler's API
-
-    async def sleep(self) -> str:
-        """Free the engine's GPUs: vLLM sleeps (sleep mode) or stops; pages wait until :meth:`wake`."""
-        if self.vllm is None:
-            return "no vLLM engine"
-        return await self.vllm.supervisor.sleep()
-
-    async def wake(self) -> str:
-        if self.vllm is None:
-            return "no vLLM engine"
-        return await self.vllm.supervisor.wake()
+        if self._pool_start is not None:
+            self._pool_start.cancel()
+        await self.pool.close()
 
     # ------------------------------------------------------------------------------ requests
 
-    def register(self) -> None:
-        self.daemon.ctl.handlers[EngineCommand] = self.on_command
-        self.daemon.ctl.handlers[Ask] = self.on_ask
+    def handlers(self) -> dict[type, Handler]:
+        return {EngineCommand: self.on_command, Ask: self.on_ask}
 
     async def on_command(self, body: EngineCommand, caller: Caller) -> EngineReply:
         action = body.action
@@ -305,7 +302,7 @@ class EngineControl:
         return AskReply(stream_topic=f"ask.{key}", request_key=key)
 
     async def _answer(self, engine: VllmEngine | RemoteEngine, body: Ask, path: Path, key: str) -> None:
-        bus = self.daemon.bus
+        bus = self.bus
         try:
             await engine.start()
             image, width, height, mime = await self._image_of(engine, path, body.page_no - 1, body.question)
@@ -358,14 +355,4 @@ def image_dimensions(data: bytes) -> tuple[int, int] | None:
                 return int(w), int(h)
             i += 2 + length
     return None
-
-
-def install(daemon: Daemon, settings: Settings, pool: PdfWorkerPool,
-            decision: Decision | None = None) -> EngineControl:
-    """Build the engines, register the engine/ask requests and the start/stop hooks; returns the control."""
-    control = EngineControl(daemon, settings, pool, decision)
-    control.register()
-    daemon.start_callbacks.append(control.start)
-    daemon.stop_callbacks.append(control.stop)
-    return control
 

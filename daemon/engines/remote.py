@@ -7,7 +7,7 @@
   broke is sent again to the best server left. When no server answers for :data:`GIVE_UP_S`, pages fail.
 * ``/v1/models`` tells the served model, its ``max_model_len`` (vLLM includes it) and the LoRA adapters
   each server has loaded; a page naming an adapter goes only to servers that have it.
-* The budget, request, runaway guard and ladder are the vllm engine's (:mod:`daemon.ocr.vlm`), with the
+* The budget, request, runaway guard and ladder are the vllm engine's (:mod:`daemon.engines.vlm.converter`), with the
   sampling settings of ``[vllm]``.
 """
 
@@ -22,9 +22,8 @@ from dataclasses import dataclass, field, replace
 
 import httpx
 
-from daemon.engines.vllm import tokenized_length
 from daemon.engines.vlm.budget import Limits, estimate_prompt_tokens
-from daemon.engines.vlm.chat_stream import api_root, headers
+from daemon.engines.vlm.chat_stream import api_root, headers, tokenized_length
 from daemon.engines.vlm.converter import Sampling, Target, VlmConverter
 from daemon.engines.vlm.inflight import InFlight
 from daemon.engines.vlm.server_metrics import ServerLoad, parse_load

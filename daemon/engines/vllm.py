@@ -1,8 +1,9 @@
 """The ``vllm`` engine: pages to a ``vllm serve`` child the daemon supervises.
 
-The child's life (start, restarts, sleep, adapters) is :class:`~daemon.engine_supervisor.VllmSupervisor`'s;
-a page's life (budget, request, stream, runaway guard, ladder, fallback) is
-:class:`~daemon.ocr.vlm.VlmConverter`'s. This class joins them into an :class:`~daemon.ocr.engine.Engine`.
+The child's life (start, restarts, sleep, adapters) is
+:class:`~daemon.engines.vllm_supervisor.VllmSupervisor`'s; a page's life (budget, request, stream, runaway
+guard, ladder, fallback) is :class:`~daemon.engines.vlm.converter.VlmConverter`'s. This class joins them into
+an :class:`~daemon.ocr.engine.Engine`.
 """
 
 from __future__ import annotations
@@ -12,10 +13,9 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
-import httpx
-
 from daemon.engines.vllm_supervisor import ChangeHook, VllmSupervisor
 from daemon.engines.vlm.budget import Limits, estimate_prompt_tokens
+from daemon.engines.vlm.chat_stream import tokenized_length
 from daemon.engines.vlm.converter import Sampling, Target, VlmConverter
 from daemon.engines.vlm.inflight import InFlight
 from daemon.ocr.engine import PageInput, PageResult, TextDelta
@@ -64,7 +64,7 @@ class VllmEngine:
     def check_adapter(self, name: str) -> str | None:
         return self.supervisor.check_adapter(name)
 
-    # Backend (daemon.ocr.vlm) ------------------------------------------------------------------------
+    # Backend (daemon.engines.vlm.converter) ------------------------------------------------------------------
 
     async def target(self, adapter: str = "") -> Target:
         return await self.supervisor.target()
@@ -85,17 +85,3 @@ class VllmEngine:
         if count is not None:
             self.converter.limits = replace(self.converter.limits, prompt_tokens=count)
 
-
-async def tokenized_length(client: httpx.AsyncClient, root: str, model: str, prompt: str,
-                           api_key: str = "") -> int | None:
-    """Tokens of the prompt after the chat template (vLLM's /tokenize), or None if the server cannot say."""
-    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "add_generation_prompt": True}
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    try:
-        resp = await client.post(f"{root}/tokenize", json=body, headers=headers, timeout=30.0)
-        if resp.status_code == 200:
-            return int(resp.json()["count"])
-    except (httpx.HTTPError, ValueError, KeyError, TypeError):
-        pass
-    log.info("could not count the prompt's tokens at %s; the budget keeps its upper bound", root)
-    return None

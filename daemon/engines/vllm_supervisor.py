@@ -1,10 +1,11 @@
 """The supervised ``vllm serve`` child: start, readiness, restart with backoff, stop, sleep/wake, LoRA.
 
-* The child runs in its own process group (``start_new_session``) with its output in
-  ``<state>/vllm/vllm.log`` (never a pipe). Stopping it is SIGTERM to the group, then SIGKILL after a grace
-  period: vLLM's engine core is a separate process that a signal to the API server alone would orphan,
-  with the GPU memory it holds. A pid file lets the next daemon kill a child left by a daemon that was
-  killed itself.
+* The child is a :class:`~daemon.children.process.ChildProcess`: its own process group, output in
+  ``<state>/vllm/vllm.log`` (never a pipe). Stopping it is SIGTERM to the group, then SIGKILL after
+  :data:`STOP_GRACE_S`: vLLM's engine core is a separate process that a signal to the API server alone
+  would orphan, with the GPU memory it holds. Its record, ``vllm.pid.json``, lets the next daemon end a
+  child left by a daemon that was killed itself (:mod:`daemon.children.record`).
+* How it is started (argv, environment, port) is :mod:`daemon.engines.vllm_command`'s.
 * Ready = ``GET /health`` answers 200 within ``start_timeout_s``. While ready, ``/metrics`` is read every
   :data:`POLL_S` seconds: running/waiting requests, KV-cache use and tokens/s go out as engine events, and
   the shared :class:`InFlight` pool follows the server's queue. A child that exits, or stops answering for
@@ -12,7 +13,7 @@
   :data:`MAX_CRASHES` crashes within ten minutes, or :data:`MAX_START_FAILURES` failed starts in a row,
   leave it ``failed`` with the reason from its log, until ``ftctl engine start``.
 * Requests broken by a crash are not lost: :meth:`broken` waits for the restart and the converter sends
-  them again (see :mod:`daemon.ocr.vlm`).
+  them again (see :mod:`daemon.engines.vlm.converter`).
 * Sleep/wake for the training scheduler: with ``enable_sleep_mode`` ``POST /sleep?level=1`` and
   ``/wake_up`` (vLLM serves these only with ``VLLM_SERVER_DEV_MODE=1``, set for the child); without it,
   stop and start. Either way the engine is then ``parked``: pages wait instead of failing, and a new OCR job
@@ -30,27 +31,34 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shlex
 import shutil
-import signal
-import socket
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
-import psutil
+import msgspec
 
+from daemon.children.process import ChildProcess
+from daemon.children.record import reap_recorded, write_record
 from daemon.core.atomic import write_atomic
-from daemon.core.sdnotify import child_environ
+from daemon.engines.vllm_command import (
+    build_command,
+    build_env,
+    exit_text,
+    free_port,
+    give_short_ipc_dir,
+    log_reason,
+    port_free,
+    served_name_of,
+)
 from daemon.engines.vlm.chat_stream import error_message
 from daemon.engines.vlm.converter import Target
 from daemon.engines.vlm.inflight import InFlight
 from daemon.engines.vlm.server_metrics import ServerLoad, parse_load
 from daemon.ocr.errors import OcrError
-from shared.config import MAX_IPC_PATH, VllmConfig
+from shared.config import VllmConfig
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +69,6 @@ BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0, 60.0)
 MAX_START_FAILURES = 3
 MAX_CRASHES = 6  # within CRASH_WINDOW_S
 CRASH_WINDOW_S = 600.0
-LOG_TAIL_BYTES = 64 * 1024
 
 ChangeHook = Callable[[str, bool], None]  # (what happened, durable)
 ReadyHook = Callable[[Target], Awaitable[None]]
@@ -75,118 +82,6 @@ class StartFailed(Exception):
     def __init__(self, message: str, fatal: bool = False) -> None:
         super().__init__(message)
         self.fatal = fatal  # retrying cannot help (no executable, no model)
-
-
-def build_command(cfg: VllmConfig, executable: str, port: int, served_name: str, gpus: int) -> list[str]:
-    """The argv of ``vllm serve`` for this config."""
-    argv = [
-        executable, "serve", cfg.model,
-        "--host", "127.0.0.1", "--port", str(port),
-        "--served-model-name", served_name,
-        "--max-model-len", str(cfg.max_model_len),
-        "--dtype", cfg.dtype,
-        "--gpu-memory-utilization", f"{cfg.gpu_memory_utilization:g}",
-        # one image per request, no video: what the OCR requests send, and what the budget assumes
-        "--limit-mm-per-prompt", '{"image":1,"video":0}',
-        # the server resizes every image within these bounds, whatever a client sends
-        "--mm-processor-kwargs", json.dumps({"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}),
-    ]
-    if cfg.quantization:
-        argv += ["--quantization", cfg.quantization]
-    if cfg.enable_lora:
-        argv += ["--enable-lora", "--max-lora-rank", str(cfg.max_lora_rank)]
-    if cfg.enable_sleep_mode:
-        argv += ["--enable-sleep-mode"]
-    if gpus > 1 and not any(a in ("-tp", "--tensor-parallel-size") or a.startswith("--tensor-parallel-size=")
-                            for a in cfg.extra_args):
-        argv += ["--tensor-parallel-size", str(gpus)]
-    return argv + list(cfg.extra_args)
-
-
-# vLLM binds ZeroMQ ipc sockets at <VLLM_RPC_BASE_PATH or TMPDIR>/<uuid4>; past sun_path's 107 bytes the
-# engine dies at start with a ZMQError. A deep TMPDIR (a test's tmp_path, a per-user tmp) must not do that.
-_VLLM_IPC_NAME_LEN = 1 + 36
-
-
-def ipc_base_too_long(env: Mapping[str, str]) -> bool:
-    """Whether vLLM started with ``env`` would put its ipc sockets past sun_path's limit."""
-    if "VLLM_RPC_BASE_PATH" in env:
-        return False  # chosen by the user: theirs to get right
-    base = env.get("TMPDIR") or env.get("TEMP") or env.get("TMP") or "/tmp"  # tempfile.gettempdir()'s order
-    return len(os.fsencode(base.rstrip("/"))) + _VLLM_IPC_NAME_LEN > MAX_IPC_PATH
-
-
-def give_short_ipc_dir(env: dict[str, str]) -> Path | None:
-    """If vLLM's ipc sockets would not fit under ``env``'s TMPDIR, make a short directory for them, point
-    ``VLLM_RPC_BASE_PATH`` at it and return it (the caller removes it when vLLM is gone); else None."""
-    if not ipc_base_too_long(env):
-        return None
-    made = Path(tempfile.mkdtemp(prefix="ftvllm-", dir="/tmp"))
-    env["VLLM_RPC_BASE_PATH"] = str(made)
-    return made
-
-
-def build_env(cfg: VllmConfig, base: dict[str, str], gpu_indices: list[int]) -> dict[str, str]:
-    env = child_environ(base)
-    env.setdefault("VLLM_NO_USAGE_STATS", "1")
-    env.setdefault("VLLM_DO_NOT_TRACK", "1")
-    if cfg.enable_lora:
-        env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-    if cfg.enable_sleep_mode:
-        env["VLLM_SERVER_DEV_MODE"] = "1"  # /sleep and /wake_up are "development" endpoints in vLLM
-    if gpu_indices:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in gpu_indices)
-    env.update(cfg.env)
-    return env
-
-
-def served_name_of(cfg: VllmConfig) -> str:
-    return cfg.served_name or Path(cfg.model.rstrip("/")).name or cfg.model
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def exit_text(code: int | None) -> str:
-    if code is None:
-        return "still running"
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
-_ERROR_LINE = re.compile(r"(Error|error|ERROR|Exception|not supported|No such|out of memory|OOM)")
-
-
-def log_reason(path: Path) -> str:
-    """The line of vLLM's log that best says why it stopped (the last error-looking line), shortened."""
-    try:
-        with path.open("rb") as fh:
-            fh.seek(max(0, path.stat().st_size - LOG_TAIL_BYTES))
-            lines = fh.read().decode("utf-8", "replace").splitlines()
-    except OSError:
-        return ""
-    for line in reversed(lines):
-        text = line.strip()
-        if text and _ERROR_LINE.search(text) and not text.startswith(("File ", "Traceback", "^")):
-            return text[-300:]
-    return next((ln.strip()[-300:] for ln in reversed(lines) if ln.strip()), "")
 
 
 class VllmSupervisor:
@@ -204,10 +99,12 @@ class VllmSupervisor:
         self.served_name = served_name_of(cfg)
         self.state = "stopped"
         self.error = ""
-        self.parked = False  # asleep or stopped because the scheduler asked: pages wait, jobs do not start it
+        # asleep or stopped because the scheduler asked: pages wait, jobs do not start it. The one record of it:
+        # the allocator reads it through the engine's view.
+        self.parked = False
         self.generation = 0
         self.port = cfg.port
-        self.proc: asyncio.subprocess.Process | None = None
+        self.proc: ChildProcess | None = None
         self.adapters: dict[str, str] = self._read_adapters()
         self.load = ServerLoad()
         self.tokens_per_s = 0.0
@@ -299,6 +196,12 @@ class VllmSupervisor:
         # orphan check ran would have seen "stopped, not parked, no supervisor" and failed instead of waiting.
         self.parked = False
 
+    async def serve(self, model: Path) -> None:
+        """Serve another model (a merged export) under the same served name: the server restarts."""
+        self.cfg = msgspec.structs.replace(self.cfg, model=str(model), served_name=self.served_name)
+        await self.stop(f"restarting to serve {model} instead of the previous model")
+        await self.start()
+
     async def stop(self, what: str = "stopped", parked: bool = False) -> str:
         async with self._mutex():
             return await self._stop_locked(what, parked)
@@ -368,17 +271,6 @@ class VllmSupervisor:
             return f"vLLM is {self.state}"
         await self._launch_supervisor()
         return "vLLM is starting again"
-
-    async def wait_ready(self, timeout: float | None = None) -> bool:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.state != "ready":
-            if self.state == "failed" or (self.state == "stopped" and self._task is None and not self.parked):
-                return False
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return False
-            await self._state_changed(left)
-        return True
 
     # ------------------------------------------------------------------------------ for the converter
 
@@ -547,12 +439,12 @@ class VllmSupervisor:
             if note:
                 self.error = note
             reason = await self._watch()
-            was_sleeping = self.state == "sleeping"
-            await self._terminate()
-            self.load = ServerLoad()
+            # read before the rest of the group is stopped: its shutdown lines would bury the cause
             self.error = f"{reason} ({log_reason(self.log_path) or 'see ' + str(self.log_path)})"
-            if was_sleeping:
+            self.load = ServerLoad()
+            if self.state == "sleeping":
                 # asleep for training: whoever wakes it starts it again
+                await self._terminate()
                 self._task = None
                 self._set_state("stopped", f"{self.error}; it was asleep: it starts again when woken")
                 return
@@ -560,13 +452,17 @@ class VllmSupervisor:
             crashes = [t for t in crashes if now - t < CRASH_WINDOW_S] + [now]
             self.restarts += 1
             if len(crashes) >= MAX_CRASHES:
+                await self._terminate()
                 self._task = None
                 self._set_state("failed", f"vLLM crashed {len(crashes)} times in {CRASH_WINDOW_S / 60:.0f} min "
                                 f"(last: {self.error}); `ftctl engine start` once the cause is fixed")
                 return
             delay = BACKOFF_S[min(len(crashes) - 1, len(BACKOFF_S) - 1)]
+            # no longer "ready" before the group is stopped (up to STOP_GRACE_S): pages wait for the restart
+            # instead of being sent to a server that is gone
             self._set_state("restarting", f"{self.error}; restarting in {delay:g}s, pages in flight are sent "
                             "again")
+            await self._terminate()
             await asyncio.sleep(delay)
             first = False
 
@@ -585,7 +481,7 @@ class VllmSupervisor:
                 log.warning("port %d (vllm.port) is taken; vLLM gets a free port this time", self.cfg.port)
             self.port = free_port()
         argv = build_command(self.cfg, exe, self.port, self.served_name, max(1, len(self.gpu_indices)))
-        env = build_env(self.cfg, dict(os.environ), self.gpu_indices)
+        env = build_env(self.cfg, os.environ, self.gpu_indices)
         self._drop_ipc_dir()
         self._ipc_dir = give_short_ipc_dir(env)
         if self._ipc_dir is not None:
@@ -593,16 +489,12 @@ class VllmSupervisor:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as logfh:
             logfh.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} ftmllmd starts: {shlex.join(argv)}\n".encode())
-            logfh.flush()
-            try:
-                self.proc = await asyncio.create_subprocess_exec(
-                    *argv, stdin=asyncio.subprocess.DEVNULL, stdout=logfh, stderr=asyncio.subprocess.STDOUT,
-                    env=env, cwd=self.workdir, start_new_session=True)
-            except OSError as exc:
-                raise StartFailed(f"cannot run {exe}: {exc.strerror}", fatal=True) from None
-        write_atomic(self.pid_path, json.dumps({"pid": self.proc.pid, "port": self.port, "argv": argv}) + "\n")
+        try:
+            proc = self.proc = ChildProcess.start(argv, env, log_path=self.log_path, cwd=self.workdir)
+        except OSError as exc:
+            raise StartFailed(f"cannot run {exe}: {exc.strerror}", fatal=True) from None
+        write_record(self.pid_path, proc.record, {"port": self.port, "argv": argv})
         deadline = time.monotonic() + self.cfg.start_timeout_s
-        proc = self.proc
         while time.monotonic() < deadline:
             if proc.returncode is not None:
                 raise StartFailed(f"vllm serve ended ({exit_text(proc.returncode)}) before it was ready: "
@@ -610,7 +502,7 @@ class VllmSupervisor:
             if await self._healthy(timeout=2.0):
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(proc.wait(), 0.5)  # wakes early if it exits, else polls /health again
+                await asyncio.wait_for(proc.exited(), 0.5)  # wakes early if it exits, else polls /health again
         raise StartFailed(f"no answer from /health within start_timeout_s = {self.cfg.start_timeout_s:g}s; "
                           f"raise vllm.start_timeout_s if the model is large (log: {self.log_path})")
 
@@ -625,7 +517,7 @@ class VllmSupervisor:
         """Until the child exits or hangs: poll /metrics. Returns why it ended."""
         proc = self.proc
         assert proc is not None
-        waiter = asyncio.ensure_future(proc.wait())
+        waiter = asyncio.ensure_future(proc.exited())
         misses = 0
         try:
             while True:
@@ -665,24 +557,17 @@ class VllmSupervisor:
         return True
 
     async def _terminate(self) -> None:
-        """SIGTERM the child's process group, SIGKILL after the grace period; kill stragglers of the group."""
-        proc, self.proc = self.proc, None
-        if proc is None:
-            self._drop_ipc_dir()
-            return
-        pgid = proc.pid  # start_new_session: the child leads its own group
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
-            except TimeoutError:
-                log.warning("vllm did not stop within %.0fs of SIGTERM; killing its process group", STOP_GRACE_S)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)  # whatever is left of the group (an orphaned engine core)
-        if proc.returncode is None:
-            await proc.wait()
-        self.pid_path.unlink(missing_ok=True)
+        """SIGTERM the child's process group, SIGKILL after the grace period (an orphaned engine core too)."""
+        proc = self.proc
+        if proc is not None:
+            # self.proc is cleared only once it is stopped: a stop cancelled half-way is finished by the next
+            outcome = await proc.stop(term_s=STOP_GRACE_S)
+            if outcome.how == "killed":
+                log.warning("vllm did not stop within %.0fs of SIGTERM; killed its process group", STOP_GRACE_S)
+            if not proc.alive():
+                self.pid_path.unlink(missing_ok=True)
+            if self.proc is proc:
+                self.proc = None
         self._drop_ipc_dir()
 
     def _drop_ipc_dir(self) -> None:
@@ -693,25 +578,6 @@ class VllmSupervisor:
 
     def _reap_orphan(self) -> None:
         """A vLLM left running by a daemon that was killed holds its GPU memory and port: end it."""
-        try:
-            info = json.loads(self.pid_path.read_text())
-            pid = int(info["pid"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return
-        victims: list[psutil.Process] = []
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            try:
-                if os.getpgid(p.pid) == pid and "vllm" in " ".join(p.info["cmdline"] or []):
-                    victims.append(p)
-            except (OSError, psutil.Error):
-                continue
-        if victims:
-            log.warning("ending %d process(es) of a vLLM left by an earlier daemon (group %d)", len(victims), pid)
-            for p in victims:
-                with contextlib.suppress(psutil.Error):
-                    p.terminate()
-            _gone, alive = psutil.wait_procs(victims, timeout=STOP_GRACE_S)
-            for p in alive:
-                with contextlib.suppress(psutil.Error):
-                    p.kill()
-        self.pid_path.unlink(missing_ok=True)
+        left = reap_recorded(self.pid_path, term_s=STOP_GRACE_S)
+        if left is not None:
+            log.warning("ended a vLLM left running by an earlier daemon (process group %d)", left.pgid)

@@ -1,16 +1,18 @@
-"""The daemon's GPUs: NVML sampled on a timer, jobs admitted through the scheduler, the engine parked for them.
+"""The daemon's GPUs: sampled on a timer, jobs admitted through the plan, the engine parked for them.
 
-:class:`GpuAllocator` joins three pure parts to the running daemon:
+:class:`GpuAllocator` is the daemon part that owns the GPU list; it joins three pieces to the running daemon:
 
-* :class:`daemon.gpus.GpuMonitor` — sampled every ``[scheduler] gpu_poll_s`` in one worker thread (NVML
-  calls take milliseconds; one thread, as the monitor asks). Each sample updates the daemon's GPU list
-  (status, snapshots) and goes out as a ``GpusSampled`` event on topic ``gpu``, with the jobs and the
-  engine on each GPU. No NVML here: "no GPUs found …", and jobs run on the CPU ``cpu_slots`` at a time.
-* :func:`daemon.scheduler.plan` — the job manager's admission hook: a queued job of the GPU lane starts
-  when the plan says so, on the GPUs it names; otherwise its progress note says why it waits. A job that
-  can never start here fails with the reason.
-* the engine (:class:`daemon.engine_port.GpuEngine`, when a vLLM engine runs) — parked (sleep or stop) when
-  a job needs its GPU, brought back when no job uses it any more.
+* the GPU source (:mod:`daemon.gpus.source`: NVML or a recorded snapshot) — sampled every ``[scheduler]
+  gpu_poll_s`` in one worker thread (NVML calls take milliseconds; one thread, as the monitor asks). Each
+  sample becomes the GPU list that status and snapshots show and goes out as a ``GpusSampled`` event on topic
+  ``gpu``, with the jobs and the engine on each GPU. No NVML here: "no GPUs found …", and jobs run on the CPU
+  ``cpu_slots`` at a time.
+* :func:`daemon.gpus.plan.plan` — the job manager's admission check: a queued job of a GPU lane starts when
+  the plan says so, on the GPUs it names; otherwise its progress note says why it waits. A job that can never
+  start here fails with the reason.
+* the engine (:class:`daemon.gpus.engine_port.GpuEngine`, when a vLLM engine runs) — parked (sleep or stop)
+  when a job needs its GPU, brought back when no job uses it any more. Whether it is parked is the engine's
+  to say (:attr:`EngineView.parked`), so an admin's `ftctl engine wake` is never undone here.
 """
 
 from __future__ import annotations
@@ -20,39 +22,34 @@ import concurrent.futures
 import logging
 import os
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Protocol
 
 from daemon.core.events import EventBus
 from daemon.core.store import Store
 from daemon.gpus.engine_port import GpuEngine
-from daemon.gpus.nvml import GpuMonitor, GpuSnapshot
-from daemon.gpus.plan import Decisions, EngineAction, EngineView, Policy, QueuedJob, plan
-from daemon.gpus.plan import RunningJob as PlannedJob
+from daemon.gpus.nvml import GpuSnapshot
+from daemon.gpus.plan import Decisions, EngineAction, EngineView, PlacedJob, Policy, QueuedJob, plan
+from daemon.gpus.source import GpuSource
 from daemon.jobs.base import Resources
+from daemon.jobs.manager import JobManager, RunningJob
+from daemon.part import Part, Shown
 from shared.config import SchedulerConfig
 from shared.protocol import GpuInfo, GpuProcess, GpusSampled, JobInfo, Progress
 
-if TYPE_CHECKING:
-    from daemon.jobs.manager import JobManager, RunningJob
-
 log = logging.getLogger(__name__)
 
-
-class GpuSource(Protocol):
-    """Where GPU snapshots come from: NVML (daemon.gpus.GpuMonitor) or a recorded snapshot."""
-
-    def snapshot(self) -> GpuSnapshot: ...
-
-    def close(self) -> None: ...
+# the allocator, not a lane limit, decides how many jobs of its lanes run at once (one per free GPU set,
+# cpu_slots without GPUs)
+UNLIMITED = 1 << 16
 
 
-class GpuAllocator:
+class GpuAllocator(Part):
     def __init__(self, cfg: SchedulerConfig, store: Store, bus: EventBus, jobs: JobManager, *,
-                 lanes: Iterable[str], pids_of: Callable[[int], list[int]],
-                 on_sample: Callable[[list[GpuInfo], str], None], monitor: GpuSource | None = None) -> None:
-        """``pids_of(job_id)``: a running job's processes (so they are not taken for foreign ones);
-        ``on_sample(gpus, note)``: where the daemon keeps what status and snapshots show;
-        ``monitor``: NVML (the default) or a recorded snapshot (demos, tests)."""
+                 monitor: GpuSource, lanes: Iterable[str], pids_of: Callable[[int], list[int]],
+                 engine: GpuEngine | None = None,
+                 on_sample: Callable[[list[GpuInfo], str], None] | None = None) -> None:
+        """``monitor``: NVML or a recorded snapshot (:mod:`daemon.gpus.source`); ``lanes``: the lanes whose
+        jobs need GPUs; ``pids_of(job_id)``: a running job's processes (so they are not taken for foreign
+        ones); ``engine``: the GPU engine it may park; ``on_sample(gpus, note)``: told of every new GPU list."""
         self.cfg = cfg
         self.store = store
         self.bus = bus
@@ -60,17 +57,39 @@ class GpuAllocator:
         self.lanes = frozenset(lanes)
         self.pids_of = pids_of
         self.on_sample = on_sample
-        self.monitor: GpuSource = monitor or GpuMonitor(ttl_s=max(0.1, cfg.gpu_poll_s / 2))
+        self.monitor = monitor
         self.policy = Policy(share_gpus=cfg.share_gpus, min_free_gib=cfg.min_free_gib,
                              idle_used_mib=cfg.idle_used_mib, cpu_slots=cfg.cpu_slots)
-        self.engine: GpuEngine | None = None
+        self.engine = engine
         self.snapshot: GpuSnapshot | None = None
-        self._parked = False  # the engine sleeps or stopped because this allocator asked
         self._engine_task: asyncio.Task[None] | None = None
+        self._sampler: asyncio.Task[None] | None = None
         self._waiting: dict[int, str] = {}  # job id -> the reason last shown on the job
         self._published: tuple[list[GpuInfo], str] | None = None
         # NVML is called from this one thread only
         self._nvml = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nvml")
+
+    # ---------------------------------------------------------------------------------------- the part
+
+    def lane_limits(self) -> dict[str, int]:
+        return dict.fromkeys(self.lanes, UNLIMITED)
+
+    async def start(self) -> None:
+        snap = await self.sample()
+        log.info("GPUs: %s", snap.note)
+        self._sampler = asyncio.get_running_loop().create_task(self.run(), name="gpus")
+
+    async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+            await asyncio.gather(self._sampler, return_exceptions=True)
+        self.close()
+
+    def shown(self) -> Shown:
+        if self._published is None:
+            return Shown()
+        gpus, note = self._published
+        return Shown(gpus=gpus, gpu_note=note)
 
     # ---------------------------------------------------------------------------------------- sampling
 
@@ -104,7 +123,8 @@ class GpuAllocator:
         if self._published == (gpus, note):
             return
         self._published = (gpus, note)
-        self.on_sample(gpus, note)
+        if self.on_sample is not None:
+            self.on_sample(gpus, note)
         self.bus.stream(GpusSampled(gpus=gpus, note=note))
 
     def _republish(self) -> None:
@@ -136,11 +156,7 @@ class GpuAllocator:
     # ---------------------------------------------------------------------------------------- admission
 
     def engine_view(self) -> EngineView:
-        if self.engine is None:
-            return EngineView()
-        view = self.engine.view()
-        return EngineView(gpus=view.gpus, state=view.state, can_sleep=view.can_sleep,
-                          parked=view.parked or self._parked, pids=view.pids)
+        return self.engine.view() if self.engine is not None else EngineView()
 
     def _plan(self, running: dict[int, RunningJob]) -> Decisions:
         snap = self.snapshot
@@ -154,10 +170,10 @@ class GpuAllocator:
             res = kind.resources(job)
             if res.lane in self.lanes:
                 queue.append(QueuedJob(job_id=job.id, gpus=res.gpus, min_free_gib=res.min_free_gib))
-        planned = [PlannedJob(job_id=jid, gpus=tuple(r.gpus), min_free_gib=r.resources.min_free_gib,
+        placed = [PlacedJob(job_id=jid, gpus=tuple(r.gpus), min_free_gib=r.resources.min_free_gib,
                               pids=tuple(self.pids_of(jid)) if snap.gpus else ())
                    for jid, r in running.items() if r.resources.lane in self.lanes]
-        return plan(queue, planned, snap, self.engine_view(), self.policy, own_pids=(os.getpid(),))
+        return plan(queue, placed, snap, self.engine_view(), self.policy, own_pids=(os.getpid(),))
 
     def admit(self, job: JobInfo, res: Resources, running: dict[int, RunningJob]) -> list[int] | None:
         """The job manager's admission hook (see the module docstring)."""
@@ -202,10 +218,8 @@ class GpuAllocator:
             try:
                 if action.action == "wake":
                     await engine.unpark(action.reason)
-                    self._parked = False
                 else:
                     await engine.park(action.action, action.reason)
-                    self._parked = True
                 log.info("engine %s: %s", action.action, action.reason)
                 await self.sample()  # what the GPUs look like now, before the queue is looked at again
             except Exception:

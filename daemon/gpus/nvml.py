@@ -26,14 +26,18 @@ SNAPSHOT_FORMAT = "ftmllm-gpu-snapshot/1"
 MIB = 1024 * 1024
 
 
-class GpuProcess(msgspec.Struct, frozen=True, kw_only=True):
+class GpuProcessSample(msgspec.Struct, frozen=True, kw_only=True):
+    """A process on a GPU as NVML saw it (clients see it as shared.protocol.GpuProcess, with its job)."""
+
     pid: int
     used_mib: float | None = None  # None: NVML does not say (some drivers, MIG, containers)
     user: str = ""  # "" when the pid is not visible here (another pid namespace)
     name: str = ""
 
 
-class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
+class GpuSample(msgspec.Struct, frozen=True, kw_only=True):
+    """A GPU as NVML saw it (clients see it as shared.protocol.GpuInfo, with the jobs and engine on it)."""
+
     index: int
     uuid: str = ""
     name: str = ""
@@ -41,7 +45,7 @@ class GpuInfo(msgspec.Struct, frozen=True, kw_only=True):
     memory_used_mib: float = 0.0
     memory_free_mib: float = 0.0
     utilization_pct: float | None = None
-    processes: tuple[GpuProcess, ...] = ()
+    processes: tuple[GpuProcessSample, ...] = ()
 
 
 class GpuSnapshot(msgspec.Struct, frozen=True, kw_only=True):
@@ -49,7 +53,7 @@ class GpuSnapshot(msgspec.Struct, frozen=True, kw_only=True):
     taken_at: float = 0.0  # Unix time
     host: str = ""
     driver_version: str = ""
-    gpus: tuple[GpuInfo, ...] = ()
+    gpus: tuple[GpuSample, ...] = ()
     cpu_only: bool = False  # True: no GPU here at all; jobs run on the CPU
     error: str = ""  # why there are no GPUs, or what failed
 
@@ -139,19 +143,19 @@ class GpuMonitor:
             self._nvml = pynvml
         return self._nvml
 
-    def _gpu(self, nvml: Any, index: int) -> GpuInfo:
+    def _gpu(self, nvml: Any, index: int) -> GpuSample:
         handle = nvml.nvmlDeviceGetHandleByIndex(index)
         mem = nvml.nvmlDeviceGetMemoryInfo(handle)
         util = _optional(lambda: float(nvml.nvmlDeviceGetUtilizationRates(handle).gpu))
-        procs: dict[int, GpuProcess] = {}
+        procs: dict[int, GpuProcessSample] = {}
         for getter in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
             for p in _optional(lambda g=getter: getattr(nvml, g)(handle)) or ():  # type: ignore[misc]
                 used = getattr(p, "usedGpuMemory", None)
                 used_mib = used / MIB if isinstance(used, int) and used >= 0 else None
                 if p.pid not in procs:
-                    procs[p.pid] = GpuProcess(pid=p.pid, used_mib=used_mib, user=process_user(p.pid),
+                    procs[p.pid] = GpuProcessSample(pid=p.pid, used_mib=used_mib, user=process_user(p.pid),
                                               name=process_name(p.pid))
-        return GpuInfo(
+        return GpuSample(
             index=index,
             uuid=_text(_optional(lambda: nvml.nvmlDeviceGetUUID(handle)) or ""),
             name=_text(_optional(lambda: nvml.nvmlDeviceGetName(handle)) or ""),

@@ -1,6 +1,6 @@
 """Which queued jobs start now, on which GPUs, and what the vLLM engine must do: a pure function.
 
-``plan(queue, running, snapshot, engine, policy)`` reads a GPU snapshot (daemon/gpus.py), the daemon's
+``plan(queue, running, snapshot, engine, policy)`` reads a GPU snapshot (daemon/gpus/nvml.py), the daemon's
 allocation table (running jobs and their GPUs) and the engine's state, and returns :class:`Decisions`. It
 changes nothing; the daemon carries the decisions out and plans again on the next event (a job queued or
 ended, the engine asleep, a new snapshot).
@@ -33,7 +33,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
-from daemon.gpus.nvml import GpuInfo, GpuSnapshot
+from daemon.gpus.nvml import GpuSample, GpuSnapshot
 
 EngineState = Literal["running", "sleeping", "stopped", "absent"]
 MIB_PER_GIB = 1024.0
@@ -47,7 +47,9 @@ class QueuedJob:
 
 
 @dataclass(frozen=True)
-class RunningJob:
+class PlacedJob:
+    """A running job and the GPUs it was placed on."""
+
     job_id: int
     gpus: tuple[int, ...]
     pids: tuple[int, ...] = ()  # its processes (so they are not taken for foreign ones)
@@ -93,7 +95,7 @@ class Decisions:
 
 @dataclass
 class _Gpu:
-    info: GpuInfo
+    info: GpuSample
     holders: set[int] = field(default_factory=set)  # running (or just started) job ids
     foreign: str = ""  # why something we do not own makes it busy; "" = nothing
     engine: bool = False  # the engine sits on it (running) — usable only after sleep/stop
@@ -107,7 +109,7 @@ class _Gpu:
 
 def plan(
     queue: Sequence[QueuedJob],
-    running: Sequence[RunningJob],
+    running: Sequence[PlacedJob],
     snapshot: GpuSnapshot,
     engine: EngineView | None = None,
     policy: Policy = Policy(),
@@ -182,7 +184,7 @@ def plan(
     return out
 
 
-def _plan_cpu(queue: Sequence[QueuedJob], running: Sequence[RunningJob], policy: Policy,
+def _plan_cpu(queue: Sequence[QueuedJob], running: Sequence[PlacedJob], policy: Policy,
               out: Decisions) -> None:
     slots = max(0, policy.cpu_slots - len(running))
     for job in queue:
@@ -194,7 +196,7 @@ def _plan_cpu(queue: Sequence[QueuedJob], running: Sequence[RunningJob], policy:
                                        "running job")
 
 
-def _gpu_table(snapshot: GpuSnapshot, running: Sequence[RunningJob], engine: EngineView,
+def _gpu_table(snapshot: GpuSnapshot, running: Sequence[PlacedJob], engine: EngineView,
                own_pids: Collection[int], policy: Policy) -> dict[int, _Gpu]:
     known = set(own_pids) | set(engine.pids) | {p for r in running for p in r.pids}
     engine_on = set(engine.gpus) if engine.state in ("running", "sleeping") or engine.parked else set()
@@ -243,7 +245,7 @@ def _ranked(gpus: list[_Gpu]) -> list[_Gpu]:
     return sorted(gpus, key=rank)
 
 
-def _backfill_budget(missing: int, running: Sequence[RunningJob], started: Sequence[Start]) -> int:
+def _backfill_budget(missing: int, running: Sequence[PlacedJob], started: Sequence[Start]) -> int:
     """How many of the head's usable GPUs later jobs may take without delaying the head in any order
     the running jobs finish (see the module docstring). Nothing running that could ever free enough:
     the head waits on something else (foreign processes), and later jobs may use everything."""

@@ -45,7 +45,7 @@ class Resources:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who sent a request, as the kernel says (see daemon/auth.py), never as the client claims."""
+    """Who sent a request, as the kernel says (see daemon/ctl/auth.py), never as the client claims."""
 
     user: str
     uid: int
@@ -103,9 +103,6 @@ class JobContext:
 
     def set_artifacts(self, artifacts: dict[str, str], what: str = "") -> None:
         self._update(what, artifacts={**self.job.artifacts, **artifacts})
-
-    def update_spec(self, spec: dict[str, Any], what: str) -> None:
-        self._update(what, spec=spec)
 
     def set_page(self, page: PageInfo, text: str | None = None) -> None:
         self.bus.durable(self.store.set_page(page, text), PageChanged(page=page))

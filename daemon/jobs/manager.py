@@ -139,7 +139,7 @@ class JobManager:
     def set_paused(self, paused: bool, caller: Caller) -> None:
         self.store.set_meta("queue_paused", "1" if paused else "0")
         what = f"queue {'paused' if paused else 'resumed'} by {caller.user}"
-        self.bus.durable(self.store.record(QueueChanged(paused=paused), what=what), QueueChanged(paused=paused))
+        self.bus.durable(self.store.record(what), QueueChanged(paused=paused))
         log.info(what)
         self.kick()
 

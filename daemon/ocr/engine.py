@@ -32,10 +32,11 @@ Contract:
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Protocol
 
+from daemon.jobs.base import SpecError
 from daemon.ocr.errors import OcrError
 from daemon.ocr.pdfworker import PdfWorkerPool
 
@@ -89,6 +90,23 @@ class Engine(Protocol):
     async def stop(self) -> None: ...
 
     def convert(self, page: PageInput) -> AsyncIterator[TextDelta | PageResult]: ...
+
+
+@dataclass
+class EngineChoice:
+    """Which engines exist and which one serves by default, with the reason (shown in `ftctl status`)."""
+
+    engines: dict[str, Engine] = field(default_factory=dict)
+    default: str = "cpu"
+    reason: str = ""
+
+    def get(self, name: str) -> Engine:
+        key = name or self.default
+        engine = self.engines.get(key)
+        if engine is None:
+            raise SpecError(f"engine '{key}' is not available on this daemon ({self.reason}); "
+                            f"use one of: {', '.join(sorted(self.engines)) or 'none'}")
+        return engine
 
 
 class EngineContractError(OcrError):

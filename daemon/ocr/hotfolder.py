@@ -4,8 +4,9 @@ A watchdog observer thread reports changes to the event loop (call_soon_threadsa
 state here. A file is taken once it is complete: size and mtime quiet for ``settle_s`` and a PDF trailer
 (``%%EOF``) at its end — a copy still in progress has neither. Files already there at start are taken, a
 periodic re-scan covers file systems that send no events, and a deleted-and-recreated inbox is watched
-again. Same content (sha256) gives one job. When the job ends the source moves to ``done/`` or to
-``failed/`` with ``<name>.error.txt`` saying what happened and what to do.
+again. Same content (sha256) gives one job: the ``ocr`` kind decides what is a duplicate and refuses it at
+submit; a refused copy moves to ``done/`` with a note naming the earlier job. When the job ends the source
+moves to ``done/`` or to ``failed/`` with ``<name>.error.txt`` saying what happened and what to do.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from watchdog.observers.api import ObservedWatch
 from daemon.core.atomic import write_atomic
 from daemon.ctl.auth import user_name
 from daemon.jobs.base import Caller, SpecError
-from daemon.ocr.kind import sha256_of
+from daemon.ocr.kind import DuplicateSource, sha256_of
 from shared.config import Settings
 from shared.protocol import JobInfo
 
@@ -87,19 +88,17 @@ Submit = Callable[[dict[str, Any], str, Caller], Awaitable[JobInfo]]
 
 
 class HotFolder:
-    def __init__(self, settings: Settings, submit: Submit, job_for_source: Callable[[str], JobInfo | None]) -> None:
-        self.settings = settings
+    def __init__(self, settings: Settings, submit: Submit) -> None:
+        """``submit(spec, name, caller)``: submits an ``ocr`` job (the job manager's submit)."""
         self.paths = settings.paths
         self.cfg = settings.config.hotfolder
         self._submit = submit
-        self._job_for_source = job_for_source
         self._candidates: dict[Path, _Candidate] = {}
         self._taking: set[Path] = set()
         self._observer: Any = None
         self._watch: ObservedWatch | None = None
         self._inbox_id: tuple[int, int] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self.taken = 0
 
     # --------------------------------------------------------------------------------- lifecycle
 
@@ -194,22 +193,18 @@ class HotFolder:
     async def _take(self, path: Path) -> None:
         try:
             digest = await asyncio.to_thread(sha256_of, path)
-            earlier = self._job_for_source(digest)
-            if earlier is not None and earlier.state not in ("failed", "canceled"):
-                if Path(earlier.spec.get("file", "")) == path:
-                    return  # our own job for this very file (seen again by a re-scan or after a restart)
-                self._move_duplicate(path, earlier)
-                return
             rel = str(path.parent.relative_to(self.paths.inbox))
-            spec = {"file": str(path), "sha256": digest, "source": "hotfolder",
-                    "rel_dir": "" if rel == "." else rel, "force": True}
+            spec = {"file": str(path), "sha256": digest, "source": "hotfolder", "rel_dir": "" if rel == "." else rel}
             owner = path.stat().st_uid
             caller = Caller(user=user_name(owner), uid=owner)
             job = await self._submit(spec, path.name, caller)
-            self.taken += 1
             log.info("hot folder: %s → job %d", path.relative_to(self.paths.inbox), job.id)
         except FileNotFoundError:
             pass  # removed before we got to it
+        except DuplicateSource as dup:
+            # our own job for this very file (seen again by a re-scan or after a restart) is no duplicate
+            if Path(dup.earlier.spec.get("file", "")) != path:
+                self._move_duplicate(path, dup.earlier)
         except SpecError as exc:
             self._move(path, "failed", str(exc))
         except Exception:

@@ -13,7 +13,6 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import msgspec
 from daemon.core.atomic import write_atomic
 from daemon.core.store import Store, UnknownJob
 from daemon.jobs.base import Caller, JobContext, JobFailed, Resources, SpecError
-from daemon.ocr.engine import Engine, PageResult, load_page_input, run_page
+from daemon.ocr.engine import Engine, EngineChoice, PageResult, load_page_input, run_page
 from daemon.ocr.engine import TextDelta as EngineDelta
 from daemon.ocr.errors import OcrError
 from daemon.ocr.pdfworker import PdfWorkerPool
@@ -53,21 +52,12 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-@dataclass
-class EngineChoice:
-    """Which engines exist and which one serves by default, with the reason (shown in `ftctl status`)."""
+class DuplicateSource(SpecError):
+    """The same content was converted, or is being converted, by ``earlier`` (a job not failed or canceled)."""
 
-    engines: dict[str, Engine] = field(default_factory=dict)
-    default: str = "cpu"
-    reason: str = ""
-
-    def get(self, name: str) -> Engine:
-        key = name or self.default
-        engine = self.engines.get(key)
-        if engine is None:
-            raise SpecError(f"engine '{key}' is not available on this daemon ({self.reason}); "
-                            f"use one of: {', '.join(sorted(self.engines)) or 'none'}")
-        return engine
+    def __init__(self, message: str, earlier: JobInfo) -> None:
+        super().__init__(message)
+        self.earlier = earlier
 
 
 class OcrKind:
@@ -78,7 +68,6 @@ class OcrKind:
         self.pool = pool
         self.choice = choice
         self.store = store
-        self.engine_calls = 0  # pages handed to an engine by this daemon process (for status and tests)
 
     # ------------------------------------------------------------------------------------- submit
 
@@ -104,27 +93,29 @@ class OcrKind:
                 raise SpecError(problem)
         digest = s.sha256 or await asyncio.to_thread(sha256_of, path)
         if not s.force:
-            earlier = self.existing_job(digest)
-            if earlier is not None and earlier.state not in ("failed", "canceled"):
-                where = earlier.artifacts.get("markdown", "")
-                if earlier.state in TERMINAL_STATES:
-                    raise SpecError(f"{path.name}: the same content was already converted by job {earlier.id}"
-                                    f"{' → ' + where if where else ''}; add --force to convert it again")
-                raise SpecError(f"{path.name}: the same content is already being converted by job {earlier.id}; "
-                                f"follow it with `ftctl show {earlier.id}`")
+            self._refuse_duplicate(path, digest)
         password = s.password or _sidecar_password(path)
         frozen = msgspec.structs.replace(s, file=str(path), sha256=digest, password=password)
         return path.name, msgspec.to_builtins(frozen)
 
-    def existing_job(self, sha256: str) -> JobInfo | None:
-        """The job that converted (or is converting) this content, if any."""
+    def _refuse_duplicate(self, path: Path, sha256: str) -> None:
+        """The one check for "this content again": a job that converted it, or is converting it, and did not
+        fail or get canceled (then converting again is what the user wants)."""
         job_id = self.store.job_for_source(sha256)
         if job_id is None:
-            return None
+            return
         try:
-            return self.store.get_job(job_id)
+            earlier = self.store.get_job(job_id)
         except UnknownJob:
-            return None
+            return
+        if earlier.state in ("failed", "canceled"):
+            return
+        where = earlier.artifacts.get("markdown", "")
+        if earlier.state in TERMINAL_STATES:
+            raise DuplicateSource(f"{path.name}: the same content was already converted by job {earlier.id}"
+                                  f"{' → ' + where if where else ''}; add --force to convert it again", earlier)
+        raise DuplicateSource(f"{path.name}: the same content is already being converted by job {earlier.id}; "
+                              f"follow it with `ftctl show {earlier.id}`", earlier)
 
     def on_created(self, job: JobInfo) -> None:
         self.store.remember_source(job.spec["sha256"], job.id)
@@ -200,7 +191,6 @@ class OcrKind:
         key = f"{job_id}:{n}"
         ctx.set_page(PageInfo(job_id=job_id, page_no=n, state="running"))
         ctx.log(f"page {n}: converting with engine {engine.name}")
-        self.engine_calls += 1
         t0 = time.monotonic()
 
         def on_delta(d: EngineDelta) -> None:

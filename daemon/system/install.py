@@ -1,11 +1,12 @@
-"""``ftctl install-service [--user] [--dest DIR]``: write the systemd unit for this venv and say what to run.
+"""``ftmllmd install-service [--user] [--dest DIR]`` (what ``ftctl install-service`` runs): write the systemd
+unit for this venv and say what to run.
 
 The templates live in the source tree's ``systemd/`` folder. Rendering replaces ``@FTMLLMD@`` with the
 ``ftmllmd`` next to the running interpreter (quoted for systemd), so the service runs exactly the code this
 command came from. Everything is written atomically (temp file + rename): a half-written unit never exists.
 
 Nothing here calls systemctl: installing a service is the administrator's decision, so the commands are
-returned for ``ftctl`` to print.
+returned for ``ftmllmd install-service`` to print.
 """
 
 from __future__ import annotations
@@ -199,6 +200,11 @@ def install(user: bool, dest: Path | None = None, *, exec_path: Path | None = No
             f"{where}: permission denied; run `sudo ftctl install-service` for the system service, add --user "
             "for your own, or write elsewhere with --dest DIR"
         ) from None
+    except OSError as exc:  # e.g. --dest under a read-only or missing mount
+        where = Path(exc.filename) if exc.filename else unit_dir
+        if where.name.endswith(".tmp"):  # write_atomic's temp file: the directory is what matters
+            where = where.parent
+        raise InstallError(f"{where}: cannot write there ({exc.strerror}); write elsewhere with --dest DIR") from None
     return InstallResult(unit_path=unit_path, written=written, commands=commands, warnings=warnings)
 
 

@@ -11,6 +11,7 @@ of images, every image file present and readable (images.py), and ranking data (
 Registering copies the records into the daemon's dataset dir with image paths made absolute (the user's
 ``--images`` dir stays where it is), then adds the entry to ``dataset_info.json``. Both writes are atomic
 and the read-modify-write of dataset_info.json holds a lock, so two adds never lose each other's entry.
+This module owns every file in that dir, including who added each dataset (``NAME.about.json``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import fcntl
 import json
 import os
 import re
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -32,6 +34,9 @@ DATASET_INFO = "dataset_info.json"
 # Beside each added dataset: its media files, one absolute path a line, so a submit checks they are still
 # there without parsing a JSON file of maybe 100k records (validate.py).
 MEDIA_LIST_SUFFIX = ".media"
+# Beside each dataset added through the daemon: who added it (only they or an admin may replace or remove
+# it) and its counts, so `dataset list` need not parse big files.
+ABOUT_SUFFIX = ".about.json"
 IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"
 MAX_LISTED_PROBLEMS = 10
@@ -352,6 +357,44 @@ def list_datasets(dataset_dir: Path) -> dict[str, Mapping[str, Any]]:
     return dict(sorted(read_dataset_info(dataset_dir).items()))
 
 
+def dataset_file(dataset_dir: Path, entry: Mapping[str, Any]) -> Path | None:
+    """The records file of a dataset_info.json entry; None for hub or script datasets (LLaMA-Factory fetches
+    them itself)."""
+    file_name = entry.get("file_name")
+    if not isinstance(file_name, str):
+        return None
+    return Path(file_name) if os.path.isabs(file_name) else dataset_dir / file_name
+
+
+def write_about(dataset_dir: Path, summary: DatasetSummary, *, owner: str, source: Path) -> None:
+    about = {"owner": owner, "records": summary.records, "images": summary.images, "ranking": summary.ranking,
+             "added": time.time(), "source": str(source)}
+    write_atomic(dataset_dir / f"{summary.name}{ABOUT_SUFFIX}", json.dumps(about, indent=1) + "\n", mode=0o600)
+
+
+def read_about(dataset_dir: Path, name: str) -> dict[str, Any]:
+    """What :func:`write_about` kept; {} for a dataset placed by hand."""
+    try:
+        data = json.loads((dataset_dir / f"{name}{ABOUT_SUFFIX}").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def count_records(path: Path) -> tuple[int, int]:
+    """(records, media files) of a records file, read in full: for a dataset placed by hand."""
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0, 0
+    try:
+        media = sum(1 for line in path.with_suffix(MEDIA_LIST_SUFFIX).read_text(encoding="utf-8").splitlines()
+                    if line)
+    except OSError:
+        media = 0
+    return (len(records) if isinstance(records, list) else 0), media
+
+
 def remove_dataset(name: str, dataset_dir: Path) -> None:
     with _locked(dataset_dir):
         info = read_dataset_info(dataset_dir)
@@ -359,6 +402,7 @@ def remove_dataset(name: str, dataset_dir: Path) -> None:
         if entry is None:
             raise DatasetProblem([f"no dataset '{name}'; `ftctl dataset list` shows the names"])
         write_atomic(dataset_dir / DATASET_INFO, json.dumps(info, ensure_ascii=False, indent=2) + "\n", mode=0o600)
+        (dataset_dir / f"{name}{ABOUT_SUFFIX}").unlink(missing_ok=True)
         if isinstance(entry, dict) and entry.get("file_name") == f"{name}.json":
             (dataset_dir / f"{name}.json").unlink(missing_ok=True)
             (dataset_dir / f"{name}{MEDIA_LIST_SUFFIX}").unlink(missing_ok=True)

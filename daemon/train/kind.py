@@ -21,54 +21,49 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import logging
 import os
 import shutil
 import signal
 import time
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
 
+from daemon.children.env import child_environ
+from daemon.children.process import group_members
+from daemon.children.record import reap_recorded, write_record
 from daemon.core.atomic import write_atomic
-from daemon.core.sdnotify import child_environ
 from daemon.core.store import Store, UnknownJob
 from daemon.jobs.base import Caller, JobContext, JobFailed, Resources, SpecError
 from daemon.train.failures import disk_free, explain_failure, read_log_tail
 from daemon.train.launch import (
     MODEL_FILES,
     LaunchError,
-    ProcessRecord,
     TrainProcess,
     any_present,
     build_argv,
     build_env,
-    group_members,
-    kill_leftover,
     prepare_resume,
     resolve_cli,
     saved_state,
 )
 from daemon.train.progress import TRAINER_LOG, LossPoint, TrainerLogTail, seen_keys
 from daemon.train.results import METRICS, PREDICT_RESULTS, ResultsMissing, read_eval_metrics
-from daemon.train.spec import RenderedSpec, SpecDefaults, SpecProblem, parse_overrides, render
+from daemon.train.spec import RenderedSpec, SpecDefaults, render
 from daemon.train.validate import KeyCatalog, check_spec, load_catalog
 from shared.config import Settings
+from shared.overrides import SpecProblem, parse_overrides
 from shared.protocol import JobInfo, TrainPoint
-
-log = logging.getLogger(__name__)
 
 KindName = Literal["train", "eval", "export"]
 TRAIN_KINDS: tuple[KindName, ...] = ("train", "eval", "export")
-TRAIN_LANE = "train"  # all three share the GPUs; the allocator (daemon/gpu_allocator.py) admits them
+TRAIN_LANE = "train"  # all three share the GPUs; the allocator (daemon/gpus/allocator.py) admits them
 DEFAULT_TEMPLATE: dict[str, str] = {"eval": "qwen2vl_eval", "export": "qwen2vl_export"}
 JOB_YAML = "job.yaml"
-RECORD_FILE = "trainer.json"  # the running child (pid, pgid, start ticks), for kill_leftover after a crash
+RECORD_FILE = "trainer.json"  # the running child (pid, pgid, start ticks), to end it after a daemon crash
 PENDING_DIR = "new"  # the job dir a spec is rendered with before the job has an id
 POLL_S = 0.1  # trainer_log.jsonl poll interval: a loss point reaches clients well under 500 ms
 # keys the daemon takes from the train job an eval or export names with adapter_job, unless given
@@ -116,12 +111,6 @@ class TrainSetup:
         return cls(settings=settings, store=store, catalog=load_catalog(), templates_dir=templates_dir_of(settings),
                    datasets_dir=datasets_dir_of(settings), jobs_dir=settings.paths.state_dir / "jobs")
 
-    def child_env(self) -> dict[str, str]:
-        """The environment children get (before GPUs and per-spec keys): the daemon's + [train] env."""
-        env = child_environ(os.environ)
-        env.update(self.settings.config.train.env)
-        return env
-
     def defaults(self) -> SpecDefaults:
         cfg = self.settings.config.train
         return SpecDefaults(save_total_limit=cfg.save_total_limit, logging_steps=cfg.logging_steps)
@@ -150,7 +139,8 @@ class LlamaFactoryKind:
         try:
             # reading dataset_info.json and stat-ing media files may take a few hundred ms on big datasets
             await asyncio.to_thread(check_spec, rendered, catalog=self.setup.catalog,
-                                    dataset_dir=self.setup.datasets_dir, env=self.setup.child_env())
+                                    dataset_dir=self.setup.datasets_dir,
+                                    env=child_environ(os.environ, self.setup.settings.config.train.env))
         except SpecProblem as exc:
             raise SpecError(_problems_text(exc)) from None
         return _display_name(self.kind, req, frozen), frozen
@@ -246,14 +236,14 @@ class LlamaFactoryKind:
         finished = await self._before_start(ctx, out)
         if finished is not None:
             return finished
-        env = build_env(base=child_environ(os.environ), gpus=ctx.gpus, extra=cfg.env, spec_env=spec.get("env", {}),
+        env = build_env(base=os.environ, gpus=ctx.gpus, extra=cfg.env, spec_env=spec.get("env", {}),
                         deepspeed=bool(spec["params"].get("deepspeed")))
         try:
             proc = TrainProcess.start(argv, env, log_path=ctx.log_path, cwd=ctx.dir)
         except LaunchError as exc:
             raise JobFailed(str(exc)) from None
         record = ctx.dir / RECORD_FILE
-        write_atomic(record, json.dumps(asdict(proc.record)), mode=0o600)
+        write_record(record, proc.record)
         self.setup.processes[ctx.job.id] = proc
         where = f"GPUs {','.join(map(str, ctx.gpus))}" if ctx.gpus else "the CPU"
         ctx.note(f"llamafactory-cli {spec['command']} started on {where} (pid {proc.pid})")
@@ -266,17 +256,16 @@ class LlamaFactoryKind:
                 raise
         finally:
             self.setup.processes.pop(ctx.job.id, None)
-            if proc.returncode is not None and not group_members(proc.pgid):
+            if not proc.alive():
                 record.unlink(missing_ok=True)
         return self._result(ctx, out, rc, last)
 
     async def _before_start(self, ctx: JobContext, out: Path) -> str | None:
         """Clean up after an earlier attempt. Returns the summary if that attempt had already finished."""
-        record = _read_record(ctx.dir / RECORD_FILE)
-        if record is not None:
-            if await asyncio.to_thread(kill_leftover, record, self.setup.settings.config.train.stop_term_s):
-                ctx.note(f"ended the trainer the previous daemon left running (pid {record.pid})")
-            (ctx.dir / RECORD_FILE).unlink(missing_ok=True)
+        left = await asyncio.to_thread(reap_recorded, ctx.dir / RECORD_FILE,
+                                       self.setup.settings.config.train.stop_term_s)
+        if left is not None:
+            ctx.note(f"ended the trainer the previous daemon left running (pid {left.pid})")
         if not out.exists():
             return None
         if self.kind == "train":
@@ -370,8 +359,7 @@ class LlamaFactoryKind:
         except asyncio.CancelledError:
             # cancelled again while stopping (the daemon is going down): end the group now; the next start
             # ends whatever is left (the record file stays)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pgid, signal.SIGTERM)
+            proc.signal_group(signal.SIGTERM)
             raise
 
     def _result(self, ctx: JobContext, out: Path, rc: int, last: LossPoint | None) -> str:
@@ -417,17 +405,6 @@ def _train_artifacts(out: Path, adapter: bool, saved: str, checkpoint: Path | No
     if checkpoint is not None:
         arts["checkpoint"] = str(checkpoint)
     return arts
-
-
-def _read_record(path: Path) -> ProcessRecord | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-        return ProcessRecord(pid=int(data["pid"]), pgid=int(data["pgid"]), start_ticks=int(data["start_ticks"]))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError):
-        log.warning("%s: unreadable trainer record; ignoring it", path)
-        return None
 
 
 def _display_name(kind: str, req: TrainRequest, frozen: Mapping[str, Any]) -> str:

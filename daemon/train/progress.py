@@ -172,7 +172,3 @@ class TrainerLogTail:
                 return
             await asyncio.sleep(interval)
 
-
-def read_points(path: Path) -> list[LossPoint]:
-    """Every point of a finished log at once (for a job that ended while the daemon was down)."""
-    return TrainerLogTail(path).poll()

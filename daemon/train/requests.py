@@ -1,30 +1,36 @@
 """The training requests that are not jobs: datasets (add, list, remove), templates, eval-compare, deploy.
 
-Datasets are shared by everyone who uses the daemon; who added one is kept beside it (``NAME.about.json``,
-with its record and image counts so ``dataset list`` need not parse big files), and only that user or an
-admin may replace or remove it.
+Datasets are shared by everyone who uses the daemon; datasets.py keeps who added one beside it, and only
+that user or an admin may replace or remove it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from daemon.core.atomic import write_atomic
 from daemon.core.store import Store
 from daemon.gpus.engine_port import DeployError, GpuEngine
 from daemon.jobs.base import Caller, SpecError
 from daemon.jobs.manager import RequestDenied
-from daemon.train.datasets import MEDIA_LIST_SUFFIX, DatasetProblem, add_dataset, list_datasets, remove_dataset
+from daemon.train.datasets import (
+    DatasetProblem,
+    add_dataset,
+    count_records,
+    dataset_file,
+    list_datasets,
+    read_about,
+    remove_dataset,
+    write_about,
+)
 from daemon.train.kind import TrainSetup
 from daemon.train.launch import MODEL_FILES, any_present, saved_state
 from daemon.train.results import EvalColumn, ResultsMissing, compare_table, read_eval_metrics
-from daemon.train.spec import SpecProblem, job_kind, load_template, template_names
+from daemon.train.spec import job_kind, load_template, template_names
+from shared.overrides import SpecProblem
 from shared.protocol import (
     DatasetAdd,
     DatasetEntry,
@@ -41,7 +47,6 @@ from shared.protocol import (
     TemplatesReply,
 )
 
-ABOUT_SUFFIX = ".about.json"
 _ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -62,15 +67,8 @@ class TrainRequests:
     def _dir(self) -> Path:
         return self.setup.datasets_dir
 
-    def _about(self, name: str) -> dict[str, Any]:
-        try:
-            data = json.loads((self._dir / f"{name}{ABOUT_SUFFIX}").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
-
     def _check_owner(self, name: str, caller: Caller, verb: str) -> None:
-        owner = self._about(name).get("owner")
+        owner = read_about(self._dir, name).get("owner")
         if caller.is_admin or (owner and owner == caller.user):
             return
         who = f"it belongs to {owner}" if owner else "it was not added through ftctl"
@@ -93,9 +91,7 @@ class TrainRequests:
         except PermissionError as exc:
             raise SpecError(f"{exc.filename}: the daemon cannot read it; make it readable for the daemon's user "
                             "(chmod o+r, or a shared group)") from None
-        about = {"owner": caller.user, "records": summary.records, "images": summary.images,
-                 "ranking": summary.ranking, "added": time.time(), "source": str(file)}
-        write_atomic(self._dir / f"{body.name}{ABOUT_SUFFIX}", json.dumps(about, indent=1) + "\n", mode=0o600)
+        write_about(self._dir, summary, owner=caller.user, source=file)
         entry = DatasetEntry(name=body.name, file=str(summary.file), records=summary.records, images=summary.images,
                              ranking=summary.ranking)
         return DatasetsReply(datasets=[entry], message=summary.message)
@@ -110,12 +106,11 @@ class TrainRequests:
             raise SpecError(str(exc)) from None
         entries = []
         for name, entry in info.items():
-            about = self._about(name)
-            file_name = str(entry.get("file_name", "")) if isinstance(entry, dict) else ""
-            path = Path(file_name) if Path(file_name).is_absolute() else self._dir / file_name
+            about = read_about(self._dir, name)
+            path = (dataset_file(self._dir, entry) if isinstance(entry, dict) else None) or self._dir
             records, images = about.get("records"), about.get("images")
             if records is None and path.is_file():  # placed by hand: count once, here
-                records, images = _count(path)
+                records, images = count_records(path)
             entries.append(DatasetEntry(name=name, file=str(path), records=int(records or 0),
                                         images=int(images or 0),
                                         ranking=bool(entry.get("ranking")) if isinstance(entry, dict) else False))
@@ -130,7 +125,6 @@ class TrainRequests:
             await asyncio.to_thread(remove_dataset, body.name, self._dir)
         except DatasetProblem as exc:
             raise SpecError(str(exc)) from None
-        (self._dir / f"{body.name}{ABOUT_SUFFIX}").unlink(missing_ok=True)
         return Done(message=f"dataset '{body.name}' removed; jobs that already ran with it keep their results")
 
     # ------------------------------------------------------------------------------------- templates
@@ -246,19 +240,6 @@ def _first_comment(path: Path) -> str:
     text = " ".join(lines)
     end = text.find(". ")
     return text[: end + 1] if end >= 0 else text
-
-
-def _count(path: Path) -> tuple[int, int]:
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return 0, 0
-    media = path.with_suffix(MEDIA_LIST_SUFFIX)
-    try:
-        images = sum(1 for line in media.read_text(encoding="utf-8").splitlines() if line)
-    except OSError:
-        images = 0
-    return (len(records) if isinstance(records, list) else 0), images
 
 
 def _a(word: str) -> str:

@@ -12,7 +12,6 @@ Nothing here imports LLaMA-Factory: rendering and validation (validate.py) take 
 from __future__ import annotations
 
 import difflib
-import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,24 +20,12 @@ from typing import Any, Literal
 
 import yaml
 
-from daemon.core.atomic import write_atomic
+from shared.overrides import SpecProblem, parse_overrides
 
 JobKind = Literal["train", "eval", "export"]
 CliCommand = Literal["train", "export"]
 
-# Keys whose values are paths on the server: ftctl turns relative ones into absolute ones (the daemon's
-# working directory is not the user's); see absolutize_paths.
-PATH_KEYS = ("model_name_or_path", "adapter_name_or_path", "deepspeed", "media_dir", "tokenized_path")
-
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-class SpecProblem(ValueError):
-    """A spec that cannot be rendered or would be rejected; ``str()`` is one line per problem."""
-
-    def __init__(self, problems: Sequence[str]) -> None:
-        self.problems = list(problems)
-        super().__init__("; ".join(self.problems))
 
 
 @dataclass(frozen=True)
@@ -92,59 +79,6 @@ def load_template(templates_dir: Path, name: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SpecProblem([f"{path}: a template must be a YAML mapping of LLaMA-Factory keys; fix the template"])
     return data
-
-
-def parse_override(item: str) -> tuple[str, Any]:
-    """``key=value`` with a YAML-typed value (``lr=1e-4`` is a float, ``bf16=false`` a bool);
-    ``key=`` or ``key=null`` removes the key, so LLaMA-Factory's own default applies."""
-    key, sep, raw = item.partition("=")
-    key = key.strip()
-    if not sep or not _KEY_RE.match(key):
-        raise SpecProblem([f"override '{item}' is not key=value; write it as --set learning_rate=1e-4"])
-    raw = raw.strip()
-    if raw == "":
-        return key, None
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        value = raw  # not YAML (e.g. an unbalanced bracket in a path): keep the text as written
-    if isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", raw):
-        # YAML 1.1 reads 1e-4 (no dot) as a string; everyone means the number
-        value = float(raw)
-    elif isinstance(value, list):
-        value = ",".join(str(v) for v in value)  # LLaMA-Factory's list keys are comma-separated strings
-    elif isinstance(value, dict):
-        value = raw
-    return key, value
-
-
-def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    problems: list[str] = []
-    for item in items:
-        try:
-            key, value = parse_override(item)
-        except SpecProblem as exc:
-            problems.extend(exc.problems)
-            continue
-        out[key] = value
-    if problems:
-        raise SpecProblem(problems)
-    return out
-
-
-def absolutize_paths(overrides: Mapping[str, Any], cwd: Path) -> dict[str, Any]:
-    """For ftctl: relative paths in path-valued keys mean the user's directory, not the daemon's.
-    A value that does not exist relative to ``cwd`` is left alone (a hub id, or a configs/ name)."""
-    out = dict(overrides)
-    for key in PATH_KEYS:
-        value = out.get(key)
-        if not isinstance(value, str) or not value:
-            continue
-        parts = [p.strip() for p in value.split(",")]
-        fixed = [str((cwd / p).resolve()) if not os.path.isabs(p) and (cwd / p).exists() else p for p in parts]
-        out[key] = ",".join(fixed)
-    return out
 
 
 def job_kind(template: Mapping[str, Any]) -> JobKind:
@@ -228,11 +162,6 @@ def render(
     return RenderedSpec(template=template, kind=kind, command="export" if kind == "export" else "train",
                         params=params, yaml_text=text, output_dir=out, datasets=final_names, gpus=gpus,
                         env=env)
-
-
-def write_job_yaml(spec: RenderedSpec, path: Path) -> None:
-    """Write the frozen YAML atomically (a half-written job.yaml would fail the resume after a crash)."""
-    write_atomic(path, spec.yaml_text, mode=0o600)
 
 
 def _forced_keys(kind: JobKind) -> dict[str, str]:

@@ -1,8 +1,8 @@
 """Reject in milliseconds what LLaMA-Factory would reject after 15 s of imports.
 
 The valid keys, their types and choices, the chat templates and the stages come from
-``llamafactory_keys.json``, generated once from the real LLaMA-Factory by gen_keys.py (the file records the
-version). Checked here, each problem as one line naming the key or file and the fix:
+``llamafactory_keys.json``, generated once from the real LLaMA-Factory by tools/gen_llamafactory_keys.py (the
+file records the version). Checked here, each problem as one line naming the key or file and the fix:
 
 * unknown keys ("Some keys are not used by the HfArgumentParser"), with the closest valid key;
 * values of the wrong type or outside a key's choices (stage, template, finetuning_type, …);
@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from daemon.train.datasets import DATASET_INFO, MEDIA_LIST_SUFFIX, read_dataset_info
-from daemon.train.spec import RenderedSpec, SpecProblem
+from daemon.train.datasets import DATASET_INFO, MEDIA_LIST_SUFFIX, dataset_file, read_dataset_info
+from daemon.train.spec import RenderedSpec
+from shared.overrides import SpecProblem
 
 DEFAULT_CATALOG = Path(__file__).resolve().parent / "llamafactory_keys.json"
 
@@ -268,10 +269,9 @@ def _check_datasets(params: Mapping[str, Any], dataset_dir: Path, check_media: b
             need = "ranking data (chosen/rejected)" if stage in _RANKING_STAGES else "non-ranking data"
             problems.append(f"{key}: dataset '{name}' is {'ranking' if ranking else 'non-ranking'} data, but "
                             f"stage {stage} needs {need}; pick a matching dataset or stage")
-        file_name = entry.get("file_name")
-        if not isinstance(file_name, str):
-            continue  # hub or script datasets: LLaMA-Factory fetches them itself
-        path = Path(file_name) if os.path.isabs(file_name) else dataset_dir / file_name
+        path = dataset_file(dataset_dir, entry)
+        if path is None:
+            continue
         if not path.exists():
             problems.append(f"{key}: dataset '{name}' file {path} is gone; add the dataset again")
         elif check_media and path.is_file():

@@ -36,7 +36,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from daemon.engines.vllm_supervisor import give_short_ipc_dir
+from daemon.engines.vllm_command import give_short_ipc_dir
 
 HERE = Path(__file__).resolve().parent
 FIXTURES = HERE.parent / "fixtures"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from daemon.engines.control import choose_default, image_dimensions
 from daemon.engines.remote import Server, pick
-from daemon.engines.vllm_supervisor import (
+from daemon.engines.vllm_command import (
     build_command,
     build_env,
     give_short_ipc_dir,
@@ -22,6 +22,7 @@ from daemon.engines.vllm_supervisor import (
 from daemon.engines.vlm.chat_stream import api_root, error_message
 from daemon.engines.vlm.converter import chat_body, data_url, unfence
 from daemon.engines.vlm.inflight import SATURATED_POLLS, InFlight
+from daemon.engines.vlm.prompts import load_prompt, prompt_names
 from daemon.engines.vlm.server_metrics import parse_load
 from shared.config import Config, VllmConfig, load_settings, parse_config
 
@@ -202,3 +203,9 @@ def test_image_dimensions_from_png_and_jpeg_headers() -> None:
             + b"\xff\xc0" + struct.pack(">HBHH", 17, 8, 480, 640) + b"\0" * 12)
     assert image_dimensions(jpeg) == (640, 480)
     assert image_dimensions(b"GIF89a") is None
+
+
+def test_the_bundled_prompts_are_found_wherever_the_module_sits() -> None:
+    # the move to daemon/engines/vlm/ once pointed the prompts directory one level above the checkout
+    assert {"default", "zh"} <= set(prompt_names())
+    assert load_prompt("default")

@@ -1,4 +1,4 @@
-"""daemon/auth.py on its own: the ZAP handler with real ZeroMQ sockets, and identity lookups with real Unix
+"""daemon/ctl/auth.py on its own: the ZAP handler with real ZeroMQ sockets, and identity lookups with real Unix
 users and groups (useradd/usermod/gpasswd, see unix_users.py)."""
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def test_peer_credentials_are_read_only_from_the_unix_socket_form(address: str,
 
 @pytest.fixture
 async def zap_router() -> AsyncIterator[tuple[zmq.asyncio.Socket, str, str]]:
-    """A ROUTER set up as daemon/service.py does (handler bound first, domain enforced), on ipc and tcp."""
+    """A ROUTER set up as daemon/daemon.py does (handler bound first, domain enforced), on ipc and tcp."""
     d = tempfile.mkdtemp(prefix="ftz", dir="/tmp")
     ctx = zmq.asyncio.Context()
     zap = bind_zap(ctx)

@@ -29,7 +29,7 @@ from shared.protocol import TERMINAL_STATES, Cancel, Done, JobDetail, ShowJob
 from tests.daemon_proc import DaemonProc, wait_for
 from tests.systemd.unix_users import Account, UnixUsers, unix_users
 
-# ftctl's exit codes (tui/ftctl.py), the contract scripts rely on
+# ftctl's exit codes (tui/ftctl/output.py), the contract scripts rely on
 EXIT_NO_DAEMON, EXIT_FORBIDDEN = 3, 4
 CLIENT_PACKAGES = ("zmq", "msgspec", "typing_extensions", "rich", "shared", "tui", "daemon")
 DEADLINE_S = 60.0  # generous: several helpers share two cores

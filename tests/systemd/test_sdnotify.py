@@ -1,6 +1,6 @@
 """sd_notify against a real unix datagram socket standing in for systemd's $NOTIFY_SOCKET.
 
-The end-to-end tests run a real asyncio program in a subprocess that uses daemon/sdnotify.py the way the
+The end-to-end tests run a real asyncio program in a subprocess that uses daemon/core/sdnotify.py the way the
 daemon does; the test process plays systemd and timestamps every datagram as it arrives.
 """
 
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.core.sdnotify import Notifier, child_environ
+from daemon.children.env import child_environ
+from daemon.core.sdnotify import Notifier
 
 ROOT = Path(__file__).resolve().parents[2]
 

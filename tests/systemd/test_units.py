@@ -61,7 +61,7 @@ def test_extra_read_write_paths_land_in_the_system_unit(tmp_path: Path, ftmllmd:
 
 def test_system_unit_keeps_the_decisions_the_daemon_relies_on(ftmllmd: Path) -> None:
     s = unit_settings(render_unit(False, ftmllmd))
-    # readiness, watchdog and reload protocol (daemon/sdnotify.py)
+    # readiness, watchdog and reload protocol (daemon/core/sdnotify.py)
     assert s["Type"] == ["notify"] and s["NotifyAccess"] == ["main"] and s["WatchdogSec"] == ["30"]
     assert s["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert s["ExecStart"] == [f"{ftmllmd} --config /etc/ftmllm/ftmllm.toml"]

@@ -12,7 +12,8 @@ from typing import Any
 
 import pytest
 
-from daemon.gpus.nvml import GpuMonitor, GpuProcess, GpuSnapshot
+from daemon.gpus.nvml import GpuMonitor, GpuSnapshot
+from daemon.gpus.nvml import GpuProcessSample as GpuProcess
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "nvml"
 MIB = 1024 * 1024

@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from daemon.children.process import group_members
+from daemon.children.record import kill_leftover
 from daemon.train.launch import (
     LaunchError,
     TrainProcess,
     build_argv,
     build_env,
-    group_members,
-    kill_leftover,
     prepare_resume,
     resolve_cli,
     saved_state,

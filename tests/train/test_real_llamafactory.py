@@ -16,11 +16,12 @@ from pathlib import Path
 
 import pytest
 
+from daemon.core.atomic import write_atomic
 from daemon.train.datasets import add_dataset
 from daemon.train.failures import explain_failure, read_log_tail
 from daemon.train.launch import TrainProcess, build_argv, build_env, prepare_resume, resolve_cli, saved_state
 from daemon.train.progress import LossPoint, TrainerLogTail
-from daemon.train.spec import RenderedSpec, render, write_job_yaml
+from daemon.train.spec import RenderedSpec, render
 from daemon.train.validate import check_spec, load_catalog
 from tests.engines import stack
 
@@ -66,7 +67,7 @@ def _spec(box: Box, job: str, template: str, overrides: Sequence[str], datasets:
     spec = render(template, templates_dir=TEMPLATES, job_dir=box.root / job, dataset_dir=box.datasets,
                   overrides=[f"model_name_or_path={box.model}", *overrides], datasets=datasets, gpus=0)
     check_spec(spec, catalog=load_catalog(), dataset_dir=box.datasets, env=box.env)
-    write_job_yaml(spec, box.root / job / "job.yaml")
+    write_atomic(box.root / job / "job.yaml", spec.yaml_text, mode=0o600)
     return spec
 
 
@@ -187,7 +188,7 @@ def test_validator_rejects_in_milliseconds_what_the_real_cli_rejects_after_its_i
     spec = render("qwen2vl_lora_sft", templates_dir=TEMPLATES, job_dir=box.root / "badkey",
                   dataset_dir=box.datasets, overrides=[f"model_name_or_path={box.model}", *TRAIN, "lora_rnak=8"],
                   datasets=["tiny_sft"], gpus=0)
-    write_job_yaml(spec, box.root / "badkey" / "job.yaml")
+    write_atomic(box.root / "badkey" / "job.yaml", spec.yaml_text, mode=0o600)
     t0 = time.perf_counter()
     proc = _start(box, spec, "badkey")
     rc = asyncio.run(proc.wait())

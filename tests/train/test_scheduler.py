@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from daemon.gpus.nvml import GpuSnapshot
-from daemon.gpus.plan import EngineAction, EngineView, Policy, QueuedJob, RunningJob, Start, plan
+from daemon.gpus.plan import EngineAction, EngineView, Policy, QueuedJob, Start, plan
+from daemon.gpus.plan import PlacedJob as RunningJob
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "nvml"
 IDLE = GpuSnapshot.load(FIXTURES / "box8_idle.json")

@@ -7,16 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon.train.spec import (
-    SpecDefaults,
-    SpecProblem,
-    absolutize_paths,
-    parse_override,
-    parse_overrides,
-    render,
-    template_names,
-    write_job_yaml,
-)
+from daemon.core.atomic import write_atomic
+from daemon.train.spec import SpecDefaults, render, template_names
+from shared.overrides import SpecProblem, parse_override, parse_overrides
+from shared.overrides import absolutize as absolutize_paths
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ROOT / "configs" / "llamafactory"
@@ -124,7 +118,7 @@ def test_deepspeed_short_name_resolves_to_configs_deepspeed(tmp_path: Path) -> N
 def test_job_yaml_is_written_atomically_and_reads_back(tmp_path: Path) -> None:
     spec = _render(tmp_path)
     path = tmp_path / "job-7" / "job.yaml"
-    write_job_yaml(spec, path)
+    write_atomic(path, spec.yaml_text, mode=0o600)  # as the train kind writes job.yaml
     assert yaml.safe_load(path.read_text()) == spec.params
     assert [p.name for p in path.parent.iterdir()] == ["job.yaml"]  # no temp file left behind
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from daemon.train.datasets import add_dataset
-from daemon.train.spec import RenderedSpec, SpecProblem, render
+from daemon.train.spec import RenderedSpec, render
 from daemon.train.validate import DEFAULT_CATALOG, check_spec, load_catalog, validate_params
+from shared.overrides import SpecProblem
 from tests.fixtures.tiny_dataset import write_dataset
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from daemon.train.launch import group_members, saved_state
+from daemon.children.process import group_members
+from daemon.train.launch import saved_state
 from shared.protocol import JobInfo
 from tests.train_daemon.support import RUN_TIMEOUT_S, Box, Recorder, TrainDaemon, start_daemon
 

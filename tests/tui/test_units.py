@@ -8,9 +8,10 @@ import pytest
 from textual.app import App, ComposeResult
 
 from shared.client import Mirror
+from shared.overrides import absolutize
+from shared.overrides import parse_override_text as parse_overrides
 from shared.protocol import HistoryEntry, JobInfo, Progress, TextDelta
 from tui.screens.jobs import job_matches
-from tui.screens.modals import absolutize, parse_overrides
 from tui.state import MAX_TEXT_CHARS, Changes, State, TextStream
 from tui.widgets.chart import LineChart, Series, ema, fmt_num
 

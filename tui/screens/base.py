@@ -4,7 +4,7 @@ learns about the daemon (``refresh_all`` on show or reload, ``on_changes`` for a
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, ClassVar, cast
+from typing import ClassVar
 
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -12,11 +12,9 @@ from textual.screen import Screen
 from textual.widget import Widget
 
 from shared.protocol import JobInfo
+from tui.host import Host, host_of
 from tui.state import Changes, State
 from tui.widgets.chrome import Banner, Chrome, KeyBar, TopBar
-
-if TYPE_CHECKING:
-    from tui.app import FtuiApp
 
 KEY_LABELS = {"question_mark": "?", "slash": "/", "plus": "+", "equals_sign": "=", "minus": "-",
               "escape": "esc", "enter": "⏎"}
@@ -32,22 +30,21 @@ def key_label(keys: str) -> str:
 
 class FtScreen(Screen[None]):
     MODE: ClassVar[str] = ""
-    TITLE_TEXT: ClassVar[str] = ""
     HELP: ClassVar[str] = ""  # one paragraph for the help screen: what this screen shows
     BINDINGS: ClassVar[list[Binding | tuple[str, str] | tuple[str, str, str]]] = [
         Binding("escape", "leave_input", "Back", show=False),
     ]
 
     @property
-    def ftapp(self) -> FtuiApp:
-        return cast("FtuiApp", self.app)
+    def host(self) -> Host:
+        return host_of(self)
 
     @property
     def st(self) -> State:
-        return self.ftapp.link.state
+        return self.host.state
 
     def now(self) -> float:
-        return self.ftapp.clock()
+        return self.host.clock()
 
     def compose(self) -> ComposeResult:
         yield Chrome()

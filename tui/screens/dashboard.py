@@ -83,4 +83,4 @@ class DashboardScreen(FtScreen):
     async def action_open_job(self) -> None:
         job_id = self.query_one(JobTable).job_id
         if job_id is not None:
-            await self.ftapp.action_show_job(job_id)
+            await self.host.action_show_job(job_id)

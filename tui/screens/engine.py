@@ -13,6 +13,7 @@ from textual.widget import Widget
 from textual.widgets import OptionList, Static
 from textual.widgets.option_list import Option
 
+from shared.protocol import EngineCommand
 from tui.format import duration
 from tui.screens.base import FtScreen
 from tui.screens.modals import AdapterScreen, ConfirmScreen
@@ -104,7 +105,7 @@ class EngineScreen(FtScreen):
     def action_load_adapter(self) -> None:
         def chosen(result: tuple[str, str] | None) -> None:
             if result is not None:
-                self.ftapp.action_engine("load", result[0], result[1])
+                self.host.send(EngineCommand(action="load", name=result[0], path=result[1]))
 
         self.app.push_screen(AdapterScreen(), chosen)
 
@@ -114,7 +115,7 @@ class EngineScreen(FtScreen):
             self.notify("no adapter highlighted: load one with a first", severity="warning")
             return
         name = str(ol.get_option_at_index(ol.highlighted).id)
-        self.ftapp.action_engine("unload", name)
+        self.host.send(EngineCommand(action="unload", name=name))
 
     def action_stop_engine(self) -> None:
         e = self.st.engine
@@ -122,7 +123,7 @@ class EngineScreen(FtScreen):
 
         def answered(yes: bool | None) -> None:
             if yes:
-                self.ftapp.action_engine("stop")
+                self.host.send(EngineCommand(action="stop"))
 
         self.app.push_screen(ConfirmScreen(f"Stop the {e.kind} engine ({e.model or 'no model'})?{busy}",
                                            yes="Stop it", no="Keep it"), answered)

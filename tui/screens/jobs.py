@@ -252,7 +252,7 @@ class JobsScreen(FtScreen):
             self._detail_dirty = True
             return
         self._detail_in_flight = True
-        self.ftapp.send(ShowJob(job_id=self.job_id), reply_to=self, tag=f"show:{self.job_id}", announce=False)
+        self.host.send(ShowJob(job_id=self.job_id), reply_to=self, tag=f"show:{self.job_id}", announce=False)
 
     def _show_info(self) -> None:
         if self._info_timer is not None:
@@ -282,7 +282,7 @@ class JobsScreen(FtScreen):
             body = JobLogs(job_id=self.job_id, tail=LOG_TAIL)
         else:
             body = JobLogs(job_id=self.job_id, offset=self._log_offset)
-        self.ftapp.send(body, reply_to=self, tag=f"log:{self.job_id}", announce=False)
+        self.host.send(body, reply_to=self, tag=f"log:{self.job_id}", announce=False)
 
     def on_replied(self, message: Replied) -> None:
         kind, _, ident = message.tag.partition(":")

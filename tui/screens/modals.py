@@ -1,12 +1,11 @@
 """The dialogs: confirm, help, file picker, the training form, load an adapter. Each returns its answer with
-``dismiss``; none talks to the daemon except through ``app.send``."""
+``dismiss``; none talks to the daemon except through its :class:`~tui.host.Host`."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from rich.text import Text
 from textual import on
@@ -17,12 +16,12 @@ from textual.screen import ModalScreen
 from textual.suggester import SuggestFromList
 from textual.widgets import DirectoryTree, Input, Label, Markdown, Select, Static, TextArea
 
+from shared.overrides import absolutize, parse_override_text
 from shared.protocol import DatasetList, DatasetsReply, ListTemplates, Submit, TemplateEntry, TemplatesReply
+from tui.host import Host
 from tui.messages import Replied, RequestFailed
+from tui.screens.base import FtScreen, key_label
 from tui.widgets.chrome import SCREENS, TITLES
-
-if TYPE_CHECKING:
-    from tui.screens.base import FtScreen
 
 
 class ConfirmScreen(ModalScreen[bool]):
@@ -70,8 +69,6 @@ def help_markdown(app: App[Any], screen: FtScreen | None) -> str:
 
 
 def _key_name(key: str) -> str:
-    from tui.screens.base import key_label
-
     return " / ".join(key_label(k) for k in key.split(","))
 
 
@@ -166,24 +163,6 @@ class FilePickerScreen(ModalScreen[Path | None]):
         self.dismiss(None)
 
 
-def parse_overrides(text: str) -> dict[str, Any]:
-    """``key=value`` per line (or separated by spaces); values read as JSON when they parse (numbers,
-    true/false), else kept as strings. Raises ValueError naming the bad line."""
-    out: dict[str, Any] = {}
-    for n, line in enumerate(text.splitlines(), 1):
-        for item in line.split():
-            if item.startswith("#"):
-                break
-            key, sep, value = item.partition("=")
-            if not sep or not key:
-                raise ValueError(f"line {n}: {item!r} is not key=value (e.g. learning_rate=1e-4)")
-            try:
-                out[key] = json.loads(value)
-            except json.JSONDecodeError:
-                out[key] = value
-    return out
-
-
 def local_templates(templates_dir: Path) -> list[TemplateEntry]:
     """The templates of this installation, for a daemon too old to list its own."""
     if not templates_dir.is_dir():
@@ -203,23 +182,6 @@ def template_preview(templates_dir: Path, entry: TemplateEntry, lines: int = 40)
     return "\n".join(head + body[:lines])
 
 
-# Override keys that name files on the server: made absolute here, as ftctl does, because the daemon's
-# working directory is not the user's.
-PATH_KEYS = ("model_name_or_path", "adapter_name_or_path", "deepspeed", "media_dir", "tokenized_path")
-
-
-def absolutize(overrides: dict[str, Any], cwd: Path) -> dict[str, Any]:
-    out = dict(overrides)
-    for key in PATH_KEYS:
-        value = out.get(key)
-        if not isinstance(value, str) or value.startswith("/"):
-            continue
-        # "Qwen/Qwen2-VL-2B-Instruct" is a hub name, not a path: only what looks local or exists here
-        if value.startswith((".", "~")) or (cwd / value).exists():
-            out[key] = str((cwd / Path(value).expanduser()).absolute())
-    return out
-
-
 class TrainFormScreen(ModalScreen[Submit | None]):
     """A training run from a template: template, dataset, GPUs and overrides, checked before it is sent.
     Templates and datasets come from the daemon (ListTemplates, DatasetList)."""
@@ -229,8 +191,9 @@ class TrainFormScreen(ModalScreen[Submit | None]):
         Binding("ctrl+s", "submit", "Submit"),
     ]
 
-    def __init__(self, templates_dir: Path, cwd: Path) -> None:
+    def __init__(self, host: Host, templates_dir: Path, cwd: Path) -> None:
         super().__init__()
+        self.host = host
         self.templates_dir = templates_dir
         self.cwd = cwd
         self.templates: dict[str, TemplateEntry] = {}
@@ -259,9 +222,8 @@ class TrainFormScreen(ModalScreen[Submit | None]):
 
     def on_mount(self) -> None:
         self.query_one("#train-template", Select).focus()
-        app = self.app
-        app.send(ListTemplates(), reply_to=self, tag="templates", announce=False)  # type: ignore[attr-defined]
-        app.send(DatasetList(), reply_to=self, tag="datasets", announce=False)  # type: ignore[attr-defined]
+        self.host.send(ListTemplates(), reply_to=self, tag="templates", announce=False)
+        self.host.send(DatasetList(), reply_to=self, tag="datasets", announce=False)
 
     def _set_templates(self, entries: list[TemplateEntry]) -> None:
         self.templates = {t.name: t for t in entries if t.kind == "train"}
@@ -312,7 +274,7 @@ class TrainFormScreen(ModalScreen[Submit | None]):
             self._status(f"GPUs: {gpus_text!r} is not a whole number")
             return
         try:
-            overrides = absolutize(parse_overrides(self.query_one("#train-overrides", TextArea).text), self.cwd)
+            overrides = absolutize(parse_override_text(self.query_one("#train-overrides", TextArea).text), self.cwd)
         except ValueError as exc:
             self._status(f"overrides {exc}")
             return

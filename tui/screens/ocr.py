@@ -100,7 +100,7 @@ class OcrScreen(FtScreen):
     async def refresh_all(self) -> None:
         self.query_one(JobTable).sync_now()
         if self.job_id is not None:
-            self.ftapp.link.want_pages(self.job_id)
+            self.host.want_pages(self.job_id)
         self._pages()
         await self._follow()
 
@@ -133,7 +133,7 @@ class OcrScreen(FtScreen):
         self.following = True
         self.opened_page = None
         if self.job_id is not None:
-            self.ftapp.link.want_pages(self.job_id)
+            self.host.want_pages(self.job_id)
         self._pages()
         await self._reset_view()
         await self._follow()
@@ -215,8 +215,8 @@ class OcrScreen(FtScreen):
         page_no = self.query_one(PageTable).page_no
         if self.job_id is None or page_no is None:
             return
-        self.ftapp.send(PageText(job_id=self.job_id, page_no=page_no), reply_to=self,
-                        tag=f"page:{self.job_id}:{page_no}", announce=False)
+        self.host.send(PageText(job_id=self.job_id, page_no=page_no), reply_to=self,
+                       tag=f"page:{self.job_id}:{page_no}", announce=False)
 
     async def on_replied(self, message: Replied) -> None:
         if not message.tag.startswith("page:") or not isinstance(message.reply, PageTextReply):

@@ -92,7 +92,7 @@ class TrainingScreen(FtScreen):
         self._sync_runs()
         for job in self.runs():
             if job.id in self._chosen:
-                self.ftapp.link.want_train(job.id)
+                self.host.want_train(job.id)
         self._draw()
 
     async def on_changes(self, changes: Changes) -> None:
@@ -132,13 +132,13 @@ class TrainingScreen(FtScreen):
         self._touched = True
         self._chosen = set(event.selection_list.selected)
         for job_id in self._chosen:
-            self.ftapp.link.want_train(job_id)
+            self.host.want_train(job_id)
         self._draw()
 
     @on(SelectionList.SelectionHighlighted, "#train-runs")
     def _run_highlighted(self, event: SelectionList.SelectionHighlighted[int]) -> None:
         self.highlighted = event.selection.value
-        self.ftapp.link.want_train(self.highlighted)
+        self.host.want_train(self.highlighted)
         self._stats()
 
     def selected_job(self) -> JobInfo | None:

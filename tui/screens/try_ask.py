@@ -19,6 +19,7 @@ from textual.widgets.markdown import MarkdownStream
 from shared.protocol import Ask, AskReply
 from tui.messages import Replied, RequestFailed
 from tui.screens.base import FtScreen
+from tui.screens.modals import FilePickerScreen
 from tui.state import Changes
 from tui.widgets.follow_scroll import FollowScroll
 
@@ -92,14 +93,12 @@ class TryScreen(FtScreen):
         self.query_one("#try-status", Static).update(text)
 
     def action_browse(self) -> None:
-        from tui.screens.modals import FilePickerScreen
-
         def chosen(path: Path | None) -> None:
             if path is not None:
                 self.query_one("#try-file", Input).value = str(path)
                 self.query_one("#try-question", Input).focus()
 
-        self.app.push_screen(FilePickerScreen(self.ftapp.file_root, ASK_SUFFIXES, title="Pick an image or a PDF"),
+        self.app.push_screen(FilePickerScreen(self.host.file_root, ASK_SUFFIXES, title="Pick an image or a PDF"),
                              chosen)
 
     @on(Input.Submitted, "#try-question")
@@ -119,7 +118,7 @@ class TryScreen(FtScreen):
             return
         path = Path(raw).expanduser()
         if not path.is_absolute():
-            path = (self.ftapp.file_root / path).absolute()
+            path = (self.host.file_root / path).absolute()
         if not path.is_file():
             self._status(Text(f"no such file: {path}; check the path or press ctrl+o to pick one", style="red"))
             return
@@ -136,8 +135,8 @@ class TryScreen(FtScreen):
         self.call_later(self._clear_answer)
         who = f"adapter {adapter_name}" if adapter_name else "the base model"
         self._status(Text(f"asking {who} about {path.name} page {page_no}…", style="cyan"))
-        self.ftapp.send(Ask(question=question, file=str(path), page_no=page_no, adapter=adapter_name),
-                        reply_to=self, tag="ask", announce=False)
+        self.host.send(Ask(question=question, file=str(path), page_no=page_no, adapter=adapter_name),
+                       reply_to=self, tag="ask", announce=False)
 
     async def _clear_answer(self) -> None:
         if self._stream is not None:

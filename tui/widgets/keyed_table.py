@@ -123,10 +123,6 @@ class KeyedTable(ScrollView, can_focus=True):
             return None
         return self.order[self.cursor_row]
 
-    @property
-    def row_count(self) -> int:
-        return len(self.order)
-
     def get_cell(self, key: Hashable, column: str) -> str:
         return self._plain[key][self.column_keys.index(column)]
 

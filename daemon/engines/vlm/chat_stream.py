@@ -1,4 +1,5 @@
-"""One streamed chat completion against an OpenAI-compatible server (vLLM), with its failures sorted.
+"""Requests to an OpenAI-compatible server (vLLM): one streamed chat completion, with its failures sorted,
+and the token count of a prompt (:func:`tokenized_length`).
 
 :func:`stream_chat` yields :class:`Piece` items (text as it arrives, then the finish reason and token
 count) and raises one of two things:
@@ -16,11 +17,14 @@ the disconnect and aborts the request (counted as ``finished_reason="abort"`` in
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+
+log = logging.getLogger(__name__)
 
 
 class ServerGone(Exception):
@@ -124,3 +128,17 @@ async def stream_chat(client: httpx.AsyncClient, root: str, body: dict[str, Any]
     if finish is None:
         raise ServerGone("the stream ended before the answer was finished" + ("" if done else " (no [DONE])"))
     yield Piece(finish=finish, completion_tokens=tokens)
+
+
+async def tokenized_length(client: httpx.AsyncClient, root: str, model: str, prompt: str,
+                           api_key: str = "") -> int | None:
+    """Tokens of the prompt after the chat template (vLLM's /tokenize), or None if the server cannot say."""
+    body = {"model": model, "messages": [{"role": "user", "content": prompt}], "add_generation_prompt": True}
+    try:
+        resp = await client.post(f"{root}/tokenize", json=body, headers=headers(api_key), timeout=30.0)
+        if resp.status_code == 200:
+            return int(resp.json()["count"])
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        pass
+    log.info("could not count the prompt's tokens at %s; the budget keeps its upper bound", root)
+    return None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from daemon.ocr.errors import OcrError
 
-PROMPTS_DIR = Path(__file__).resolve().parents[4] / "configs" / "prompts"
+PROMPTS_DIR = Path(__file__).resolve().parents[3] / "configs" / "prompts"
 
 
 def prompt_names(directory: Path = PROMPTS_DIR) -> list[str]:

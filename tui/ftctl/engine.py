@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 from rich.markup import escape
 
 from shared.client import Client
 from shared.protocol import EngineCommand, EngineInfo, EngineReply
-from tui.ftctl import EXIT_OK, EXIT_USAGE, emit_json, err, out
+from tui.ftctl.args import Subparsers
+from tui.ftctl.output import EXIT_OK, emit_json, out, usage
 
 ACTIONS = ("status", "start", "stop", "sleep", "wake", "adapters", "load", "unload")
 
@@ -34,12 +34,10 @@ def cmd_engine(args: argparse.Namespace, c: Client) -> int:
     path = ""
     if args.action == "load":
         if not (args.name and args.path):
-            err.print("ftctl: engine load needs a name and the adapter's directory: ftctl engine load NAME PATH")
-            return EXIT_USAGE
+            return usage("engine load needs a name and the adapter's directory: ftctl engine load NAME PATH")
         path = str(Path(args.path).expanduser().resolve())
     elif args.action == "unload" and not args.name:
-        err.print("ftctl: engine unload needs the adapter's name: ftctl engine unload NAME")
-        return EXIT_USAGE
+        return usage("engine unload needs the adapter's name: ftctl engine unload NAME")
     # start/sleep/wake/load can take minutes on a big model (vLLM loads weights, LoRA loads from disk)
     timeout = max(args.timeout, 330.0) if args.action in ("sleep", "wake", "load", "unload", "stop") else None
     reply = c.call(EngineCommand(action=args.action, name=args.name or "", path=path), EngineReply, timeout=timeout)
@@ -56,7 +54,7 @@ def cmd_engine(args: argparse.Namespace, c: Client) -> int:
     return EXIT_OK
 
 
-def extend(kinds: Any, commands: Any) -> None:
+def add_parser(commands: Subparsers) -> None:
     sp = commands.add_parser(
         "engine", help="the OCR engine: status, start/stop, sleep/wake, LoRA adapters",
         description="status: which engine serves and why, its load; start/stop/sleep/wake: the vLLM child "

@@ -1,7 +1,5 @@
-"""``ftctl``: the scriptable client of ftmllmd. Rich tables for people, ``--json`` for scripts.
-
-Exit codes: 0 done; 1 the job or request failed; 2 bad usage or a spec the daemon rejected;
-3 the daemon is not running or not answering; 4 not allowed (not your job).
+"""``ftctl``'s command line: every command, in one static list (:func:`build_parser`), and the main that
+finds the daemon, runs the command and turns what went wrong into an exit code (see :mod:`tui.ftctl.output`).
 """
 
 from __future__ import annotations
@@ -13,15 +11,13 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from shared.client import Client, DaemonUnavailable, RemoteError
 from shared.config import ConfigError, Settings, load_settings
+from shared.overrides import SpecProblem, parse_overrides
 from shared.protocol import (
-    TERMINAL_STATES,
     Cancel,
     Done,
     JobChanged,
@@ -40,43 +36,25 @@ from shared.protocol import (
     Submit,
 )
 from tui.format import STATE_STYLE
-from tui.format import ago as format_ago
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_NO_DAEMON, EXIT_FORBIDDEN = 0, 1, 2, 3, 4
-
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+from tui.ftctl import engine, ocr, service, train
+from tui.ftctl.args import add_submit_flags
+from tui.ftctl.follow import View, follow
+from tui.ftctl.output import (
+    EXIT_FAILED,
+    EXIT_FORBIDDEN,
+    EXIT_NO_DAEMON,
+    EXIT_OK,
+    EXIT_USAGE,
+    ago,
+    emit_json,
+    err,
+    every_field,
+    job_exit,
+    out,
+    usage,
+)
 
 Command = Callable[[argparse.Namespace, Client], int]
-
-
-def every_field(obj: Any) -> Any:
-    """``obj`` as JSON-ready builtins with every field, defaults included.
-
-    The wire format omits defaults to stay small; a script reading ``ftctl --json`` should not have to know
-    that a missing ``error`` means "" or a missing ``eta_s`` means null.
-    """
-    if isinstance(obj, msgspec.Struct):
-        cfg = obj.__struct_config__
-        fields: dict[str, Any] = {}
-        if cfg.tag_field is not None:
-            fields[cfg.tag_field] = cfg.tag
-        for name in obj.__struct_fields__:
-            fields[name] = every_field(getattr(obj, name))
-        return fields
-    if isinstance(obj, dict):
-        return {k: every_field(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [every_field(v) for v in obj]
-    return msgspec.to_builtins(obj)
-
-
-def emit_json(obj: Any) -> None:
-    sys.stdout.write(json.dumps(every_field(obj), indent=2, ensure_ascii=False) + "\n")
-
-
-def ago(ts: float | None) -> str:
-    return format_ago(ts, time.time())
 
 
 def jobs_table(jobs: list[JobInfo]) -> Table:
@@ -151,46 +129,13 @@ def cmd_show(args: argparse.Namespace, c: Client) -> int:
     return EXIT_OK
 
 
-def parse_sets(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs; values are read as JSON when they parse (numbers, true/false), else strings."""
-    spec: dict[str, Any] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise SystemExit(_usage(f"--set {pair!r}: expected key=value, e.g. --set steps=20"))
-        try:
-            spec[key] = json.loads(value)
-        except json.JSONDecodeError:
-            spec[key] = value
-    return spec
-
-
-def _usage(msg: str) -> int:
-    err.print(f"ftctl: {msg}")
-    return EXIT_USAGE
-
-
-def wait_for_job(c: Client, job_id: int, quiet: bool = False) -> JobInfo:
-    """Follow a job's events until it ends; prints its history lines as they happen."""
-    job = c.call(ShowJob(job_id=job_id), JobDetail).job
-    if job.state in TERMINAL_STATES:
-        return job
-    for ev in c.events((f"job.{job_id}",)):
-        if isinstance(ev.body, JobChanged) and ev.body.job.id == job_id:
-            job = ev.body.job
-            if not quiet and ev.body.what:
-                err.print(f"job {job_id}: {ev.body.what}")
-            if job.state in TERMINAL_STATES:
-                break
-    return job
-
-
-def job_exit(job: JobInfo) -> int:
-    return EXIT_OK if job.state == "succeeded" else EXIT_FAILED
-
-
 def cmd_submit_generic(args: argparse.Namespace, c: Client) -> int:
-    d = c.call(Submit(kind=args.kind, spec=parse_sets(args.set or []), name=args.name or ""), JobDetail)
+    try:
+        sets = parse_overrides(args.set or [])
+    except SpecProblem as exc:
+        return usage(str(exc))
+    spec = {key: value for key, value in sets.items() if value is not None}  # `key=`: the kind's default
+    d = c.call(Submit(kind=args.kind, spec=spec, name=args.name or ""), JobDetail)
     return after_submit(args, c, d.job)
 
 
@@ -202,7 +147,7 @@ def after_submit(args: argparse.Namespace, c: Client, job: JobInfo) -> int:
     if not args.wait:
         print(job.id)
         return EXIT_OK
-    job = wait_for_job(c, job.id)
+    job = follow(c, job.id, View())
     if args.json:
         emit_json(job)
     else:
@@ -214,7 +159,7 @@ def cmd_cancel(args: argparse.Namespace, c: Client) -> int:
     d = c.call(Cancel(job_id=args.id), Done)
     err.print(d.message)
     if args.wait:
-        return EXIT_OK if wait_for_job(c, args.id, quiet=True).state == "canceled" else EXIT_FAILED
+        return EXIT_OK if follow(c, args.id, View(quiet=True)).state == "canceled" else EXIT_FAILED
     return EXIT_OK
 
 
@@ -312,9 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(fn=cmd_submit_generic)
     sp.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="spec keys: steps (10), rate (10/s), deltas (0), fail (false), hold (false)")
-    _submit_common(sp)
-    for extend in _extensions():
-        extend(kinds, sub)
+    add_submit_flags(sp)
+    ocr.add_parser(kinds)
+    train.add_submit_parsers(kinds)
+    service.add_parser(sub)
+    train.add_parsers(sub)
+    engine.add_parser(sub)
 
     sp = add("cancel", cmd_cancel, "cancel a queued or running job (yours, unless you are an admin)")
     sp.add_argument("id", type=int)
@@ -332,19 +280,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("pause", cmd_pause, "pause the queue: running jobs go on, queued ones wait")
     add("resume", cmd_resume, "resume the queue")
     return p
-
-
-def _submit_common(sp: argparse.ArgumentParser) -> None:
-    sp.add_argument("--name", help="a name to show in job lists")
-    sp.add_argument("--wait", action="store_true", help="wait for the job to end; exit 0 only if it succeeded")
-    sp.add_argument("--json", action="store_true")
-
-
-def _extensions() -> list[Callable[[Any, Any], None]]:
-    """Subcommands contributed by the other parts (OCR, training, engine, service install)."""
-    from tui import ftctl_ext
-
-    return ftctl_ext.EXTENSIONS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -378,7 +313,3 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
     finally:
         client.close()
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -20,13 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from daemon.train.spec import SpecProblem, absolutize_paths, parse_overrides
 from shared.client import Client
+from shared.overrides import SpecProblem, absolutize, parse_overrides
 from shared.protocol import (
-    TERMINAL_STATES,
     DatasetAdd,
     DatasetList,
     DatasetRemove,
@@ -35,7 +34,7 @@ from shared.protocol import (
     Done,
     EvalCompare,
     EvalCompareReply,
-    JobChanged,
+    EventBody,
     JobDetail,
     JobInfo,
     ListTemplates,
@@ -45,7 +44,9 @@ from shared.protocol import (
     TrainPoint,
     TrainProgress,
 )
-from tui.ftctl import EXIT_FAILED, EXIT_OK, EXIT_USAGE, _submit_common, emit_json, err, job_exit, out
+from tui.ftctl.args import Subparsers, add_submit_flags
+from tui.ftctl.follow import View, follow
+from tui.ftctl.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, emit_json, err, job_exit, out
 
 DATASET_ADD_TIMEOUT_S = 900.0  # checking every image of a big dataset takes a while
 
@@ -67,7 +68,7 @@ def _spec(args: argparse.Namespace, kind: str) -> dict[str, Any] | None:
         else:
             overrides["adapter_name_or_path"] = adapter
     # relative paths mean this shell's directory, not the daemon's
-    spec["set"] = absolutize_paths(overrides, Path.cwd())
+    spec["set"] = absolutize(overrides, Path.cwd())
     if args.template:
         spec["template"] = args.template
     if args.dataset:
@@ -92,12 +93,12 @@ def cmd_submit_llamafactory(args: argparse.Namespace, c: Client) -> int:
             print(job.id)
         return EXIT_OK
     err.print(f"job {job.id} queued ({job.name})")
-    job = follow_job(c, job, print_points=args.follow, quiet=args.json)
+    job = follow(c, job.id, TrainView(print_points=args.follow, quiet=args.json))
     if args.json:
         emit_json(job)
     else:
         report_end(c, job)
-    return job_exit(job) if job.state in TERMINAL_STATES else EXIT_FAILED
+    return job_exit(job)
 
 
 def point_line(p: TrainPoint) -> str:
@@ -113,35 +114,46 @@ def point_line(p: TrainPoint) -> str:
     return "  ".join(parts)
 
 
-def follow_job(c: Client, job: JobInfo, *, print_points: bool, quiet: bool) -> JobInfo:
-    """A progress bar (step, loss, ETA) until the job ends; with ``print_points`` every loss point too."""
-    events = c.events((f"job.{job.id}", f"train.{job.id}"))
-    job = c.call(ShowJob(job_id=job.id), JobDetail).job  # after subscribing: nothing can slip between
-    if job.state in TERMINAL_STATES:
-        return job
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[steps]}"),
-                        TextColumn("{task.fields[loss]}"), TimeRemainingColumn(), console=err, disable=quiet,
-                        transient=True)
-    with progress:
-        task = progress.add_task(_describe(job), total=None, steps="", loss="")
-        for ev in events:
-            body = ev.body
-            if isinstance(body, JobChanged) and body.job.id == job.id:
-                job = body.job
-                if body.what and not quiet:
-                    progress.console.print(f"job {job.id}: {body.what}", markup=False)
-                progress.update(task, description=_describe(job))
-                if job.state in TERMINAL_STATES:
-                    break
-            elif isinstance(body, TrainProgress) and body.point.job_id == job.id:
-                p = body.point
-                loss = f"loss {p.loss:.4f}" if p.loss is not None else ""
-                progress.update(task, completed=p.step, total=p.total_steps or None,
-                                steps=f"{p.step}/{p.total_steps}", loss=loss)
-                if print_points:
-                    sys.stdout.write(point_line(p) + "\n")
-                    sys.stdout.flush()
-    return job
+class TrainView(View):
+    """A progress bar (step, loss, ETA) until the job ends, above the job's history lines; with
+    ``print_points`` every loss point on stdout too."""
+
+    def __init__(self, *, print_points: bool, quiet: bool) -> None:
+        super().__init__(quiet=quiet)
+        self.print_points = print_points
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[steps]}"),
+                                 TextColumn("{task.fields[loss]}"), TimeRemainingColumn(), console=err,
+                                 disable=quiet, transient=True)
+        self.task: TaskID | None = None
+        self.job_id = 0
+
+    def topics(self, job_id: int) -> tuple[str, ...]:
+        return (f"train.{job_id}",)
+
+    def open(self, job: JobInfo) -> None:
+        self.job_id = job.id
+        self.progress.start()
+        self.task = self.progress.add_task(_describe(job), total=None, steps="", loss="")
+
+    def job_changed(self, job: JobInfo, what: str) -> None:
+        assert self.task is not None
+        super().job_changed(job, what)  # printed above the bar: err is the bar's console
+        self.progress.update(self.task, description=_describe(job))
+
+    def event(self, body: EventBody) -> None:
+        if not (isinstance(body, TrainProgress) and body.point.job_id == self.job_id):
+            return
+        assert self.task is not None
+        p = body.point
+        loss = f"loss {p.loss:.4f}" if p.loss is not None else ""
+        self.progress.update(self.task, completed=p.step, total=p.total_steps or None,
+                             steps=f"{p.step}/{p.total_steps}", loss=loss)
+        if self.print_points:
+            sys.stdout.write(point_line(p) + "\n")
+            sys.stdout.flush()
+
+    def close(self) -> None:
+        self.progress.stop()
 
 
 def _describe(job: JobInfo) -> str:
@@ -252,7 +264,7 @@ _KIND_HELP = {
 }
 
 
-def _add_llamafactory_parser(parsers: Any, kind: str) -> None:
+def _add_llamafactory_parser(parsers: Subparsers, kind: str) -> None:
     short, long = _KIND_HELP[kind]
     sp = parsers.add_parser(kind, help=short, description=long)
     sp.set_defaults(fn=cmd_submit_llamafactory, lf_kind=kind)
@@ -273,13 +285,19 @@ def _add_llamafactory_parser(parsers: Any, kind: str) -> None:
     sp.add_argument("--min-free-gib", dest="min_free_gib", type=float, default=0.0,
                     help="free memory it needs on each GPU (default: the daemon's [scheduler] min_free_gib)")
     sp.add_argument("--follow", action="store_true", help="wait, and print every loss point as it arrives")
-    _submit_common(sp)
+    add_submit_flags(sp)
 
 
-def extend(kinds: Any, commands: Any) -> None:
+def add_submit_parsers(kinds: Subparsers) -> None:
+    """``ftctl submit train|eval|export``."""
     for kind in ("train", "eval", "export"):
-        _add_llamafactory_parser(kinds, kind)  # ftctl submit train|eval|export …
-        _add_llamafactory_parser(commands, kind)  # ftctl train|eval|export …
+        _add_llamafactory_parser(kinds, kind)
+
+
+def add_parsers(commands: Subparsers) -> None:
+    """``ftctl train|eval|export``, ``templates``, ``eval-compare``, ``deploy`` and ``dataset``."""
+    for kind in ("train", "eval", "export"):
+        _add_llamafactory_parser(commands, kind)
 
     sp = commands.add_parser("templates", help="list the job templates with a one-line description",
                              description="The LLaMA-Factory templates the daemon renders jobs from.")

@@ -1,12 +1,13 @@
 """Write daemon/train/llamafactory_keys.json from the installed LLaMA-Factory (run once per version).
 
-Run it with the python of a venv where llamafactory is installed (never the daemon's venv):
+A developer tool, not part of the daemon. Run it with the python of a venv where llamafactory is installed
+(never the daemon's venv):
 
-    cd REPO && ~/.cache/ftmllm-test/llamafactory-<hash>/bin/python -m daemon.train.gen_keys [OUT.json]
+    ~/.cache/ftmllm-test/llamafactory-<hash>/bin/python tools/gen_llamafactory_keys.py [OUT.json]
 
 It reads the dataclasses LLaMA-Factory's HfArgumentParser parses (``_TRAIN_ARGS`` for `llamafactory-cli
 train`, ``_INFER_ARGS`` for `llamafactory-cli export`), the registered chat templates and the stages, so
-the daemon can reject a bad spec in milliseconds (validate.py) instead of after 15 s of imports. The file
+the daemon can reject a bad spec in milliseconds (daemon/train/validate.py) instead of after 15 s of imports. The file
 records the versions it came from; regenerate it when the LLaMA-Factory in train.llamafactory_cli changes.
 """
 
@@ -22,7 +23,7 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "llamafactory_keys.json"
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "daemon" / "train" / "llamafactory_keys.json"
 
 
 def describe(tp: Any) -> dict[str, Any]:
@@ -78,9 +79,6 @@ def fields_of(cls: type) -> dict[str, dict[str, Any]]:
 
 
 def generate() -> dict[str, Any]:
-    # run as a script, this folder would be first on sys.path and its datasets.py would shadow HF datasets
-    here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
     from llamafactory.data.template import TEMPLATES
     from llamafactory.hparams import parser as lf_parser
     from llamafactory.hparams.finetuning_args import FinetuningArguments
@@ -93,7 +91,7 @@ def generate() -> dict[str, Any]:
             groups.setdefault(cls.__name__, fields_of(cls))
     stage_type = typing.get_type_hints(FinetuningArguments)["stage"]
     return {
-        "generated_by": "daemon/train/gen_keys.py",
+        "generated_by": "tools/gen_llamafactory_keys.py",
         "llamafactory_version": version("llamafactory"),
         "transformers_version": version("transformers"),
         "commands": commands,
