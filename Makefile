@@ -49,4 +49,4 @@ bench: $(STAMP) engines
 		echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) .ftmllm .mypy_cache .ruff_cache
+	rm -rf $(VENV) .ftmllm .mypy_cache .ruff_cache .import_linter_cache
