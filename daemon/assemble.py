@@ -8,6 +8,8 @@ from daemon.engines.control import EngineControl
 from daemon.gpus.allocator import GpuAllocator
 from daemon.gpus.source import open_gpu_source
 from daemon.ocr.part import OcrPart
+from daemon.spool.part import SpoolPart
+from daemon.spool.spool import Spool
 from daemon.train.part import TrainingPart
 from shared.config import Settings
 
@@ -21,6 +23,9 @@ def assemble(settings: Settings, notifier: Notifier | None = None) -> Daemon:
     training = TrainingPart(settings, store, engines.gpu_engine)
     gpus = GpuAllocator(scheduler, store, bus, jobs, monitor=gpus_seen, engine=engines.gpu_engine,
                         lanes=training.lanes, pids_of=training.pids)
-    ocr = OcrPart(settings, store, jobs, engines.pool, engines.choice)
-    daemon.plug([engines, training, gpus, ocr], admission=gpus.admit)
+    spool = Spool.of(settings)
+    # first: handover.sock is open before the hot folder takes its first file
+    handover = SpoolPart(settings, spool, store, daemon.identities.allowed)
+    ocr = OcrPart(settings, store, jobs, engines.pool, engines.choice, spool, daemon.identities.allowed)
+    daemon.plug([handover, engines, training, gpus, ocr], admission=gpus.admit)
     return daemon

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import pwd
 import time
 import uuid
 from collections.abc import Sequence
@@ -20,18 +21,20 @@ import zmq
 import zmq.asyncio
 
 from daemon import __version__
-from daemon.core.events import EventBus
+from daemon.core.events import EventBus, EventSocket
 from daemon.core.sdnotify import Notifier
-from daemon.core.store import Store
-from daemon.ctl.auth import ZAP_DOMAIN, Identities, bind_zap, serve_zap, socket_gid
+from daemon.core.store import Store, StoreError
+from daemon.ctl.auth import ZAP_DOMAIN, Identities, bind_zap, parse_peer, serve_zap, socket_gid
 from daemon.ctl.server import CtlServer, Handler
 from daemon.jobs.base import Caller
-from daemon.jobs.manager import Admission, JobManager
+from daemon.jobs.manager import Admission, JobManager, RequestDenied
 from daemon.jobs.selftest import SelftestKind
 from daemon.part import Part
 from shared.config import ConfigError, Settings, load_settings
+from shared.private_dir import make_private_dir
 from shared.protocol import (
     MAX_WIRE_BYTES,
+    NO_UID,
     PROTOCOL_VERSION,
     TERMINAL_STATES,
     Cancel,
@@ -47,6 +50,7 @@ from shared.protocol import (
     JobPages,
     ListJobs,
     LogChunk,
+    OcrOutput,
     PagesReply,
     PageText,
     PageTextReply,
@@ -66,11 +70,14 @@ from shared.protocol import (
 
 log = logging.getLogger(__name__)
 
-# Enough for 10 subscribers to absorb a burst of ~20 s at 5,000 events/s without a drop.
-EVENT_HWM = 100_000
 # what status and snapshots show until a part says otherwise
 NO_ENGINE = EngineInfo(kind="cpu", state="stopped", reason="no engine configured yet")
 NO_GPUS = "no GPUs found"
+# Requests that return what a job read or wrote, and what each returns: with daemon.visibility = "owner" only
+# the job's owner and admins get an answer. Lists, snapshots, `show`, page states and loss curves say that a
+# job exists and how it goes, which every member sees (README, "Who sees what").
+CONTENT_REQUESTS: dict[type, str] = {JobLogs: "log", PageText: "page text", OcrOutput: "Markdown output"}
+OWNER_CACHE = 4096  # jobs whose owner's uid is remembered for the topic of their streamed text
 
 
 class Daemon:
@@ -86,10 +93,13 @@ class Daemon:
         self.store.set_meta("session", self.session)
         self.identities = Identities(admin_group=settings.config.daemon.admin_group,
                                      allowed_group=settings.config.daemon.socket_group)
-        self.pub = self.ctx.socket(zmq.PUB)
-        self.pub.sndhwm = EVENT_HWM
-        self.pub.linger = 0
-        self.bus = EventBus(self.pub, self.session, self.store.seq)
+        self.visibility = settings.config.daemon.visibility
+        self._owner_uids: dict[int, int] = {}
+        # bounded per connection and per member, behind ZAP, in a context of its own (daemon/core/events.py)
+        self.events = EventSocket(self.paths.events_socket, allowed=self.identities.allowed, peer=parse_peer,
+                                  sees_all=self.sees_content)
+        self.pub = self.events.sock
+        self.bus = EventBus(self.pub, self.session, self.store.seq, owner_of=self._owner_uid)
         self.store.on_commit = self._committed
         self.jobs = JobManager(settings, self.store, self.bus, {"selftest": SelftestKind()})
         self.parts: list[Part] = []
@@ -109,7 +119,7 @@ class Daemon:
             raise RuntimeError("the daemon's parts are plugged in once")
         for part in parts:
             _claim(self.jobs.kinds, part.kinds(), "job kind")
-            _claim(self.ctl.handlers, part.handlers(), "request")
+            _claim(self.ctl.handlers, self._guarded(part.handlers()), "request")
             self.jobs.lane_limits.update(part.lane_limits())
             self.jobs.end_hooks.append(part.on_job_end)
         self.jobs.admission = admission
@@ -124,13 +134,10 @@ class Daemon:
     def bind(self) -> None:
         """Bind both sockets (called once the single-instance lock is held)."""
         run = self.paths.runtime_dir
-        created = not run.exists()
-        run.mkdir(parents=True, exist_ok=True, mode=0o770)
         gid = socket_gid(self.settings.config.daemon.socket_group)
-        if created and gid is not None:
-            # as systemd's RuntimeDirectory would: the group must be able to reach the sockets inside
-            os.chown(run, -1, gid)
-            os.chmod(run, 0o2750)
+        # 0700, or as systemd's RuntimeDirectory would make it for the group that may reach the sockets;
+        # UnsafePath (one line naming the dir and its owner) for a dir another user owns or can write
+        make_private_dir(run, 0o700 if gid is None else 0o750, gid)
         for name in ("ctl.sock", "events.sock"):
             # a socket file left by a killed daemon: we hold the lock, so nobody else owns it
             (run / name).unlink(missing_ok=True)
@@ -140,7 +147,7 @@ class Daemon:
         self.router.zap_domain = ZAP_DOMAIN.encode()
         self.router.setsockopt(zmq.ZAP_ENFORCE_DOMAIN, 1)
         self.router.bind(self.paths.ctl_endpoint)
-        self.pub.bind(self.paths.events_endpoint)
+        self.events.bind()
         for name in ("ctl.sock", "events.sock"):
             os.chmod(run / name, 0o660)
             if gid is not None:
@@ -152,6 +159,7 @@ class Daemon:
         self._tasks = [
             loop.create_task(serve_zap(self.zap_sock, self.identities), name="zap"),
             loop.create_task(self.ctl.serve(), name="ctl"),
+            loop.create_task(self.events.serve(), name="events"),
             loop.create_task(self.bus.run_heartbeat(self.settings.config.daemon.heartbeat_s), name="hb"),
             loop.create_task(self.jobs.run(), name="jobs"),
         ]
@@ -172,7 +180,7 @@ class Daemon:
         self.store.commit()
         self.bus.flush()
         self.router.close()
-        self.pub.close()
+        self.events.close()
         for name in ("ctl.sock", "events.sock"):
             # gone socket files tell clients at once that no daemon runs here
             (self.paths.runtime_dir / name).unlink(missing_ok=True)
@@ -230,10 +238,52 @@ class Daemon:
         log.info("reloaded %s (log level %s)", fresh.source, fresh.config.daemon.log_level)
         self.notifier.ready(self.status_line())
 
+    # ------------------------------------------------------------------------------- who sees what
+
+    def sees_content(self, uid: int) -> bool:
+        """May this user see every job's content (page text, logs, outputs, streamed tokens)?"""
+        return self.visibility == "team" or self.identities.caller(uid).is_admin
+
+    def _owner_uid(self, job_id: int) -> int:
+        """The uid of a job's owner, whose topic its streamed text goes out on (NO_UID: admins' alone)."""
+        uid = self._owner_uids.get(job_id)
+        if uid is None:
+            try:
+                owner = self.store.get_job(job_id).owner
+                # "uid1234": a caller without a passwd entry (daemon/ctl/auth.py's user_name)
+                uid = int(owner[3:]) if owner.startswith("uid") and owner[3:].isdigit() else pwd.getpwnam(owner).pw_uid
+            except (KeyError, StoreError):
+                uid = NO_UID
+            if len(self._owner_uids) >= OWNER_CACHE:
+                self._owner_uids.clear()
+            self._owner_uids[job_id] = uid
+        return uid
+
+    def _guarded(self, handlers: dict[type, Handler]) -> dict[type, Handler]:
+        """``handlers`` with the owner check of :data:`CONTENT_REQUESTS` in front of theirs."""
+        return {t: self._owner_only(h, CONTENT_REQUESTS[t]) if t in CONTENT_REQUESTS else h
+                for t, h in handlers.items()}
+
+    def _owner_only(self, handler: Handler, what: str) -> Handler:
+        def guarded(body: Any, caller: Caller) -> Any:
+            if self.sees_content(caller.uid):
+                return handler(body, caller)
+            try:
+                job = self.store.get_job(body.job_id)
+            except StoreError:
+                return handler(body, caller)  # which says what is wrong with the request, as for anyone
+            if job.owner != caller.user:
+                raise RequestDenied("forbidden", f"job {job.id} is {job.owner}'s, and this daemon shows a job's "
+                                                 f"{what} to its owner and admins only (daemon.visibility = "
+                                                 f'"owner"); ask {job.owner} or an admin')
+            return handler(body, caller)
+
+        return guarded
+
     # ----------------------------------------------------------------------------------- handlers
 
     def _handlers(self) -> dict[type, Handler]:
-        return {
+        return self._guarded({
             Hello: self.on_hello,
             Ping: lambda _b, _c: Pong(ts=time.time()),
             GetSnapshot: lambda _b, _c: self.snapshot(),
@@ -249,7 +299,7 @@ class Daemon:
             JobPages: lambda b, _c: PagesReply(pages=self.store.pages(b.job_id)),
             PageText: self.on_page_text,
             TrainPoints: lambda b, _c: TrainPointsReply(points=self.store.train_points(b.job_id, b.since_step)),
-        }
+        })
 
     async def on_submit(self, body: Submit, caller: Caller) -> JobDetail:
         job = await self.jobs.submit(body.kind, body.spec, body.name, caller)
@@ -291,6 +341,10 @@ class Daemon:
         return PageTextReply(page=page, text=text)
 
     def _pause(self, paused: bool, caller: Caller) -> Done:
+        if not caller.is_admin:
+            raise RequestDenied("forbidden", f"{caller.user} cannot {'pause' if paused else 'resume'} the queue: it "
+                                             "holds or starts every member's jobs; ask an admin (the daemon's user, "
+                                             "root or daemon.admin_group)")
         self.jobs.set_paused(paused, caller)
         return Done(message="queue paused: running jobs go on, queued ones wait for `ftctl resume`"
                     if paused else "queue resumed")

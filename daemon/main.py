@@ -16,6 +16,7 @@ from daemon.core.logsetup import setup_logging
 from daemon.core.sdnotify import Notifier
 from daemon.system.install import InstallError, install
 from shared.config import ConfigError, Settings, load_settings
+from shared.private_dir import UnsafePath
 
 log = logging.getLogger("ftmllmd")
 
@@ -30,8 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="The ftmllm daemon: owns the GPUs, the vLLM engine, the job queue and the hot folder. "
         "Clients: ftctl (CLI) and ftui (terminal UI).",
         epilog="Without --config or --home it uses XDG dirs: state ~/.local/state/ftmllm, sockets "
-        "$XDG_RUNTIME_DIR/ftmllm, hot folder ~/ftmllm/inbox. Every config key and its default: "
-        "configs/ftmllm.toml (or `ftmllmd --print-config`).",
+        "$XDG_RUNTIME_DIR/ftmllm (else /run/user/UID/ftmllm, else the state dir's run/), hot folder "
+        "~/ftmllm/inbox. Every config key and its default: configs/ftmllm.toml (or `ftmllmd --print-config`).",
     )
     p.add_argument("--config", help="TOML config file (default: $FTMLLM_CONFIG, else built-in defaults)")
     p.add_argument("--home", help="keep everything (state, sockets, hot folder) under this dir "
@@ -129,6 +130,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_RUNNING
     try:
         return asyncio.run(run_daemon(settings, notifier, t0))
+    except (ConfigError, UnsafePath) as exc:  # found while binding: a socket group or the runtime dir
+        print(f"ftmllmd: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     finally:
         lock.release()
 

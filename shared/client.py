@@ -14,7 +14,9 @@ import asyncio
 import concurrent.futures
 import grp
 import itertools
+import os
 import queue
+import re
 import socket
 import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator
@@ -26,6 +28,8 @@ import zmq
 import zmq.asyncio
 
 from shared.config import Paths
+from shared.handover import Handed, hand_over
+from shared.private_dir import socket_problem
 from shared.protocol import (
     PROTOCOL_VERSION,
     EngineChanged,
@@ -39,6 +43,7 @@ from shared.protocol import (
     HelloReply,
     JobChanged,
     JobInfo,
+    ProtocolError,
     QueueChanged,
     ReplyBody,
     Request,
@@ -46,16 +51,33 @@ from shared.protocol import (
     Snapshot,
     decode_event,
     decode_reply,
-    encode,
+    encode_request,
+    text_topic,
 )
 
 T = TypeVar("T")
 
 DRAIN_MAX = 512  # frames read in one burst by watch()
+_JOB_PAGES = re.compile(r"ocr\.(\d{1,19})")
+# Events queued in this process before ZeroMQ drops (the daemon then drops too, at its own bound): a burst
+# of ~40 s at 5,000 events/s; a watcher that falls further behind takes a snapshot.
+EVENT_HWM = 200_000
 
 
 class DaemonUnavailable(Exception):
     """The daemon is not running or not answering; the message says where we looked and how to start it."""
+
+
+class UnsafeSocket(DaemonUnavailable):
+    """The socket or its directory is one another user owns or can write: nothing is sent there (the message
+    names the path and the owner, e.g. "refusing /tmp/ftmllm-1003: owned by eve, not by you (alice); …")."""
+
+
+def check_socket(path: Path) -> None:
+    """Before connecting: a request (a password in a spec, say) must not go to a socket another user planted."""
+    problem = socket_problem(path)
+    if problem:
+        raise UnsafeSocket(problem)
 
 
 class RemoteError(Exception):
@@ -134,11 +156,12 @@ class Update:
 
 class AsyncClient:
     def __init__(self, paths: Paths, *, name: str = "ftmllm-client", timeout: float = 5.0,
-                 heartbeat_s: float = 1.0) -> None:
+                 heartbeat_s: float = 1.0, event_hwm: int = EVENT_HWM) -> None:
         self.paths = paths
         self.name = name
         self.timeout = timeout
         self.heartbeat_s = heartbeat_s
+        self.event_hwm = event_hwm
         self.ctx = zmq.asyncio.Context()
         self._dealer: zmq.asyncio.Socket | None = None
         self._monitor: Any = None
@@ -180,6 +203,7 @@ class AsyncClient:
     def _check_listening(self) -> None:
         """Fail fast when nobody listens: a missing socket file, or one left behind by a killed daemon
         (ZeroMQ itself would retry quietly until the request timed out)."""
+        check_socket(self.paths.ctl_socket)
         path = str(self.paths.ctl_socket)
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -203,9 +227,14 @@ class AsyncClient:
             self._check_listening()
         sock = self._ensure_dealer()
         rid = next(self._ids)
+        try:
+            # the daemon's own limits, checked here: a frame libzmq would drop unanswered is never sent
+            frame = encode_request(Request(id=rid, v=PROTOCOL_VERSION, body=body))
+        except ProtocolError as exc:
+            raise RemoteError(exc.code, exc.message) from None
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
-        await sock.send(encode(Request(id=rid, v=PROTOCOL_VERSION, body=body)))
+        await sock.send(frame)
         try:
             reply = await asyncio.wait_for(fut, timeout or self.timeout)
         except TimeoutError:
@@ -245,15 +274,20 @@ class AsyncClient:
     async def snapshot(self) -> Snapshot:
         return await self.call(GetSnapshot(), Snapshot)
 
+    async def hand_over(self, path: Path) -> Handed:
+        """Open ``path`` with this user's rights and hand it to the daemon (shared/handover.py)."""
+        return await asyncio.to_thread(hand_over, self.paths, path)
+
     # ---------------------------------------------------------------------------------- events
 
     def subscribe(self, topics: tuple[str, ...] = ("",)) -> zmq.asyncio.Socket:
+        check_socket(self.paths.events_socket)
         sub = self.ctx.socket(zmq.SUB)
         sub.linger = 0
-        sub.rcvhwm = 200_000
+        sub.rcvhwm = self.event_hwm
         sub.reconnect_ivl = 100
         sub.reconnect_ivl_max = 1000
-        for t in topics:
+        for t in with_own_text(topics):
             sub.setsockopt(zmq.SUBSCRIBE, t.encode())
         if "" not in topics:
             sub.setsockopt(zmq.SUBSCRIBE, b"hb")
@@ -338,6 +372,14 @@ class AsyncClient:
             fut.cancel()
         # destroy, not term: it also closes SUB sockets of watch() generators still suspended somewhere
         self.ctx.destroy(linger=0)
+
+
+def with_own_text(topics: tuple[str, ...]) -> tuple[str, ...]:
+    """``topics`` and, for each OCR job named (``ocr.<id>``: its pages), that job's streamed text if it is
+    this user's own: text goes out on its owner's topic (``text_topic`` in shared/protocol.py), which the
+    daemon may keep to its owner (``daemon.visibility = "owner"``)."""
+    extra = [text_topic(os.getuid(), int(m.group(1))) for t in topics if (m := _JOB_PAGES.fullmatch(t))]
+    return (*topics, *extra)
 
 
 class Client:

@@ -5,8 +5,11 @@ Where things live, in order of precedence:
 * ``--home DIR`` or ``$FTMLLM_HOME`` (what ``make run`` uses): everything under DIR (state/, run/, inbox/…);
 * systemd: ``$STATE_DIRECTORY`` and ``$RUNTIME_DIRECTORY`` as the unit sets them;
 * otherwise XDG user dirs: state ``~/.local/state/ftmllm``, runtime ``$XDG_RUNTIME_DIR/ftmllm``,
-  hot folder ``~/ftmllm/{inbox,outbox,done,failed}``.
-Clients (ftctl, ftui) resolve the same way, so both ends find the same sockets.
+  hot folder ``~/ftmllm/{inbox,outbox,done,failed}``. Without ``$XDG_RUNTIME_DIR`` (su, cron, some ssh
+  sessions) the runtime dir is ``/run/user/<uid>/ftmllm`` when logind made that dir for the user, else
+  ``<state dir>/run``: never a shared place such as /tmp, where another user could create it first.
+Clients (ftctl, ftui) resolve the same way, so both ends find the same sockets; both refuse a runtime dir
+another user owns or can write (shared/private_dir.py).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import msgspec
+
+from shared.private_dir import is_own_private_dir
 
 # Unix socket paths are limited to 107 bytes by the kernel (sun_path).
 MAX_IPC_PATH = 107
@@ -48,6 +53,15 @@ class DaemonConfig(_Section, frozen=True):
     # extra endpoint for remote clients, CurveZMQ-protected; "" = off
     tcp_endpoint: str = ""
     curve_authorized_keys: str = ""
+    # jobs one user may have waiting in the queue (admins and hot-folder jobs included); 0 = no limit
+    max_queued_per_user: int = 10_000
+    # event rows the store keeps: the newest N (0 = no count bound), none older than the days (0 = no age
+    # bound); each job's last 200 history lines stay regardless (clients resync by snapshot, never from these)
+    event_retention: int = 100_000
+    event_retention_days: float = 30.0
+    # who sees a job's content (page text, logs, outputs, streamed tokens): every member ("team"), or only its
+    # owner and admins ("owner"); that a job exists, its state and progress are every member's either way
+    visibility: Literal["team", "owner"] = "team"
 
 
 class HotfolderConfig(_Section, frozen=True):
@@ -88,8 +102,11 @@ class VllmConfig(_Section, frozen=True):
     enable_sleep_mode: bool = True
     extra_args: list[str] = []
     env: dict[str, str] = {}
-    port: int = 0  # 0: pick a free port
     start_timeout_s: float = 600.0
+    # an idle engine is probed this often with a one-token completion, which must come back within as long
+    health_timeout_s: float = 60.0
+    # vLLM in a network namespace of its own: its internal TCP ports reachable by no other local user
+    private_network: bool = True
     max_in_flight: int = 64
     gpus: int = 1
 
@@ -97,7 +114,8 @@ class VllmConfig(_Section, frozen=True):
 class RemoteConfig(_Section, frozen=True):
     urls: list[str] = []
     model: str = ""
-    api_key: str = ""
+    # a file holding the servers' API key (sent as Authorization: Bearer); owned by the daemon's user, 0600
+    api_key_file: str = ""
 
 
 class TrainConfig(_Section, frozen=True):
@@ -109,6 +127,12 @@ class TrainConfig(_Section, frozen=True):
     datasets_dir: str = ""  # "" = <state_dir>/datasets (holds dataset_info.json)
     logging_steps: int = 1
     stop_term_s: float = 15.0  # after the graceful stop: SIGTERM, then SIGKILL after this many seconds
+    # folders whose models every member may train from (model_name_or_path, adapters); [] = hub ids only
+    model_roots: list[str] = []
+    # model folders whose own Python (config.json auto_map) a job may run with trust_remote_code: true
+    trusted_models: list[str] = []
+    # more LLaMA-Factory keys members may --set, beyond daemon/train/access.py's ALLOWED_KEYS
+    extra_allowed_keys: list[str] = []
 
 
 class SchedulerConfig(_Section, frozen=True):
@@ -123,6 +147,15 @@ class SchedulerConfig(_Section, frozen=True):
     gpu_snapshot_file: str = ""
 
 
+class SpoolConfig(_Section, frozen=True):
+    # the largest file a client may hand over (a PDF, a dataset's records or one of its images)
+    max_file_mib: int = 4096
+    # a handover is refused when it would leave less than this free on the state dir's file system
+    min_free_gib: float = 2.0
+    # a handed-over file no queued, running or interrupted job needs is removed this long after its last use
+    keep_hours: float = 24.0
+
+
 class Config(_Section, frozen=True):
     paths: PathsConfig = PathsConfig()
     daemon: DaemonConfig = DaemonConfig()
@@ -132,6 +165,7 @@ class Config(_Section, frozen=True):
     remote: RemoteConfig = RemoteConfig()
     train: TrainConfig = TrainConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
+    spool: SpoolConfig = SpoolConfig()
 
 
 @dataclass(frozen=True)
@@ -151,6 +185,15 @@ class Paths:
     @property
     def ctl_socket(self) -> Path:
         return self.runtime_dir / "ctl.sock"
+
+    @property
+    def events_socket(self) -> Path:
+        return self.runtime_dir / "events.sock"
+
+    @property
+    def handover_socket(self) -> Path:
+        """Where clients pass open files to the daemon (shared/handover.py)."""
+        return self.runtime_dir / "handover.sock"
 
     @property
     def inbox(self) -> Path:
@@ -207,7 +250,13 @@ def _user_paths() -> tuple[Path, Path, Path]:
     home = Path.home()
     state = Path(os.environ.get("XDG_STATE_HOME") or home / ".local" / "state") / "ftmllm"
     xdg_run = os.environ.get("XDG_RUNTIME_DIR")
-    runtime = Path(xdg_run) / "ftmllm" if xdg_run else Path(f"/tmp/ftmllm-{os.getuid()}")
+    if xdg_run:
+        runtime = Path(xdg_run) / "ftmllm"
+    else:
+        # logind's dir is the user's alone (0700) and gone at reboot, as sockets should be; a state dir
+        # under the user's home is the fallback nobody else can create first (unlike /tmp/ftmllm-<uid>)
+        user_run = Path(f"/run/user/{os.getuid()}")
+        runtime = user_run / "ftmllm" if is_own_private_dir(user_run) else state / "run"
     return state, runtime, home / "ftmllm"
 
 
@@ -230,7 +279,7 @@ def resolve_paths(cfg: Config, home: Path | None, env: dict[str, str] | None = N
     if cfg.paths.hotfolder:
         hot = Path(cfg.paths.hotfolder).expanduser()
     paths = Paths(state_dir=state.absolute(), runtime_dir=runtime.absolute(), hotfolder=hot.absolute())
-    longest = str(paths.runtime_dir / "events.sock")
+    longest = str(paths.handover_socket)
     if len(longest.encode()) > MAX_IPC_PATH:
         raise ConfigError(
             f"runtime dir {paths.runtime_dir} is too long for a Unix socket path ({len(longest)} > "

@@ -42,15 +42,15 @@ def dir_problem(path: Path, uid: int | None = None) -> str | None:
     uid = os.getuid() if uid is None else uid
     try:
         st = os.lstat(path)
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, PermissionError):
+        return None  # nothing there, or nothing this user may see: connecting says which
     if stat.S_ISLNK(st.st_mode):
         return f"refusing {path}: it is a symbolic link (to {os.readlink(path)}); remove it"
     if not stat.S_ISDIR(st.st_mode):
         return f"refusing {path}: it is not a directory; remove it"
     if st.st_uid not in (uid, 0) and not _only_root_can_create_in(path.parent):
         return (f"refusing {path}: owned by {owner_name(st.st_uid)}, not by you ({owner_name(uid)}); "
-                "remove it (ask an admin if you cannot) or set XDG_RUNTIME_DIR")
+                "remove it (ask an admin if you cannot) or use another dir ([paths] runtime_dir)")
     if st.st_mode & 0o022:
         who = "every user" if st.st_mode & 0o002 else "its group"
         return (f"refusing {path}: writable by {who} (mode {stat.S_IMODE(st.st_mode):04o}), so the sockets in it "
@@ -66,8 +66,8 @@ def socket_problem(path: Path, uid: int | None = None) -> str | None:
     try:
         st = os.lstat(path)
         dir_owner = os.lstat(path.parent).st_uid
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, PermissionError):
+        return None  # a non-member cannot look into a 0750 socket dir: connecting tells her so
     if not stat.S_ISSOCK(st.st_mode):
         return f"refusing {path}: it is not a socket; remove it"
     if st.st_uid != dir_owner:
@@ -88,10 +88,20 @@ def check_socket(path: Path, uid: int | None = None) -> None:
         raise UnsafePath(problem)
 
 
+def is_own_private_dir(path: Path) -> bool:
+    """``path`` is a real directory of this user that nobody else can write (e.g. logind's /run/user/<uid>)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
 def make_private_dir(path: Path, mode: int = 0o700, gid: int | None = None) -> None:
     """Create ``path`` (parents as needed) or take an existing one we own; ``mode`` exactly, whatever the
     umask; with ``gid`` the directory's group becomes it (a system service's socket group). Raises
-    UnsafePath for a directory someone else owns or can write."""
+    UnsafePath for a directory someone else owns, or one others could write until now (what they may have
+    left in it is not ours to trust: the owner removes it or tightens it by hand)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         path.mkdir(mode=0o700)
@@ -102,6 +112,7 @@ def make_private_dir(path: Path, mode: int = 0o700, gid: int | None = None) -> N
         check_dir(path)  # says why in its words
         raise UnsafePath(f"refusing {path}: owned by {owner_name(st.st_uid)}, not by this daemon's user "
                          f"({owner_name(os.getuid())}); remove it or set [paths] runtime_dir")
-    if gid is not None:
+    check_dir(path)  # ours, but group- or world-writable
+    if gid is not None and st.st_gid != gid:
         os.chown(path, -1, gid)
     os.chmod(path, mode)

@@ -5,7 +5,8 @@ Two sockets (ZeroMQ guide, chapter 5, "Clone"):
 * ``ctl``: ROUTER (daemon) <-> DEALER (client). A client sends one frame, an encoded :class:`Request`;
   the daemon answers one frame, an encoded :class:`Reply` with the same ``id``. Many may be in flight.
 * ``events``: PUB (daemon) -> SUB (client). Two frames: the topic (``job.<id>``, ``ocr.<id>``,
-  ``train.<id>``, ``engine``, ``gpu``, ``queue``, ``hb``) and an encoded :class:`Event`.
+  ``train.<id>``, ``engine``, ``gpu``, ``queue``, ``hb``; streamed text on its owner's topics,
+  ``ocr.text.<uid>.<id>`` and ``ask.<uid>-<token>``: see :func:`topic_of`) and an encoded :class:`Event`.
 
 Durable events change state that lives in the store; each takes the next ``seq`` (global, never reused,
 never going backwards across restarts). Stream events (text deltas, GPU samples, heartbeats) change no
@@ -20,7 +21,8 @@ and a lost tail event within a heartbeat.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
 import msgspec
 
@@ -30,6 +32,23 @@ PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 256 * 1024
 # Past this libzmq itself drops the connection before the daemon sees the frame.
 MAX_WIRE_BYTES = 1024 * 1024
+
+# Field limits, checked while a request decodes: a too-long field is refused before any handler runs (nothing
+# is stored), with an error naming the field. Far above what a person types: a name holds any file name
+# (NAME_MAX is 255 bytes), a path PATH_MAX, a question a page of prompt.
+MAX_NAME_CHARS = 256
+MAX_PATH_CHARS = 4096
+MAX_TEXT_CHARS = 32 * 1024
+MAX_LIST_ITEMS = 1000
+# A job spec is free-form, so its encoded size is bounded instead; real ones are well under 4 KiB. It is
+# stored with its job, and every change of the job rewrites that row.
+MAX_SPEC_BYTES = 64 * 1024
+# the most of a job's log one request reads into memory
+MAX_LOG_CHUNK = 4 * 1024 * 1024
+
+Name = Annotated[str, msgspec.Meta(max_length=MAX_NAME_CHARS)]
+PathText = Annotated[str, msgspec.Meta(max_length=MAX_PATH_CHARS)]
+Text = Annotated[str, msgspec.Meta(max_length=MAX_TEXT_CHARS)]
 
 JobState = Literal["queued", "running", "succeeded", "failed", "canceled", "interrupted"]
 TERMINAL_STATES: frozenset[str] = frozenset({"succeeded", "failed", "canceled"})
@@ -137,7 +156,7 @@ class TrainPoint(Struct):
 
 
 class Hello(Struct, tag="hello"):
-    client: str = ""
+    client: Name = ""
 
 
 class GetSnapshot(Struct, tag="snapshot"):
@@ -162,9 +181,9 @@ class ShowJob(Struct, tag="show"):
 
 
 class Submit(Struct, tag="submit"):
-    kind: str
-    spec: dict[str, Any]
-    name: str = ""
+    kind: Name
+    spec: dict[str, Any]  # at most MAX_SPEC_BYTES encoded (checked in decode_request)
+    name: Name = ""
 
 
 class Cancel(Struct, tag="cancel"):
@@ -179,7 +198,7 @@ class JobLogs(Struct, tag="logs"):
     job_id: int
     offset: int | None = None  # byte offset to read from; None: the last `tail` lines
     tail: int = 50
-    max_bytes: int = 256 * 1024
+    max_bytes: Annotated[int, msgspec.Meta(ge=0, le=MAX_LOG_CHUNK)] = 256 * 1024
 
 
 class PauseQueue(Struct, tag="pause"):
@@ -192,8 +211,8 @@ class ResumeQueue(Struct, tag="resume"):
 
 class EngineCommand(Struct, tag="engine"):
     action: Literal["status", "start", "stop", "sleep", "wake", "adapters", "load", "unload"]
-    name: str = ""
-    path: str = ""
+    name: Name = ""
+    path: PathText = ""
 
 
 class PageText(Struct, tag="page_text"):
@@ -211,15 +230,15 @@ class TrainPoints(Struct, tag="train_points"):
 
 
 class DatasetAdd(Struct, tag="dataset_add"):
-    name: str
-    file: str  # absolute path of the sharegpt JSON (ftctl resolves it)
-    images: str = ""  # the folder image paths in the records are relative to ("" = next to the file)
+    name: Name
+    file: PathText  # absolute path of the sharegpt JSON (ftctl resolves it)
+    images: PathText = ""  # the folder image paths in the records are relative to ("" = next to the file)
     ranking: bool | None = None  # None: detect from the first record (chosen/rejected)
     replace: bool = False
 
 
 class DatasetRemove(Struct, tag="dataset_remove"):
-    name: str
+    name: Name
 
 
 class DatasetList(Struct, tag="datasets"):
@@ -227,7 +246,7 @@ class DatasetList(Struct, tag="datasets"):
 
 
 class EvalCompare(Struct, tag="eval_compare"):
-    job_ids: list[int]
+    job_ids: Annotated[list[int], msgspec.Meta(max_length=MAX_LIST_ITEMS)]
 
 
 class ListTemplates(Struct, tag="templates"):
@@ -239,16 +258,52 @@ class Deploy(Struct, tag="deploy"):
     export job's merged model becomes the engine's model (the engine restarts)."""
 
     job_id: int
-    name: str = ""
+    name: Name = ""
 
 
 class Ask(Struct, tag="ask"):
     """One question about one image or PDF page, answered by the serving engine (ftui's Try screen)."""
 
-    question: str
-    file: str
+    question: Text
+    file: PathText
     page_no: int = 1
-    adapter: str = ""
+    adapter: Name = ""
+
+
+# The daemon reads no path a client names: a client hands the file over first (shared/handover.py) and the
+# requests below name what handover.sock answered, the sha256 of the bytes the daemon keeps.
+
+Sha256 = Annotated[str, msgspec.Meta(max_length=64)]
+
+
+class AskSpooled(Struct, tag="ask_spooled"):
+    """:class:`Ask` about a file the client handed over (ftui's Try screen)."""
+
+    question: Text
+    spool: Sha256
+    name: Name  # the file's name: its suffix says image or PDF
+    page_no: int = 1
+    adapter: Name = ""
+
+
+class DatasetAddSpooled(Struct, tag="dataset_add_spooled"):
+    """`ftctl dataset add NAME FILE [--images DIR]`: the records file and every image or video they name,
+    handed over by the client."""
+
+    name: Name
+    records: Sha256
+    records_name: Name  # the file's own name (.json or .jsonl), for messages
+    # a handed-over JSON object: each media path exactly as the records write it -> the sha256 of that file
+    media: Sha256 = ""
+    ranking: bool | None = None  # None: detect from the first record (chosen/rejected)
+    replace: bool = False
+
+
+class OcrOutput(Struct, tag="ocr_output"):
+    """A finished OCR job's Markdown and sidecar, which `ftctl submit ocr --out-dir` writes with the user's
+    own rights (the daemon writes only in its own tree)."""
+
+    job_id: int
 
 
 RequestBody = (
@@ -275,6 +330,9 @@ RequestBody = (
     | ListTemplates
     | Deploy
     | Ask
+    | AskSpooled
+    | DatasetAddSpooled
+    | OcrOutput
 )
 
 
@@ -404,6 +462,12 @@ class AskReply(Struct, tag="ask"):
     request_key: str
 
 
+class OcrOutputReply(Struct, tag="ocr_output"):
+    name: str  # the outputs' stem: write <name>.md and <name>.json
+    markdown: str
+    sidecar: str  # JSON
+
+
 ReplyBody = (
     HelloReply
     | Snapshot
@@ -421,6 +485,7 @@ ReplyBody = (
     | EvalCompareReply
     | TemplatesReply
     | AskReply
+    | OcrOutputReply
 )
 
 ErrorCode = Literal[
@@ -526,14 +591,63 @@ def encode(msg: msgspec.Struct) -> bytes:
     return _encoder.encode(msg)
 
 
+def too_large_message(size: int) -> str:
+    return (f"request of {size:,} bytes is over the {MAX_FRAME_BYTES:,}-byte limit; shorten its longest field "
+            f"(names are at most {MAX_NAME_CHARS} characters, paths {MAX_PATH_CHARS})")
+
+
+# msgspec's words for a field it refused: "Expected `str` of length <= 256 - at `$.body.name`"
+_AT_FIELD_RE = re.compile(r"(?P<reason>.*) - at `\$\.body\.(?P<field>[^`]+)`")
+_LENGTH_RE = re.compile(r"Expected `(\w+)` of length <= (\d+)")
+_NUMBER_RE = re.compile(r"Expected `(?:int|float)` ([<>]=) (\d+)")
+
+
+def _field_error(exc: msgspec.ValidationError, frame: bytes) -> ProtocolError:
+    """A field out of its bounds, in words that name the field and the limit; other errors as msgspec says."""
+    at = _AT_FIELD_RE.fullmatch(str(exc))
+    length = _LENGTH_RE.fullmatch(at.group("reason")) if at else None
+    number = _NUMBER_RE.fullmatch(at.group("reason")) if at else None
+    if at is None or (length is None and number is None):
+        return ProtocolError("bad_request", f"undecodable request: {exc}")
+    what = f"{_request_tag(frame)} request: field '{at.group('field')}'"
+    if length is not None:
+        kind, limit = length.groups()
+        unit = "characters" if kind == "str" else "items"
+        return ProtocolError("too_large", f"{what} is over its limit of {int(limit):,} {unit}; shorten it")
+    assert number is not None
+    op, bound = number.groups()
+    return ProtocolError("too_large" if op == "<=" else "bad_request", f"{what} must be {op} {bound}")
+
+
+def _request_tag(frame: bytes) -> str:
+    try:
+        raw = msgspec.msgpack.decode(frame)
+        return str(raw["body"]["type"])
+    except Exception:
+        return "the"
+
+
+def _check_spec_size(body: Submit, frame_size: int) -> None:
+    if frame_size <= MAX_SPEC_BYTES:
+        return  # the spec is part of the frame: it cannot be bigger (no encoding pass on every submit)
+    size = len(_encoder.encode(body.spec))
+    if size > MAX_SPEC_BYTES:
+        raise ProtocolError("too_large", f"submit request: field 'spec' is {size:,} bytes encoded, over its limit "
+                                         f"of {MAX_SPEC_BYTES:,}; pass big data as a file path in the spec")
+
+
 def decode_request(frame: bytes) -> Request:
     if len(frame) > MAX_FRAME_BYTES:
-        raise ProtocolError("too_large", f"request of {len(frame)} bytes is over the {MAX_FRAME_BYTES} limit")
+        raise ProtocolError("too_large", too_large_message(len(frame)))
     try:
         req = _request_decoder.decode(frame)
-    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+    except msgspec.ValidationError as exc:
+        raise _field_error(exc, frame) from None
+    except (msgspec.DecodeError, ValueError) as exc:
         # ValueError: msgspec raises UnicodeDecodeError for invalid UTF-8 in a string field
         raise ProtocolError("bad_request", f"undecodable request: {exc}") from None
+    if isinstance(req.body, Submit):
+        _check_spec_size(req.body, len(frame))
     if req.v != PROTOCOL_VERSION:
         raise ProtocolError(
             "version",
@@ -543,8 +657,28 @@ def decode_request(frame: bytes) -> Request:
     return req
 
 
-def request_id_of(frame: bytes) -> int:
-    """Best-effort id of an undecodable request, so the error reply reaches the right caller."""
+def encode_request(req: Request) -> bytes:
+    """The frame of ``req``, checked against the limits the daemon applies, so a client says what is wrong
+    without a round trip (and a frame over MAX_WIRE_BYTES, which libzmq would drop unanswered, is never sent).
+    Raises :class:`ProtocolError` with the daemon's own message."""
+    frame = encode(req)
+    decode_request(frame)
+    return frame
+
+
+def request_id_of(frame: bytes | memoryview) -> int:
+    """Best-effort id of an undecodable request, so the error reply reaches the right caller. Read from the
+    frame's first bytes where it is (the encoder writes ``id`` first), so an oversized frame is never decoded."""
+    head = bytes(frame[:16])
+    if len(head) > 4 and (0x80 <= head[0] <= 0x8F) and head[1:4] == b"\xa2id":
+        kind, rest = head[4], head[5:]
+        if kind <= 0x7F:  # positive fixint
+            return kind
+        width = {0xCC: 1, 0xCD: 2, 0xCE: 4, 0xCF: 8}.get(kind)
+        if width is not None and len(rest) >= width:
+            return int.from_bytes(rest[:width], "big")
+    if len(frame) > MAX_FRAME_BYTES:
+        return 0
     try:
         raw = msgspec.msgpack.decode(frame[:MAX_FRAME_BYTES])
     except Exception:
@@ -562,14 +696,37 @@ def decode_event(frame: bytes) -> Event:
     return _event_decoder.decode(frame)
 
 
-def topic_of(body: EventBody) -> str:
-    """The PUB topic an event goes out on; clients subscribe by prefix."""
+# No account has this user id ((uid_t)-1): text of a job whose owner is unknown is streamed to admins alone.
+NO_UID = 4294967295
+
+
+def text_topic(owner_uid: int, job_id: int) -> str:
+    """The topic a job's streamed text goes out on. The owner's uid comes first so that the daemon can keep
+    text to its owner with prefixes alone (``daemon.visibility = "owner"``, daemon/core/events.py), while
+    ``ocr.<id>`` (page states, no text) stays every member's."""
+    return f"ocr.text.{owner_uid}.{job_id}"
+
+
+def own_topic_prefixes(uid: int) -> tuple[str, str]:
+    """The prefixes of every topic that streams ``uid``'s text: her jobs' (:func:`text_topic`) and the answers
+    to her questions (:func:`ask_key`). The separator after the uid keeps uid 10 out of uid 100's."""
+    return f"ocr.text.{uid}.", f"ask.{uid}-"
+
+
+def ask_key(uid: int, token: str) -> str:
+    """The request key of a question asked by ``uid``; its answer streams on ``ask.<key>``, the asker's."""
+    return f"{uid}-{token}"
+
+
+def topic_of(body: EventBody, owner_uid: int = NO_UID) -> str:
+    """The PUB topic an event goes out on; clients subscribe by prefix. ``owner_uid``: the uid of the job a
+    :class:`TextDelta` belongs to (an answer's key carries its asker's)."""
     if isinstance(body, JobChanged):
         return f"job.{body.job.id}"
     if isinstance(body, PageChanged):
         return f"ocr.{body.page.job_id}"
     if isinstance(body, TextDelta):
-        return f"ocr.{body.job_id}" if body.job_id else f"ask.{body.key}"
+        return text_topic(owner_uid, body.job_id) if body.job_id else f"ask.{body.key}"
     if isinstance(body, TrainProgress):
         return f"train.{body.point.job_id}"
     if isinstance(body, EngineChanged):

@@ -23,6 +23,7 @@ from textual.worker import Worker, WorkerState
 
 from shared.client import AsyncClient, DaemonUnavailable, RemoteError
 from shared.config import ConfigError, load_settings
+from shared.handover import Handed, HandoverRefused, HandoverUnavailable
 from shared.protocol import (
     TERMINAL_STATES,
     Cancel,
@@ -52,8 +53,6 @@ from tui.screens.training import TrainingScreen
 from tui.screens.try_ask import TryScreen
 from tui.state import State
 
-# What an OCR job's spec names its input (daemon/ocr's kind reads this key).
-OCR_FILE_KEY = "file"
 OCR_SUFFIXES = (".pdf", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".webp")
 TICK_S = 2.0
 
@@ -216,7 +215,19 @@ class FtuiApp(App[None]):
                                           title="Convert a PDF (or image) to Markdown"), chosen)
 
     def submit_ocr(self, path: Path) -> None:
-        self.send(Submit(kind="ocr", spec={OCR_FILE_KEY: str(path.expanduser().absolute())}))
+        self.run_worker(self._submit_ocr(path.expanduser().absolute()), group="requests", exit_on_error=False)
+
+    async def _submit_ocr(self, path: Path) -> None:
+        # opened here with the user's own rights and handed over: the daemon reads no path a client names
+        try:
+            handed = await self.hand_over(path)
+        except (HandoverRefused, HandoverUnavailable) as exc:
+            self.notify(str(exc), severity="error", timeout=8)
+            return
+        self.send(Submit(kind="ocr", spec={"spool": handed.sha256, "name": handed.name}))
+
+    async def hand_over(self, path: Path) -> Handed:
+        return await self.link.hand_over(path)
 
     def action_submit_train(self) -> None:
         def chosen(body: Submit | None) -> None:
@@ -307,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="ftui",
         description="The terminal UI of ftmllmd: GPUs, jobs, training curves, OCR pages, the engine, live.",
         epilog="The daemon is found like ftctl finds it: --config/$FTMLLM_CONFIG, --home/$FTMLLM_HOME, "
-        "else $XDG_RUNTIME_DIR/ftmllm. Press ? inside for the keys.",
+        "else $XDG_RUNTIME_DIR/ftmllm (or /run/user/UID/ftmllm). Press ? inside for the keys.",
     )
     p.add_argument("--config", help="the daemon's TOML config (to find its sockets)")
     p.add_argument("--home", help="the daemon's --home dir (what `make run` uses: ./.ftmllm)")

@@ -15,6 +15,7 @@ from typing import Protocol, cast
 from textual.dom import DOMNode
 from textual.message_pump import MessagePump
 
+from shared.handover import Handed
 from shared.protocol import RequestBody
 from tui.state import State
 
@@ -36,6 +37,10 @@ class Host(Protocol):
              announce: bool = True) -> None:
         """Ask the daemon; the answer comes back to ``reply_to`` as Replied / RequestFailed tagged ``tag``,
         and (with ``announce``) as a notification saying what happened."""
+
+    async def hand_over(self, path: Path) -> Handed:
+        """Open ``path`` with the user's own rights and hand it to the daemon (shared/handover.py), which reads
+        no path itself; raises HandoverRefused (about the file) or HandoverUnavailable (about the daemon)."""
 
     def want_pages(self, job_id: int) -> None:
         """Load a job's page list into the state once; PageChanged events keep it current."""

@@ -13,12 +13,14 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Protocol
 
 from textual.message import Message
 
 from shared.client import DaemonUnavailable, Mirror, RemoteError, Update, unavailable_message
 from shared.config import Paths
+from shared.handover import Handed
 from shared.protocol import (
     TERMINAL_STATES,
     EngineChanged,
@@ -58,6 +60,8 @@ class Source(Protocol):
     async def hello(self) -> HelloReply: ...
 
     async def request(self, body: RequestBody, timeout: float | None = None) -> ReplyBody: ...
+
+    async def hand_over(self, path: Path) -> Handed: ...
 
     def watch(self) -> AsyncIterator[Update]: ...
 
@@ -222,6 +226,9 @@ class Link:
 
     async def request(self, body: RequestBody, timeout: float | None = None) -> ReplyBody:
         return await self.source.request(body, timeout)
+
+    async def hand_over(self, path: Path) -> Handed:
+        return await self.source.hand_over(path)
 
     def spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]

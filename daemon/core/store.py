@@ -3,12 +3,18 @@
 Every state change is one transaction that updates its row *and* appends an event row; the event's
 ``seq`` is the row's AUTOINCREMENT key, so it is global, never reused and never goes backwards, even after
 ``kill -9``. The store owns no sockets: :class:`daemon.core.events.EventBus` publishes what the store returns.
+
+Event rows are only the seq counter and the jobs' history: no client ever reads events back from the store (a
+client that missed some takes a new snapshot), so old rows are pruned (:meth:`Store.set_retention`), except
+the last :data:`HISTORY_KEPT` history lines of each job, which ``ftctl show`` reads.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -82,6 +88,17 @@ CREATE TABLE IF NOT EXISTS sources (
 _JOB_COLUMNS = "id, kind, owner, state, name, spec, created, started, finished, error, artifacts, progress, " \
     "attempts, gpus"
 _point_encoder = msgspec.msgpack.Encoder()
+log = logging.getLogger(__name__)
+
+# A job's history (``ftctl show``) keeps its newest lines when older events are pruned.
+HISTORY_KEPT = 200
+# Retention is checked after this many new events; one pass deletes at most PRUNE_BATCH rows (a few ms) and
+# the next pass follows on the event loop while more is due, so pruning never holds the loop for long.
+PRUNE_EVERY = 1000
+PRUNE_BATCH = 5_000
+# After a checkpoint the WAL file is cut back to this: a long reader (a backup, an sqlite3 shell) can make
+# it grow by every commit meanwhile, and SQLite otherwise keeps a grown WAL file at its largest size.
+WAL_LIMIT_BYTES = 16 * 1024 * 1024
 
 
 def _drop_event_bodies(db: sqlite3.Connection) -> None:
@@ -130,7 +147,13 @@ class Store:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # 0600 whatever the umask: SQLite gives the -wal and -shm files the database file's mode, and job
+        # specs, pages and history are the daemon's to show (an older store made 0640 is narrowed here)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        for part in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            if part.exists():
+                os.chmod(part, 0o600)
         self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
         self._db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a committed transaction survives a process crash (kill -9); only a power
@@ -138,6 +161,7 @@ class Store:
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.execute("PRAGMA busy_timeout=5000")
+        self._db.execute(f"PRAGMA journal_size_limit={WAL_LIMIT_BYTES}")
         # a new store gets every table; an older one keeps its tables as they are until _migrate changes them
         self._db.executescript(_SCHEMA)
         row = self._db.execute("SELECT value FROM meta WHERE key='schema'").fetchone()
@@ -166,6 +190,8 @@ class Store:
 
     def close(self) -> None:
         self.commit()
+        if self._prune_handle is not None:
+            self._prune_handle.cancel()
         self._db.close()
 
     # Group commit: inside a running event loop, all changes of one loop turn share one transaction,
@@ -175,13 +201,25 @@ class Store:
     # event that a crash could take back (and whose seq would then be handed out again).
     on_commit: Callable[[], None] | None = None
     _batch_open = False
+    # event retention (see set_retention): 0 = no bound of that kind
+    retention_events = 0
+    retention_age_s = 0.0
+    _since_prune = 0
+    _prune_handle: asyncio.Handle | None = None
 
     def commit(self) -> None:
         if self._batch_open:
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._queued = None  # counted changes may be gone with the transaction: count again
+                raise
             self._batch_open = False
         if self.on_commit is not None:
             self.on_commit()
+        if self._since_prune >= PRUNE_EVERY:
+            self._since_prune = 0
+            self._prune_pass()
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -210,7 +248,85 @@ class Store:
         """The event's row: its seq, and its line in the job's history when ``what`` says something."""
         cur = db.execute("INSERT INTO events (ts, job_id, what) VALUES (?, ?, ?)", (ts, job_id, what))
         assert cur.lastrowid is not None
+        self._since_prune += 1
         return cur.lastrowid
+
+    # ------------------------------------------------------------------------------------ retention
+
+    def set_retention(self, events: int, max_age_s: float) -> None:
+        """Keep the newest ``events`` event rows and none older than ``max_age_s`` (0: no such bound), besides
+        each job's last HISTORY_KEPT history lines; prunes what is due now, then after every PRUNE_EVERY events."""
+        self.retention_events = max(0, events)
+        self.retention_age_s = max(0.0, max_age_s)
+        self._prune_pass()
+
+    def _prune_pass(self) -> None:
+        try:
+            more = self.prune_events()
+        except sqlite3.Error:
+            log.exception("pruning old events failed; the store keeps them until the next try")
+            return
+        if more and self._prune_handle is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                return  # no loop (tools, tests): the next PRUNE_EVERY events go on
+            self._prune_handle = loop.call_soon(self._prune_later)
+
+    def _prune_later(self) -> None:
+        self._prune_handle = None
+        if self._batch_open:  # a change is waiting for its group commit: prune after it
+            self._since_prune = PRUNE_EVERY
+            return
+        self._prune_pass()
+
+    def _prune_cut(self, done: int, now: float) -> tuple[int, bool]:
+        """The highest seq that may go (older than both bounds that are set), and whether more may follow it
+        (the age walk looks at one batch of rows at a time)."""
+        seq = self.seq
+        cut = 0
+        if self.retention_events:
+            cut = max(cut, seq - self.retention_events)
+        more_old = False
+        if self.retention_age_s:
+            # seq order is time order: walk from the last pass up to the first row young enough to keep
+            window = min(seq, done + PRUNE_BATCH)
+            row = self._db.execute(
+                "SELECT seq FROM events WHERE seq > ? AND seq <= ? AND ts >= ? ORDER BY seq LIMIT 1",
+                (done, window, now - self.retention_age_s),
+            ).fetchone()
+            more_old = row is None and window < seq
+            cut = max(cut, row[0] - 1 if row else window)
+        return cut, more_old
+
+    def prune_events(self, now: float | None = None) -> bool:
+        """One pass of at most PRUNE_BATCH rows; True when more is due (the caller runs another pass soon).
+
+        The history lines in the pruned range are kept, trimmed to each job's newest HISTORY_KEPT."""
+        if not (self.retention_events or self.retention_age_s) or self._batch_open:
+            return False
+        done = int(self.get_meta("events_pruned_upto", "0"))
+        cut, beyond = self._prune_cut(done, time.time() if now is None else now)
+        if cut <= done:
+            return False
+        upto = min(cut, done + PRUNE_BATCH)
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM events WHERE seq > ? AND seq <= ? AND (what = '' OR job_id IS NULL)",
+                       (done, upto))
+            # history lines left in the range: those past their job's newest HISTORY_KEPT go too
+            db.execute(
+                "DELETE FROM events WHERE seq IN (SELECT seq FROM (SELECT seq, row_number() OVER "
+                "(PARTITION BY job_id ORDER BY seq DESC) AS n FROM events WHERE what != '' AND job_id IN "
+                "(SELECT job_id FROM events WHERE seq > ? AND seq <= ?)) WHERE n > ? AND seq <= ?)",
+                (done, upto, HISTORY_KEPT, upto))
+            self.set_meta("events_pruned_upto", str(upto))
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+        return upto < cut or beyond
 
     # ------------------------------------------------------------------------------------------ meta
 
@@ -245,6 +361,7 @@ class Store:
                           created=now)
             what = f"queued by {owner}"
             seq = self._append_event(db, now, job.id, what)
+        self._count_queued(owner, +1)
         return seq, job, what
 
     def get_job(self, job_id: int) -> JobInfo:
@@ -286,6 +403,9 @@ class Store:
             sets.append(f"{key}=?")
             values.append(value)
         with self._tx() as db:
+            before = None
+            if "state" in changes:
+                before = db.execute("SELECT state FROM jobs WHERE id=?", (job_id,)).fetchone()
             if sets:
                 cur = db.execute(f"UPDATE jobs SET {', '.join(sets)} WHERE id=?", (*values, job_id))
                 if cur.rowcount == 0:
@@ -295,6 +415,8 @@ class Store:
                 raise UnknownJob(job_id)
             job = _job_from_row(row)
             seq = self._append_event(db, now, job_id, what)
+        if before is not None and (before[0] == "queued") != (job.state == "queued"):
+            self._count_queued(job.owner, -1 if before[0] == "queued" else +1)
         return seq, job
 
     def history(self, job_id: int, limit: int = 200) -> list[HistoryEntry]:
@@ -303,6 +425,26 @@ class Store:
             (job_id, limit),
         ).fetchall()
         return [HistoryEntry(seq=s, ts=t, what=w) for s, t, w in reversed(rows)]
+
+    def queued_ids(self) -> list[tuple[int, str]]:
+        """(id, kind) of the queued jobs in queue order, without decoding them (the queue may be long)."""
+        return self._db.execute("SELECT id, kind FROM jobs WHERE state='queued' ORDER BY id").fetchall()
+
+    # Queued jobs per owner, counted once from the table and then kept by create_job and update_job (the only
+    # writers of jobs.state): the per-user cap asks at every submit, and counting 10,000 index entries each
+    # time made a hot-folder drop of 10,000 files spend seconds of the event loop on it.
+    _queued: dict[str, int] | None = None
+
+    def queued_of(self, owner: str) -> int:
+        """How many jobs of ``owner`` wait in the queue."""
+        if self._queued is None:
+            self._queued = dict(self._db.execute(
+                "SELECT owner, count(*) FROM jobs WHERE state='queued' GROUP BY owner").fetchall())
+        return self._queued.get(owner, 0)
+
+    def _count_queued(self, owner: str, delta: int) -> None:
+        if self._queued is not None:
+            self._queued[owner] = self._queued.get(owner, 0) + delta
 
     def counts(self) -> dict[str, int]:
         return dict(self._db.execute("SELECT state, count(*) FROM jobs GROUP BY state").fetchall())

@@ -29,6 +29,7 @@ from shared.protocol import (
     decode_request,
     encode,
     request_id_of,
+    too_large_message,
 )
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,8 @@ class CtlServer:
         caller = self.identities.from_frame(payload)
         size = len(payload.buffer)
         if size > MAX_FRAME_BYTES:  # answered without copying the frame into Python
-            self._reply(ident.bytes, Reply(id=0, error=ErrorInfo(
-                code="too_large", message=f"request of {size} bytes is over the {MAX_FRAME_BYTES} byte limit")))
+            self._reply(ident.bytes, Reply(id=request_id_of(payload.buffer), error=ErrorInfo(
+                code="too_large", message=too_large_message(size))))
             return
         data = payload.bytes
         try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -26,14 +27,16 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
+import msgspec
+
 from daemon.core.events import EventBus
-from daemon.core.store import Store
+from daemon.core.store import Store, StoreError
 from daemon.ctl.server import Handler
 from daemon.engines.cpu import CpuEngine
 from daemon.engines.gpu_port import SupervisedVllm
 from daemon.engines.remote import RemoteEngine
 from daemon.engines.vllm import VllmEngine
-from daemon.engines.vllm_supervisor import EngineCommandError
+from daemon.engines.vllm_supervisor import AdapterRefused, EngineCommandError
 from daemon.engines.vlm.prompts import load_prompt
 from daemon.gpus.engine_port import GpuEngine
 from daemon.gpus.source import GpuSource
@@ -43,8 +46,19 @@ from daemon.ocr.engine import Engine, EngineChoice
 from daemon.ocr.errors import OcrError
 from daemon.ocr.pdfworker import PdfWorkerPool
 from daemon.part import Part, Shown
+from daemon.spool.spool import Spool, SpoolError
 from shared.config import Settings
-from shared.protocol import Ask, AskReply, EngineChanged, EngineCommand, EngineInfo, EngineReply, TextDelta
+from shared.protocol import (
+    Ask,
+    AskReply,
+    AskSpooled,
+    EngineChanged,
+    EngineCommand,
+    EngineInfo,
+    EngineReply,
+    TextDelta,
+    ask_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +188,7 @@ class EngineControl(Part):
             return EngineInfo(kind="remote", state=r.state, model=r.model, reason=reason, adapters=r.adapters,
                               running=r.running, waiting=r.waiting, kv_cache_pct=round(r.kv_cache_pct, 1),
                               tokens_per_s=round(r.tokens_per_s, 1), pages_per_s=round(r.pages_per_s, 2),
-                              error=self.prompt_error)
+                              error=self.prompt_error or r.error)
         return EngineInfo(kind="cpu", state="ready", model=self.cpu.model, reason=reason)
 
     def _changed(self, name: str, what: str, durable: bool) -> None:
@@ -224,7 +238,7 @@ class EngineControl(Part):
     # ------------------------------------------------------------------------------ requests
 
     def handlers(self) -> dict[type, Handler]:
-        return {EngineCommand: self.on_command, Ask: self.on_ask}
+        return {EngineCommand: self.on_command, Ask: self.on_ask, AskSpooled: self.on_ask_spooled}
 
     async def on_command(self, body: EngineCommand, caller: Caller) -> EngineReply:
         action = body.action
@@ -253,21 +267,57 @@ class EngineControl(Part):
             elif action == "wake":
                 message = await sup.wake()
             elif action == "adapters":
-                message = ("adapters: " + ", ".join(f"{k} ({v})" for k, v in sorted(sup.adapters.items()))
-                           if sup.adapters else "no adapters loaded; `ftctl engine load NAME PATH` loads one")
+                message = ("adapters: " + sup.adapter_list() if sup.adapters
+                           else "no adapters loaded; `ftctl engine load NAME PATH` loads one")
             elif action == "load":
                 if not body.name or not body.path:
                     raise RequestDenied("bad_request", "load needs a name and a path: ftctl engine load NAME PATH")
-                message = await sup.load_adapter(body.name, body.path)
+                path = self._adapter_path(body.path, caller)
+                message = await sup.load_adapter(body.name, path, user=caller.user, admin=caller.is_admin)
             elif action == "unload":
                 if not body.name:
                     raise RequestDenied("bad_request", "unload needs the adapter's name: ftctl engine unload NAME")
-                message = await sup.unload_adapter(body.name)
+                message = await sup.unload_adapter(body.name, user=caller.user, admin=caller.is_admin)
             else:  # pragma: no cover - the protocol's Literal admits nothing else
                 raise RequestDenied("bad_request", f"unknown engine action {action}")
+        except AdapterRefused as exc:
+            raise RequestDenied("forbidden", str(exc)) from None
         except EngineCommandError as exc:
             raise RequestDenied("invalid_state", str(exc)) from None
         return EngineReply(engine=self.info("vllm"), message=message)
+
+    def _adapter_path(self, path: str, caller: Caller) -> str:
+        """The directory the engine is to read an adapter from, as ``caller`` may have it read: vLLM reads it
+        with the daemon's rights. An admin names any; a member the output of one of her train jobs (or one of
+        its checkpoint-N) or a folder inside train.model_roots, as for training (daemon/train/access.py, which
+        the engines cannot import); it is resolved here, so vLLM reads the folder that was checked."""
+        if caller.is_admin:
+            return path
+        real = os.path.realpath(path)
+        jobs = os.path.realpath(self.settings.paths.state_dir / "jobs")
+        if _inside(real, jobs):
+            parts = Path(os.path.relpath(real, jobs)).parts
+            try:
+                job = self.store.get_job(int(parts[0])) if parts and parts[0].isdigit() else None
+            except StoreError:
+                job = None
+            if job is not None and job.owner != caller.user:
+                raise RequestDenied("forbidden", f"{caller.user} cannot load the adapter in {path}: it is job "
+                                                 f"{job.id}'s, which belongs to {job.owner}; ask {job.owner} or an "
+                                                 "admin to deploy it")
+            if job is None or job.kind != "train" or parts[1:2] != ("output",) or len(parts) > 3 or (
+                    len(parts) == 3 and not _CHECKPOINT_RE.fullmatch(parts[2])):
+                raise RequestDenied("forbidden", f"{path}: not the adapter of a train job; deploy one of yours "
+                                                 "with `ftctl deploy JOB`")
+            return real
+        train = self.settings.config.train
+        if any(_inside(real, os.path.realpath(r)) for r in (*train.model_roots, *train.trusted_models) if r):
+            return real
+        shown = ", ".join(train.model_roots) or "none set"
+        raise RequestDenied("forbidden", f"{caller.user} cannot load the adapter in {path}: the engine reads an "
+                                         "adapter with the daemon's rights, so a member loads one of her train "
+                                         f"jobs (`ftctl deploy JOB`) or one inside train.model_roots ({shown}); "
+                                         "copy it there or ask an admin")
 
     def _status_text(self) -> str:
         parts = [f"serving: {self.choice.default} — {self.choice.reason}"]
@@ -279,33 +329,48 @@ class EngineControl(Part):
             parts.append(f"prompt: {self.prompt_error}")
         return "\n".join(parts)
 
-    async def on_ask(self, body: Ask, caller: Caller) -> AskReply:
+    def _asking_engine(self) -> VllmEngine | RemoteEngine:
         engine = self.choice.engines.get(self.choice.default)
         if not isinstance(engine, (VllmEngine, RemoteEngine)):
             raise RequestDenied("unavailable", "questions about a page need a vision-language model (the vllm or "
                                 f"remote engine); this daemon serves with the cpu engine ({self.choice.reason})")
-        path = Path(body.file).expanduser()
-        if not path.is_absolute():
-            raise RequestDenied("bad_request", f"{body.file}: give an absolute path (ftui does this for you)")
-        if not path.is_file() or not os.access(path, os.R_OK):
-            raise RequestDenied("bad_request", f"{path}: no such readable file on the daemon's machine")
+        return engine
+
+    async def on_ask(self, body: Ask, caller: Caller) -> AskReply:
+        self._asking_engine()
+        # a path would be read with the daemon's rights, which may be more than the caller's
+        raise RequestDenied("bad_request", f"{body.file}: the daemon reads only files handed over to it; ask "
+                                           "from ftui of the daemon's version (its Try screen hands the file over)")
+
+    async def on_ask_spooled(self, body: AskSpooled, caller: Caller) -> AskReply:
+        engine = self._asking_engine()
         if not body.question.strip():
             raise RequestDenied("bad_request", "the question is empty; type what you want to know about the page")
+        try:
+            path = Spool.of(self.settings).lookup(body.spool, caller.uid)
+        except SpoolError as exc:
+            raise RequestDenied("bad_request", f"{body.name}: {exc}") from None
         if body.adapter:
+            if engine is self.vllm:
+                # a bare name means the asker's own adapter of that name, if she has one (vllm_supervisor.py)
+                body = msgspec.structs.replace(
+                    body, adapter=self.vllm.supervisor.resolve_adapter(body.adapter, caller.user))
             problem = engine.check_adapter(body.adapter)
             if problem:
                 raise RequestDenied("invalid_state", problem)
-        key = uuid.uuid4().hex[:12]
+        # the answer streams on the asker's topic (ask.<uid>-…), which daemon.visibility = "owner" keeps to her
+        key = ask_key(caller.uid, uuid.uuid4().hex[:12])
         task = asyncio.get_running_loop().create_task(self._answer(engine, body, path, key), name=f"ask-{key}")
         self._asks.add(task)
         task.add_done_callback(self._asks.discard)
         return AskReply(stream_topic=f"ask.{key}", request_key=key)
 
-    async def _answer(self, engine: VllmEngine | RemoteEngine, body: Ask, path: Path, key: str) -> None:
+    async def _answer(self, engine: VllmEngine | RemoteEngine, body: AskSpooled, path: Path, key: str) -> None:
         bus = self.bus
         try:
             await engine.start()
-            image, width, height, mime = await self._image_of(engine, path, body.page_no - 1, body.question)
+            image, width, height, mime = await self._image_of(engine, path, body.name, body.page_no - 1,
+                                                              body.question)
             async for delta in engine.converter.answer(body.question, image, width, height, adapter=body.adapter,
                                                        mime=mime):
                 bus.stream(TextDelta(key=key, text=delta.text, reset=delta.reset))
@@ -317,14 +382,15 @@ class EngineControl(Part):
             bus.stream(TextDelta(key=key, text=f"\n[error] internal error ({exc!r}); see the daemon log",
                                  final=True))
 
-    async def _image_of(self, engine: VllmEngine | RemoteEngine, path: Path, page_no: int,
+    async def _image_of(self, engine: VllmEngine | RemoteEngine, path: Path, name: str, page_no: int,
                         question: str) -> tuple[bytes, int, int, str]:
-        mime = IMAGE_TYPES.get(path.suffix.lower())
+        """``path``: the spool entry; ``name``: the file's own name, whose suffix says image or PDF."""
+        mime = IMAGE_TYPES.get(Path(name).suffix.lower())
         if mime is not None:
             data = await asyncio.to_thread(path.read_bytes)
             size = image_dimensions(data)
             if size is None:
-                raise OcrError("not_image", f"{path.name} is not a PNG or JPEG image it can read; convert it to PNG")
+                raise OcrError("not_image", f"{name} is not a PNG or JPEG image it can read; convert it to PNG")
             return data, size[0], size[1], mime
         from daemon.engines.vlm.budget import plan_render  # the render cap for this question's prompt
 
@@ -332,6 +398,13 @@ class EngineControl(Part):
         r = await self.pool.render_page(path, page_no, None, dpi=self.settings.config.ocr.dpi, max_pixels=cap,
                                         timeout=self.settings.config.ocr.page_timeout_s)
         return r.png, r.width, r.height, "image/png"
+
+
+_CHECKPOINT_RE = re.compile(r"checkpoint-\d+")
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def image_dimensions(data: bytes) -> tuple[int, int] | None:

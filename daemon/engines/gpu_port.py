@@ -7,9 +7,10 @@ from pathlib import Path
 from typing import Literal
 
 from daemon.children.process import group_members
-from daemon.engines.vllm_supervisor import EngineCommandError, VllmSupervisor
-from daemon.gpus.engine_port import DeployError
+from daemon.engines.vllm_supervisor import AdapterRefused, EngineCommandError, VllmSupervisor
+from daemon.gpus.engine_port import DeployError, DeployForbidden
 from daemon.gpus.plan import EngineState, EngineView
+from daemon.jobs.base import Caller
 
 
 class SupervisedVllm:
@@ -36,9 +37,11 @@ class SupervisedVllm:
     async def unpark(self, reason: str) -> None:
         await self.sup.wake()
 
-    async def load_adapter(self, name: str, path: Path) -> str:
+    async def load_adapter(self, name: str, path: Path, caller: Caller) -> str:
         try:
-            return await self.sup.load_adapter(name, str(path))
+            return await self.sup.load_adapter(name, str(path), user=caller.user, admin=caller.is_admin)
+        except AdapterRefused as exc:
+            raise DeployForbidden(str(exc)) from None
         except EngineCommandError as exc:
             raise DeployError(str(exc)) from None
 

@@ -9,16 +9,26 @@
   each server has loaded; a page naming an adapter goes only to servers that have it.
 * The budget, request, runaway guard and ladder are the vllm engine's (:mod:`daemon.engines.vlm.converter`), with the
   sampling settings of ``[vllm]``.
+* Trust: pages (and the key) travel only over https, or plain http to this machine's loopback. The API key
+  comes from ``remote.api_key_file``, read at start: a regular file of the daemon's own user that no one else
+  may read or write (:func:`read_api_key`). It is sent as ``Authorization: Bearer`` and appears in no log line,
+  status or error (``api key: set``). Either check failing leaves the engine ``failed`` with a one-line reason.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import os
+import pwd
+import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -58,6 +68,73 @@ class Server:
         return foreign + self.in_flight
 
 
+class RemoteRefused(Exception):
+    """The [remote] settings cannot be used safely; the message is one line naming the key and the fix."""
+
+
+def check_url(url: str) -> None:
+    """https anywhere; plain http only to a loopback host (nothing of a page or the key crosses a network)."""
+    parts = urlsplit(url)
+    scheme, host = parts.scheme.lower(), (parts.hostname or "")
+    if scheme == "https" and host:
+        return
+    if scheme == "http" and host and _loopback(host):
+        return
+    if scheme == "http" and host:
+        raise RemoteRefused(f"remote.urls: {url} is plain http to another machine: pages and the API key would "
+                            "cross the network readable by anyone on the way; use https://")
+    raise RemoteRefused(f"remote.urls: {url} is not an http(s) URL; give the server's base URL, e.g. "
+                        "https://gpu2:8000/v1")
+
+
+def _loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def read_api_key(path: str) -> str:
+    """The key in ``path``: a regular file owned by the daemon's user, with no group or other permission bits.
+    Raises RemoteRefused (one line naming the file and what to do) otherwise."""
+    file = Path(path).expanduser()
+    me = os.geteuid()
+    try:
+        # O_NONBLOCK: a FIFO put there must not hang the daemon; fstat checks the very file that is read
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise RemoteRefused(f"remote.api_key_file {file}: cannot open it ({exc.strerror}); put the key in that file, "
+                            f"owned by {_user(me)}, and chmod 600 {file}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise RemoteRefused(f"remote.api_key_file {file} is not a regular file; put the key in a plain file "
+                                f"owned by {_user(me)} and chmod 600 it")
+        if st.st_uid != me:
+            raise RemoteRefused(f"remote.api_key_file {file} is owned by {_user(st.st_uid)}, not by the daemon's "
+                                f"user {_user(me)}; chown {_user(me)} {file} && chmod 600 {file}")
+        if st.st_mode & 0o077:
+            raise RemoteRefused(f"remote.api_key_file {file} has mode {stat.S_IMODE(st.st_mode):04o}: others may "
+                                f"read or change the key; chmod 600 {file}")
+        raw = os.read(fd, 64 * 1024)
+    finally:
+        os.close(fd)
+    key = raw.decode("utf-8", "replace").strip()
+    if not key or any(c.isspace() for c in key):
+        raise RemoteRefused(f"remote.api_key_file {file}: " + ("it is empty" if not key else
+                            "it holds more than one word") + "; write the key alone on one line")
+    return key
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 def pick(servers: list[Server], now: float, adapter: str = "") -> Server | None:
     """The server with the shortest queue among those up (and having the adapter, if one is named)."""
     usable = [s for s in servers if s.up and s.down_until <= now and (not adapter or adapter in s.models)]
@@ -86,6 +163,8 @@ class RemoteEngine:
         self.converter = VlmConverter(self, self.limiter, pool, limits, sampling, dpi=ocr.dpi,
                                       render_timeout_s=ocr.page_timeout_s)
         self.state = "stopped"
+        self.error = ""  # why the engine cannot be used (its settings were refused)
+        self._api_key = ""
         self.pages_done = 0
         self.pages_per_s = 0.0
         self.tokens_per_s = 0.0
@@ -108,8 +187,24 @@ class RemoteEngine:
             self._current = asyncio.Event()
         return self._current
 
+    def _check_settings(self) -> None:
+        """Read the key and check the URLs, now (a changed key file counts from the next start)."""
+        for url in self.cfg.urls:
+            check_url(url)
+        self._api_key = read_api_key(self.cfg.api_key_file) if self.cfg.api_key_file else ""
+
     async def start(self) -> None:
         if self._poller is None or self._poller.done():
+            try:
+                await asyncio.to_thread(self._check_settings)
+            except RemoteRefused as exc:
+                if self.error != str(exc):
+                    self.error = str(exc)
+                    self.state = "failed"
+                    log.error("remote engine: %s", self.error)
+                    self.on_change(f"remote engine failed: {self.error}", True)
+                return
+            self.error = ""
             self.state = "starting"
             self._poller = asyncio.get_running_loop().create_task(self._poll_loop(), name="remote-engine-poll")
 
@@ -152,7 +247,10 @@ class RemoteEngine:
         return sorted({m for s in self.servers for m, parent in s.models.items() if parent})
 
     def describe(self) -> str:
-        lines = [f"remote {self.state}: {self.model or '(model not known yet)'}"]
+        key = "set" if self._api_key else ("none" if not self.cfg.api_key_file else "not read")
+        lines = [f"remote {self.state}: {self.model or '(model not known yet)'}, api key: {key}"]
+        if self.error:
+            lines.append(f"refused: {self.error}")
         for s in self.servers:
             status = "up" if s.up and s.down_until <= time.monotonic() else f"down ({s.error or 'no answer'})"
             lines.append(f"{s.root}: {status}, {s.load.running} running, {s.load.waiting} waiting, "
@@ -164,13 +262,15 @@ class RemoteEngine:
     async def target(self, adapter: str = "") -> Target:
         if self._poller is None:
             await self.start()
+        if self.error:
+            raise OcrError("engine", self.error)
         deadline = time.monotonic() + GIVE_UP_S
         while True:
             server = pick(self.servers, time.monotonic(), adapter)
             if server is not None:
                 server.in_flight += 1
                 return Target(root=server.root, model=self.model or next(iter(server.models), ""),
-                              api_key=self.cfg.api_key)
+                              api_key=self._api_key)
             if time.monotonic() > deadline:
                 raise OcrError("engine", "no remote server answered for "
                                          f"{GIVE_UP_S:.0f}s ({self.describe()}); check remote.urls")
@@ -231,7 +331,7 @@ class RemoteEngine:
             await asyncio.sleep(POLL_S)  # the poll period
 
     async def _count_prompt(self, s: Server) -> None:
-        count = await tokenized_length(self._client(), s.root, self.model, self.prompt, self.cfg.api_key)
+        count = await tokenized_length(self._client(), s.root, self.model, self.prompt, self._api_key)
         if count is not None:
             self.converter.limits = replace(self.converter.limits, prompt_tokens=count)
         self._prompt_counted = True
@@ -241,12 +341,12 @@ class RemoteEngine:
             return
         client = self._client()
         try:
-            resp = await client.get(f"{s.root}/metrics", headers=headers(self.cfg.api_key))
+            resp = await client.get(f"{s.root}/metrics", headers=headers(self._api_key))
             if resp.status_code == 200:
                 s.ours_at_poll = s.in_flight
                 s.load = parse_load(resp.text)
             # adapters come and go on servers we do not run: read the list at every poll
-            models = await client.get(f"{s.root}/v1/models", headers=headers(self.cfg.api_key))
+            models = await client.get(f"{s.root}/v1/models", headers=headers(self._api_key))
             models.raise_for_status()
             data = models.json().get("data", [])
             s.models = {str(m["id"]): str(m.get("parent") or "") for m in data}

@@ -81,7 +81,7 @@ class VllmEngine:
 
     async def _on_ready(self, target: Target) -> None:
         """Ask the server how long the templated prompt really is (the budget assumed an upper bound)."""
-        count = await tokenized_length(self.converter.client(), target.root, target.model, self.prompt)
+        count = await tokenized_length(self.converter.client(target.uds), target.root, target.model, self.prompt)
         if count is not None:
             self.converter.limits = replace(self.converter.limits, prompt_tokens=count)
 

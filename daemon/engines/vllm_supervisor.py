@@ -5,21 +5,34 @@
   :data:`STOP_GRACE_S`: vLLM's engine core is a separate process that a signal to the API server alone
   would orphan, with the GPU memory it holds. Its record, ``vllm.pid.json``, lets the next daemon end a
   child left by a daemon that was killed itself (:mod:`daemon.children.record`).
-* How it is started (argv, environment, port) is :mod:`daemon.engines.vllm_command`'s.
-* Ready = ``GET /health`` answers 200 within ``start_timeout_s``. While ready, ``/metrics`` is read every
-  :data:`POLL_S` seconds: running/waiting requests, KV-cache use and tokens/s go out as engine events, and
-  the shared :class:`InFlight` pool follows the server's queue. A child that exits, or stops answering for
-  :data:`HUNG_POLLS` polls, is killed (group) and started again after a backoff (1 s, 2 s, 5 s … 60 s);
+* How it is started (argv, environment, its private directory) is :mod:`daemon.engines.vllm_command`'s. It
+  listens on ``<fresh 0700 dir>/vllm.sock`` only, and every request of the daemon goes there; with
+  ``vllm.private_network`` (the default) it runs in a network namespace of its own
+  (:mod:`daemon.children.private_net`), so the TCP ports its engine opens are reachable from nowhere else. If
+  that namespace cannot be made, vLLM does not start, and the error says what to change.
+* Ready = ``/health`` answers and then a one-token completion comes back, within ``start_timeout_s``
+  (``/health`` alone once said "ready" of an engine that never completed anything again). While ready,
+  ``/metrics`` is read every :data:`POLL_S` seconds: running/waiting requests, KV-cache use and tokens/s go
+  out as engine events, and the shared :class:`InFlight` pool follows the server's queue. An engine that
+  generates tokens is alive; one that has generated none for :func:`probe_every` seconds gets a one-token
+  completion, which must come back within ``health_timeout_s`` (probes are real requests, counted in vLLM's
+  metrics: none while the engine works anyway). A child that exits, stops answering for :data:`HUNG_POLLS`
+  polls, or leaves a probe unanswered while it generates no token at all (hung, not busy), is killed
+  (group) and started again after a backoff (1 s, 2 s, 5 s …
+  60 s), and the reason is a durable engine event and part of ``ftctl engine status``;
   :data:`MAX_CRASHES` crashes within ten minutes, or :data:`MAX_START_FAILURES` failed starts in a row,
   leave it ``failed`` with the reason from its log, until ``ftctl engine start``.
 * Requests broken by a crash are not lost: :meth:`broken` waits for the restart and the converter sends
   them again (see :mod:`daemon.engines.vlm.converter`).
 * Sleep/wake for the training scheduler: with ``enable_sleep_mode`` ``POST /sleep?level=1`` and
-  ``/wake_up`` (vLLM serves these only with ``VLLM_SERVER_DEV_MODE=1``, set for the child); without it,
+  ``/wake_up`` (vLLM serves these only with ``VLLM_SERVER_DEV_MODE=1``, set for the child, and only the
+  daemon can reach them: see :func:`daemon.engines.vllm_command.build_env`); without it,
   stop and start. Either way the engine is then ``parked``: pages wait instead of failing, and a new OCR job
   does not start it behind the scheduler's back.
 * LoRA adapters are loaded at runtime (``VLLM_ALLOW_RUNTIME_LORA_UPDATING``, ``/v1/load_lora_adapter``),
-  remembered in ``<state>/vllm/adapters.json`` and loaded again after every restart.
+  remembered with their owners in ``<state>/vllm/adapters.json`` and loaded again after every restart. Names
+  are namespaced by owner (:func:`adapter_name`): alice's ``invoices`` is served as ``alice/invoices``, an
+  admin's bare name is the team's; only an adapter's owner or an admin replaces or unloads it.
 
 States: stopped → starting → ready ⇄ sleeping; ready → restarting → ready; starting/restarting → failed.
 """
@@ -31,8 +44,10 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
+import stat
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -40,21 +55,24 @@ from pathlib import Path
 import httpx
 import msgspec
 
+from daemon.children.private_net import EXIT_NO_NAMESPACE, launcher_argv
 from daemon.children.process import ChildProcess
 from daemon.children.record import reap_recorded, write_record
 from daemon.core.atomic import write_atomic
 from daemon.engines.vllm_command import (
+    PRIVATE_DIR_PREFIX,
+    SOCKET_NAME,
     build_command,
     build_env,
     exit_text,
-    free_port,
-    give_short_ipc_dir,
+    launcher_complaint,
     log_reason,
-    port_free,
+    make_private_dir,
     served_name_of,
 )
 from daemon.engines.vlm.chat_stream import error_message
 from daemon.engines.vlm.converter import Target
+from daemon.engines.vlm.http_clients import UDS_ROOT, HttpClients, transport
 from daemon.engines.vlm.inflight import InFlight
 from daemon.engines.vlm.server_metrics import ServerLoad, parse_load
 from daemon.ocr.errors import OcrError
@@ -70,12 +88,51 @@ MAX_START_FAILURES = 3
 MAX_CRASHES = 6  # within CRASH_WINDOW_S
 CRASH_WINDOW_S = 600.0
 
+
+def probe_every(health_timeout_s: float) -> float:
+    """Seconds between two probes of an engine that generates nothing: a hung one is found within about twice
+    its timeout."""
+    return max(POLL_S, health_timeout_s)
+
+
 ChangeHook = Callable[[str, bool], None]  # (what happened, durable)
 ReadyHook = Callable[[Target], Awaitable[None]]
 
 
 class EngineCommandError(Exception):
     """A request to the engine that cannot be done; the message says why and what to do."""
+
+
+class AdapterRefused(EngineCommandError):
+    """The adapter (or the name asked for) is another member's: the protocol's ``forbidden``."""
+
+
+# an adapter's own name, and a user name before it ("alice/invoices")
+ADAPTER_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?")
+
+
+def adapter_name(asked: str, user: str, admin: bool) -> str:
+    """The name vLLM serves an adapter under when ``user`` loads it as ``asked``. A member's go under her own
+    name (``invoices`` → ``alice/invoices``), so no member can take or replace another's; an admin's bare name
+    is the team's (``invoices``), and an admin may load into a member's namespace (the adapter is hers then).
+    Raises :class:`AdapterRefused` for a member naming another's namespace."""
+    ns, slash, base = asked.rpartition("/")
+    if not ADAPTER_NAME_RE.fullmatch(base) or (slash and not _USER_RE.fullmatch(ns)):
+        raise EngineCommandError(f"'{asked}' cannot name an adapter: use letters, digits, '_', '-' and '.' (at most "
+                                 "64, starting with a letter or digit), optionally after a user name and '/'")
+    if not slash:
+        return asked if admin else f"{user}/{asked}"
+    if ns != user and not admin:
+        raise AdapterRefused(f"{user} cannot load an adapter as '{asked}': names under '{ns}/' are {ns}'s; load it "
+                             f"as '{base}' (served as {user}/{base})")
+    return asked
+
+
+def owner_of_name(name: str, loader: str) -> str:
+    """Whose an adapter loaded as ``name`` by ``loader`` is: the namespace's user, else the loader's."""
+    ns, slash, _base = name.rpartition("/")
+    return ns if slash else loader
 
 
 class StartFailed(Exception):
@@ -103,31 +160,47 @@ class VllmSupervisor:
         # the allocator reads it through the engine's view.
         self.parked = False
         self.generation = 0
-        self.port = cfg.port
+        self.uds: Path | None = None  # the running child's socket, in self._private_dir
         self.proc: ChildProcess | None = None
-        self.adapters: dict[str, str] = self._read_adapters()
+        # served name -> directory, and served name -> the user it belongs to ("" = loaded before owners were
+        # recorded: an admin's to unload)
+        self.adapters: dict[str, str] = {}
+        self.adapter_owners: dict[str, str] = {}
+        self._read_adapters()
         self.load = ServerLoad()
         self.tokens_per_s = 0.0
         self.pages_per_s = 0.0
         self.pages_done = 0
         self.restarts = 0
+        self.last_restart = ""  # why and when it was last restarted, for `ftctl engine status`
         self._task: asyncio.Task[None] | None = None
         self._changed: asyncio.Event | None = None
-        self._http: httpx.AsyncClient | None = None
+        self._clients = HttpClients(lambda uds: httpx.AsyncClient(timeout=httpx.Timeout(10.0),
+                                                                   transport=transport(uds)))
         self._last_poll: tuple[float, float, int] | None = None  # (time, generation tokens, pages)
         self._lock: asyncio.Lock | None = None  # serialises start/stop/sleep/wake
-        self._ipc_dir: Path | None = None  # made for vLLM's sockets when TMPDIR is too deep; goes with the child
+        self._private_dir: Path | None = None  # vLLM's sockets; made for each child, goes with it
+        self._network_said = False  # the choice of network is logged once
 
     # ------------------------------------------------------------------------------------ helpers
 
     @property
     def root(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        """The base URL of every request; they all go to :attr:`uds`, the host name is never resolved."""
+        return UDS_ROOT
+
+    @property
+    def socket_path(self) -> str:
+        """Where requests go: the child's socket, or with no child a path in the daemon's own workdir that never
+        exists. Never "" (that would be TCP to localhost:80, whoever listens there), never a removed private
+        directory (someone else could make it again)."""
+        return str(self.uds or self.workdir / "no-vllm-running.sock")
 
     def _client(self) -> httpx.AsyncClient:
-        if self._http is None:
-            self._http = httpx.AsyncClient(timeout=httpx.Timeout(10.0))
-        return self._http
+        return self._clients.get(self.socket_path)
+
+    def target_now(self) -> Target:
+        return Target(root=self.root, model=self.served_name, generation=self.generation, uds=self.socket_path)
 
     def _mutex(self) -> asyncio.Lock:
         if self._lock is None:
@@ -165,13 +238,17 @@ class VllmSupervisor:
         """One paragraph for `ftctl engine status`."""
         parts = [f"vLLM {self.state}: {self.served_name} ({self.cfg.model})"]
         if self.state in ("ready", "sleeping"):
-            parts.append(f"at {self.root}, pid {self.pid}")
+            net = "private network" if self.cfg.private_network else "host network (vllm.private_network = false)"
+            parts.append(f"on {self.uds}, pid {self.pid}, {net}")
         if self.parked:
             parts.append("parked by the scheduler (pages wait until it wakes)")
         if self.adapters:
-            parts.append("adapters: " + ", ".join(f"{k} ({v})" for k, v in sorted(self.adapters.items())))
+            parts.append("adapters: " + self.adapter_list())
         if self.error:
             parts.append(f"last problem: {self.error}")
+        if self.restarts:
+            parts.append(f"restarted {self.restarts} time{'s' if self.restarts > 1 else ''} (last: "
+                         f"{self.last_restart})")
         parts.append(f"log: {self.log_path}")
         return "; ".join(parts)
 
@@ -222,9 +299,7 @@ class VllmSupervisor:
 
     async def close(self) -> None:
         await self.stop("stopped with the daemon")
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
+        await self._clients.aclose()
 
     async def sleep(self) -> str:
         """Free the GPU for training: /sleep?level=1 with sleep mode, else stop. Pages wait meanwhile."""
@@ -277,7 +352,7 @@ class VllmSupervisor:
     async def target(self) -> Target:
         while True:
             if self.state == "ready":
-                return Target(root=self.root, model=self.served_name, generation=self.generation)
+                return self.target_now()
             if self.state == "failed":
                 raise OcrError("engine", f"the vLLM engine failed: {self.error}; fix the cause (log: "
                                          f"{self.log_path}), then `ftctl engine start` and `ftctl retry` the job")
@@ -306,24 +381,39 @@ class VllmSupervisor:
 
     # ----------------------------------------------------------------------------------- adapters
 
-    def check_adapter(self, name: str) -> str | None:
-        """None if a job may name this adapter, else why not and what to do."""
+    def resolve_adapter(self, asked: str, user: str) -> str:
+        """The served name a page or question naming ``asked`` means: a full name as it is; a bare one the
+        user's own (``user/asked``) if loaded, else the team's."""
+        own = f"{user}/{asked}"
+        return own if user and "/" not in asked and own in self.adapters else asked
+
+    def adapter_list(self) -> str:
+        """Every adapter with its owner and directory, for `ftctl engine adapters` and status."""
+        return ", ".join(f"{name} ({self.adapter_owners.get(name) or 'owner not recorded'}: {path})"
+                         for name, path in sorted(self.adapters.items()))
+
+    def check_adapter(self, name: str, user: str = "") -> str | None:
+        """None if a job of ``user`` may name this adapter (see :meth:`resolve_adapter`), else why not and what
+        to do."""
         if not self.cfg.enable_lora:
             return (f"adapter '{name}': the vLLM engine runs without LoRA; set vllm.enable_lora = true and "
                     "restart the daemon")
-        if name not in self.adapters:
+        if self.resolve_adapter(name, user) not in self.adapters:
             loaded = ", ".join(sorted(self.adapters)) or "none"
             return (f"adapter '{name}' is not loaded in the vLLM engine (loaded: {loaded}); load it first with "
                     f"`ftctl engine load {name} /path/to/adapter`")
         return None
 
-    async def load_adapter(self, name: str, path: str) -> str:
+    async def load_adapter(self, asked: str, path: str, *, user: str, admin: bool) -> str:
+        """Load (or replace) the adapter in ``path`` as ``user`` asks: under :func:`adapter_name`, hers. Who may
+        read ``path`` is the caller's to check (daemon/engines/control.py, daemon/train/requests.py)."""
         if not self.cfg.enable_lora:
             raise EngineCommandError("the vLLM engine runs without LoRA; set vllm.enable_lora = true and restart "
                                      "the daemon")
-        if not name or any(c.isspace() for c in name) or name == self.served_name:
-            raise EngineCommandError(f"'{name}' cannot name an adapter: give a name without spaces that is not "
-                                     f"the base model's ({self.served_name})")
+        name = adapter_name(asked, user, admin)
+        if name == self.served_name:
+            raise EngineCommandError(f"'{name}' cannot name an adapter: it is the base model's name")
+        owner = owner_of_name(name, user)
         adapter_dir = Path(path).expanduser()
         if not adapter_dir.is_absolute():
             raise EngineCommandError(f"{path}: give the adapter's absolute path (ftctl does this for you)")
@@ -331,6 +421,8 @@ class VllmSupervisor:
             raise EngineCommandError(f"{adapter_dir}: no adapter_config.json there; give the directory of a PEFT "
                                      "LoRA adapter (LLaMA-Factory's output_dir or one of its checkpoint-N)")
         async with self._mutex():
+            if name in self.adapters:
+                self._check_owner(name, user, admin, "replace")
             if self.state == "ready":
                 if name in self.adapters:
                     await self._post_adapter("unload", {"lora_name": name})
@@ -343,24 +435,37 @@ class VllmSupervisor:
             else:
                 note = f"adapter {name} ({adapter_dir}) will be loaded when vLLM is ready (it is {self.state})"
             self.adapters[name] = str(adapter_dir)
+            self.adapter_owners[name] = owner
             self._write_adapters()
         self.on_change(note, True)
         return note
 
-    async def unload_adapter(self, name: str) -> str:
+    async def unload_adapter(self, asked: str, *, user: str, admin: bool) -> str:
+        name = self.resolve_adapter(asked, user)
         async with self._mutex():
             if name not in self.adapters:
                 loaded = ", ".join(sorted(self.adapters)) or "none"
-                raise EngineCommandError(f"adapter '{name}' is not loaded (loaded: {loaded})")
+                raise EngineCommandError(f"adapter '{asked}' is not loaded (loaded: {loaded})")
+            self._check_owner(name, user, admin, "unload")
             if self.state == "ready":
                 status, message = await self._post_adapter("unload", {"lora_name": name})
                 if status != 200 and status != 404:
                     raise EngineCommandError(f"vLLM could not unload adapter '{name}': \"{message}\"")
             del self.adapters[name]
+            self.adapter_owners.pop(name, None)
             self._write_adapters()
         note = f"adapter {name} unloaded"
         self.on_change(note, True)
         return note
+
+    def _check_owner(self, name: str, user: str, admin: bool, verb: str) -> None:
+        owner = self.adapter_owners.get(name, "")
+        if admin or (owner and owner == user):
+            return
+        whose = f"it is {owner}'s; ask {owner} or an admin" if owner else \
+            "it was loaded before owners were recorded; ask an admin"
+        raise AdapterRefused(f"{user} cannot {verb} adapter '{name}': {whose}"
+                             + ("; load yours under another name" if verb == "replace" else ""))
 
     async def _post_adapter(self, action: str, body: dict[str, str]) -> tuple[int, str]:
         try:
@@ -376,19 +481,31 @@ class VllmSupervisor:
             if status != 200:
                 problems.append(f"adapter {name} could not be loaded again from {path}: \"{message}\"")
                 del self.adapters[name]
+                self.adapter_owners.pop(name, None)
         if problems:
             self._write_adapters()
         return problems
 
-    def _read_adapters(self) -> dict[str, str]:
+    def _read_adapters(self) -> None:
+        """The registry: ``{name: {"path", "owner"}}`` (a daemon before owners wrote ``{name: path}``)."""
         try:
             data = json.loads(self.adapters_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return {}
-        return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
+            return
+        if not isinstance(data, dict):
+            return
+        for name, entry in data.items():
+            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
+                self.adapters[str(name)] = entry["path"]
+                self.adapter_owners[str(name)] = str(entry.get("owner") or "")
+            elif isinstance(entry, str):
+                self.adapters[str(name)] = entry
+                self.adapter_owners[str(name)] = ""
 
     def _write_adapters(self) -> None:
-        write_atomic(self.adapters_path, json.dumps(self.adapters, indent=1, sort_keys=True) + "\n")
+        registry = {name: {"path": path, "owner": self.adapter_owners.get(name, "")}
+                    for name, path in self.adapters.items()}
+        write_atomic(self.adapters_path, json.dumps(registry, indent=1, sort_keys=True) + "\n")
 
     # ------------------------------------------------------------------------------ the child
 
@@ -431,10 +548,10 @@ class VllmSupervisor:
             self.generation += 1
             problems = await self._restore_adapters()
             if self.on_ready is not None:
-                await self.on_ready(Target(root=self.root, model=self.served_name, generation=self.generation))
+                await self.on_ready(self.target_now())
             self._last_poll = None
             note = "; ".join(problems)
-            self._set_state("ready", f"vLLM ready at {self.root} after {time.monotonic() - t0:.0f}s"
+            self._set_state("ready", f"vLLM ready on {self.uds} after {time.monotonic() - t0:.0f}s"
                             + (f" ({note})" if note else ""))
             if note:
                 self.error = note
@@ -451,6 +568,7 @@ class VllmSupervisor:
             now = time.monotonic()
             crashes = [t for t in crashes if now - t < CRASH_WINDOW_S] + [now]
             self.restarts += 1
+            self.last_restart = f"{time.strftime('%H:%M:%S')}: {reason}"
             if len(crashes) >= MAX_CRASHES:
                 await self._terminate()
                 self._task = None
@@ -476,35 +594,52 @@ class VllmSupervisor:
             raise StartFailed("no model configured; set vllm.model to a model directory or hub name", fatal=True)
         if model.startswith(("/", "./", "~")) and not Path(model).expanduser().exists():
             raise StartFailed(f"the model directory {model} does not exist; fix vllm.model", fatal=True)
-        if not self.port or not port_free(self.port):
-            if self.cfg.port and self.port == self.cfg.port:
-                log.warning("port %d (vllm.port) is taken; vLLM gets a free port this time", self.cfg.port)
-            self.port = free_port()
-        argv = build_command(self.cfg, exe, self.port, self.served_name, max(1, len(self.gpu_indices)))
-        env = build_env(self.cfg, os.environ, self.gpu_indices)
-        self._drop_ipc_dir()
-        self._ipc_dir = give_short_ipc_dir(env)
-        if self._ipc_dir is not None:
-            log.info("vLLM's ipc sockets go to %s: its TMPDIR is too deep for a Unix socket path", self._ipc_dir)
+        self._drop_private_dir()
+        private = self._private_dir = make_private_dir()
+        self.uds = private / SOCKET_NAME
+        log.info("vLLM's ipc sockets go to %s: a fresh directory only the daemon's user can enter (its API "
+                 "socket %s too)", private, SOCKET_NAME)
+        argv = build_command(self.cfg, exe, str(self.uds), self.served_name, max(1, len(self.gpu_indices)))
+        env = build_env(self.cfg, os.environ, self.gpu_indices, private_dir=private)
+        run = launcher_argv(argv) if self.cfg.private_network else argv
+        if not self._network_said:
+            self._network_said = True
+            if self.cfg.private_network:
+                log.info("vLLM runs in a network namespace of its own: the TCP ports its engine opens are "
+                         "reachable by no other local user")
+            else:
+                log.warning("vllm.private_network = false: vLLM shares the host's network, and every local user "
+                            "can connect to the TCP ports its engine opens on 127.0.0.1")
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as logfh:
             logfh.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} ftmllmd starts: {shlex.join(argv)}\n".encode())
         try:
-            proc = self.proc = ChildProcess.start(argv, env, log_path=self.log_path, cwd=self.workdir)
+            proc = self.proc = ChildProcess.start(run, env, log_path=self.log_path, cwd=self.workdir)
         except OSError as exc:
-            raise StartFailed(f"cannot run {exe}: {exc.strerror}", fatal=True) from None
-        write_record(self.pid_path, proc.record, {"port": self.port, "argv": argv})
+            raise StartFailed(f"cannot run {run[0]}: {exc.strerror}", fatal=True) from None
+        # the same pid runs vLLM once the launcher has made the namespace (exec): the record holds either way
+        write_record(self.pid_path, proc.record, {"uds": str(self.uds), "argv": argv})
         deadline = time.monotonic() + self.cfg.start_timeout_s
+        why = "no answer from /health"
         while time.monotonic() < deadline:
             if proc.returncode is not None:
+                complaint = launcher_complaint(self.log_path)
+                if proc.returncode == EXIT_NO_NAMESPACE and complaint:
+                    raise StartFailed(complaint, fatal=True)
                 raise StartFailed(f"vllm serve ended ({exit_text(proc.returncode)}) before it was ready: "
                                   f"{log_reason(self.log_path) or 'see ' + str(self.log_path)}")
             if await self._healthy(timeout=2.0):
-                return
+                # up, but only an answered completion shows the engine behind it works
+                left = deadline - time.monotonic()
+                problem = await self._probe(min(self.cfg.health_timeout_s, max(left, 1.0)))
+                if problem is None:
+                    return
+                why = f"/health answers, but {problem}"
+                continue
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(proc.exited(), 0.5)  # wakes early if it exits, else polls /health again
-        raise StartFailed(f"no answer from /health within start_timeout_s = {self.cfg.start_timeout_s:g}s; "
-                          f"raise vllm.start_timeout_s if the model is large (log: {self.log_path})")
+        raise StartFailed(f"{why} within start_timeout_s = {self.cfg.start_timeout_s:g}s; raise vllm.start_timeout_s "
+                          f"if the model is large (log: {self.log_path})")
 
     async def _healthy(self, timeout: float = 5.0) -> bool:
         try:
@@ -513,25 +648,71 @@ class VllmSupervisor:
             return False
         return resp.status_code == 200
 
+    async def _probe(self, timeout: float) -> str | None:
+        """A one-token completion: None if it came back within ``timeout``, else what went wrong."""
+        # the chat API, as the pages use it (vLLM 0.32's CPU engine died on a two-token raw /v1/completions)
+        body = {"model": self.served_name, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1,
+                "temperature": 0.0}
+        try:
+            # wait_for, not httpx's timeouts: those bound each read, and a server may trickle bytes
+            resp = await asyncio.wait_for(self._client().post(f"{self.root}/v1/chat/completions", json=body,
+                                                              timeout=timeout), timeout)
+        except (TimeoutError, httpx.TimeoutException):
+            return f"a one-token completion got no answer within health_timeout_s = {timeout:g}s"
+        except httpx.HTTPError as exc:
+            return f"a one-token completion failed ({type(exc).__name__}: {exc})"
+        if resp.status_code != 200:
+            return f"a one-token completion was answered {resp.status_code} ({error_message(resp.content)})"
+        return None
+
     async def _watch(self) -> str:
-        """Until the child exits or hangs: poll /metrics. Returns why it ended."""
+        """Until the child exits or hangs: poll /metrics, probe with a one-token completion. Returns why it
+        ended."""
         proc = self.proc
         assert proc is not None
         waiter = asyncio.ensure_future(proc.exited())
+        probe: asyncio.Task[str | None] | None = None
+        timeout = self.cfg.health_timeout_s
+        next_probe = time.monotonic() + probe_every(timeout)
+        tokens_seen: float | None = None  # generated tokens at the last look (None: not read yet)
+        tokens_at_probe = 0.0
         misses = 0
         try:
             while True:
-                done, _ = await asyncio.wait({waiter}, timeout=POLL_S)
-                if done:
+                done, _ = await asyncio.wait({waiter} | ({probe} if probe is not None else set()), timeout=POLL_S)
+                if waiter in done:
                     return f"vLLM exited ({exit_text(proc.returncode)})"
                 if await self._poll():
                     misses = 0
+                    if tokens_seen is None:
+                        tokens_seen = self.load.generation_tokens
                 else:
                     misses += 1
                     if misses >= HUNG_POLLS:
                         return f"vLLM stopped answering for {misses * POLL_S:.0f}s (hung); killed it"
+                now = time.monotonic()
+                if probe is not None and probe.done():
+                    problem, probe = probe.result(), None
+                    next_probe = now + probe_every(timeout)
+                    tokens_seen = None  # the next poll counts the probe's own token in; look from there
+                    if problem is not None and self.state == "ready":
+                        if self.load.generation_tokens > tokens_at_probe:
+                            # tokens flowed meanwhile: busy (a long queue), not hung
+                            log.info("vLLM is busy: %s, but it generated tokens meanwhile", problem)
+                        else:
+                            return (f"vLLM answers /health but is hung: {problem}, and it generated no token "
+                                    "meanwhile; killed it")
+                if probe is None and self.state == "ready" and now >= next_probe:
+                    if tokens_seen is not None and self.load.generation_tokens > tokens_seen:  # it works: no need
+                        tokens_seen = self.load.generation_tokens
+                        next_probe = now + probe_every(timeout)
+                    else:
+                        tokens_seen = tokens_at_probe = self.load.generation_tokens
+                        probe = asyncio.get_running_loop().create_task(self._probe(timeout), name="vllm-probe")
         finally:
             waiter.cancel()
+            if probe is not None:
+                probe.cancel()
 
     async def _poll(self) -> bool:
         try:
@@ -568,16 +749,34 @@ class VllmSupervisor:
                 self.pid_path.unlink(missing_ok=True)
             if self.proc is proc:
                 self.proc = None
-        self._drop_ipc_dir()
+        self._drop_private_dir()
 
-    def _drop_ipc_dir(self) -> None:
-        """vLLM leaves its ipc socket files behind; the directory made for them goes with the child."""
-        if self._ipc_dir is not None:
-            shutil.rmtree(self._ipc_dir, ignore_errors=True)
-            self._ipc_dir = None
+    def _drop_private_dir(self) -> None:
+        """vLLM leaves its socket files behind; the directory made for them goes with the child."""
+        if self._private_dir is not None:
+            shutil.rmtree(self._private_dir, ignore_errors=True)
+            self._private_dir = None
+            self.uds = None
 
     def _reap_orphan(self) -> None:
-        """A vLLM left running by a daemon that was killed holds its GPU memory and port: end it."""
+        """A vLLM left running by a daemon that was killed holds its GPU memory: end it, and remove its socket
+        directory. Records of earlier versions (a port, no socket) are read too."""
+        try:
+            uds = str(json.loads(self.pid_path.read_text(encoding="utf-8")).get("uds") or "")
+        except (OSError, ValueError, AttributeError):
+            uds = ""
         left = reap_recorded(self.pid_path, term_s=STOP_GRACE_S)
         if left is not None:
             log.warning("ended a vLLM left running by an earlier daemon (process group %d)", left.pgid)
+        if uds:
+            remove_private_dir(Path(uds).parent)
+
+
+def remove_private_dir(path: Path) -> None:
+    """Remove a socket directory an earlier daemon made, if it is one (our prefix, our own, not a link)."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return
+    if path.name.startswith(PRIVATE_DIR_PREFIX) and st.st_uid == os.geteuid() and stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path, ignore_errors=True)

@@ -13,10 +13,15 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from daemon.gpus.plan import EngineView
+from daemon.jobs.base import Caller
 
 
 class DeployError(Exception):
     """The engine refused a deploy; the message says why and what to do."""
+
+
+class DeployForbidden(DeployError):
+    """The name is another member's (names are namespaced by owner): the protocol's ``forbidden``."""
 
 
 class GpuEngine(Protocol):
@@ -34,8 +39,10 @@ class GpuEngine(Protocol):
         """Bring a parked engine back (wake, or start again)."""
         ...
 
-    async def load_adapter(self, name: str, path: Path) -> str:
-        """Load a LoRA adapter at runtime under ``name``; returns a one-line message. Raises DeployError."""
+    async def load_adapter(self, name: str, path: Path, caller: Caller) -> str:
+        """Load a LoRA adapter at runtime as ``caller`` names it (a member's names are served under her own,
+        ``alice/name``; the adapter is hers to replace or unload); returns a one-line message. Raises
+        DeployError, DeployForbidden for a name that is another member's."""
         ...
 
     async def serve_model(self, path: Path) -> str:

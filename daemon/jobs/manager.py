@@ -10,6 +10,7 @@ import asyncio
 import inspect
 import logging
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,18 @@ class RequestDenied(Exception):
         self.code = code
         self.message = message
 
+
+class QueueFull(RequestDenied):
+    """The caller has [daemon] max_queued_per_user jobs waiting; the hot folder leaves such a file in the inbox."""
+
+    def __init__(self, user: str, queued: int) -> None:
+        super().__init__("too_large", f"{user} has {queued:,} jobs waiting in the queue, the most [daemon] "
+                                      "max_queued_per_user allows; submit again once some have started, or "
+                                      "cancel some (`ftctl jobs`, `ftctl cancel ID`)")
+
+
+# a scheduling pass longer than this makes the next one wait (see JobManager.run)
+SCHEDULER_PACE_S = 0.002
 
 # admit(job, resources, running) -> the GPU indices to give the job, or None to leave it queued for now
 Admission = Callable[[JobInfo, Resources, dict[int, "RunningJob"]], "list[int] | None"]
@@ -61,6 +74,10 @@ class JobManager:
         self.end_hooks: list[JobEndHook] = []
         self._wake = asyncio.Event()
         self._stopping = False
+        self._queued_resources: dict[int, Resources] = {}
+        cfg = settings.config.daemon
+        self.max_queued = cfg.max_queued_per_user
+        store.set_retention(cfg.event_retention, cfg.event_retention_days * 86400)
 
     # -------------------------------------------------------------------------------------- state
 
@@ -80,12 +97,23 @@ class JobManager:
 
     # ----------------------------------------------------------------------------------- requests
 
+    def has_queue_room(self, user: str) -> bool:
+        return self.max_queued <= 0 or self.store.queued_of(user) < self.max_queued
+
+    def _check_queue_room(self, user: str) -> None:
+        """The per-user cap: for everyone, admins too (a runaway script fills the store whoever runs it), and
+        for the hot folder's jobs (their files wait in the inbox until there is room)."""
+        if not self.has_queue_room(user):
+            raise QueueFull(user, self.store.queued_of(user))
+
     async def submit(self, kind: str, spec: dict[str, Any], name: str, caller: Caller) -> JobInfo:
         handler = self.kinds.get(kind)
         if handler is None:
             raise SpecError(f"unknown job kind '{kind}'; use one of: {', '.join(sorted(self.kinds))}")
+        self._check_queue_room(caller.user)  # before validating, which may read the whole file
         checked = handler.validate(spec, caller)
         display, frozen = await checked if inspect.isawaitable(checked) else checked
+        self._check_queue_room(caller.user)  # again: other submits of this user may have gone in meanwhile
         seq, job, what = self.store.create_job(kind, caller.user, name or display, frozen)
         self.bus.durable(seq, JobChanged(job=job, what=what))
         on_created = getattr(handler, "on_created", None)
@@ -124,6 +152,7 @@ class JobManager:
         if job.state not in ("failed", "canceled", "interrupted"):
             raise RequestDenied("invalid_state", f"job {job_id} is {job.state}; only failed, canceled or "
                                                  "interrupted jobs can be retried")
+        self._check_queue_room(job.owner)  # the retried job waits in its owner's queue
         job = self._update(job_id, f"retried by {caller.user}", state="queued", error="", finished=None)
         self.kick()
         return job
@@ -165,25 +194,45 @@ class JobManager:
             if self._stopping:
                 break
             if not self.paused:
+                t0 = time.monotonic()
                 self._start_ready()
+                spent = time.monotonic() - t0
+                if spent > SCHEDULER_PACE_S:
+                    # a long queue (~1 ms per 1,000 jobs): kicks arriving meanwhile share the next pass, so the
+                    # scheduler takes at most a tenth of the loop from the requests and events
+                    await asyncio.sleep(9 * spent)
 
     def _start_ready(self) -> None:
-        for job in self.store.jobs_in_state("queued"):
-            handler = self.kinds.get(job.kind)
+        # Runs at every submit and job end, so it must stay cheap with thousands queued (a hot-folder drop):
+        # a job whose lane is full is passed over without reading its row; its resources are remembered
+        # (they depend on the spec alone, which does not change while it waits).
+        busy = Counter(r.resources.lane for r in self.running.values())
+        queued = self.store.queued_ids()
+        for job_id, kind in queued:
+            handler = self.kinds.get(kind)
             if handler is None:
-                self._update(job.id, f"failed: this daemon has no job kind '{job.kind}'", state="failed",
-                             error=f"this daemon has no job kind '{job.kind}'; upgrade ftmllm")
+                self._update(job_id, f"failed: this daemon has no job kind '{kind}'", state="failed",
+                             error=f"this daemon has no job kind '{kind}'; upgrade ftmllm")
                 continue
-            res = handler.resources(job)
-            lane_busy = sum(1 for r in self.running.values() if r.resources.lane == res.lane)
-            if lane_busy >= self.lane_limits.get(res.lane, 1):
+            job: JobInfo | None = None
+            res = self._queued_resources.get(job_id)
+            if res is None:
+                job = self.store.get_job(job_id)
+                res = self._queued_resources[job_id] = handler.resources(job)
+            if busy[res.lane] >= self.lane_limits.get(res.lane, 1):
                 continue
+            job = job or self.store.get_job(job_id)
             gpus: list[int] | None = []
             if self.admission is not None:
                 gpus = self.admission(job, res, self.running)
             if gpus is None:
                 continue
             self._launch(job, handler, res, gpus)
+            busy[res.lane] += 1
+            del self._queued_resources[job_id]
+        if len(self._queued_resources) > len(queued):  # forget jobs that left the queue
+            still = {job_id for job_id, _kind in queued}
+            self._queued_resources = {k: v for k, v in self._queued_resources.items() if k in still}
 
     def _launch(self, job: JobInfo, handler: JobKind, res: Resources, gpus: list[int]) -> None:
         resumed = job.attempts > 0  # it ran before: kinds continue from what they stored

@@ -1,55 +1,102 @@
 """The ``ocr`` job kind: validate → per page (render or text layer → engine → stored result) → Markdown.
 
+The daemon reads no path a client names: a client hands the PDF over first (shared/handover.py) and the spec
+names the spool entry handover.sock answered, which only a user who handed those bytes over may name; the
+hot folder spools what it takes the same way, as the dropped file's owner. The fingerprint (``sha256``),
+``source`` and ``rel_dir`` are the daemon's own, never a client's. A password never enters the spec: it is
+kept in a 0600 file in the job's dir (the spec says ``password: set``) and removed when the job ends.
+
 Each finished page is stored (text, method, timings) the moment it is done; a job that runs again (after
 a crash, a daemon restart or a retry) starts at the first page not done, so no page is converted twice.
-The assembled ``<stem>.md`` and its sidecar ``<stem>.json`` are written atomically to the outbox.
+The assembled ``<stem>.md`` and its sidecar ``<stem>.json`` go to the outbox only (``rel_dir`` mirrors a hot
+folder subfolder), written without following links, with the umask's mode, never over another owner's
+output: that name taken, the job writes ``<stem>.job<ID>.md``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import os
+import secrets
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from daemon.core.atomic import write_atomic
 from daemon.core.store import Store, UnknownJob
 from daemon.jobs.base import Caller, JobContext, JobFailed, Resources, SpecError
 from daemon.ocr.engine import Engine, EngineChoice, PageResult, load_page_input, run_page
 from daemon.ocr.engine import TextDelta as EngineDelta
 from daemon.ocr.errors import OcrError
 from daemon.ocr.pdfworker import PdfWorkerPool
+from daemon.spool.spool import Spool, SpoolError
+from daemon.spool.tree import TreeError, exists_at, opened_dir, safe_name, safe_rel_dir, write_at
 from shared.config import Settings
 from shared.protocol import TERMINAL_STATES, JobInfo, PageInfo, TextDelta
 
 log = logging.getLogger(__name__)
 
+PASSWORD_FILE = "password"
+INPUT_DIR = "input"
+# a password between validate and on_created (the same turn of the event loop, in practice)
+_PENDING = "pending:"
+_PENDING_TTL_S = 60.0
 
-class OcrSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    file: str
-    sha256: str = ""
-    password: str = ""
+# spec keys a client may not send, and why
+REFUSED_KEYS = {
+    "file": "ocr spec: 'file' names a path for the daemon to read, and the daemon reads only files handed over to "
+            "it; use ftctl submit ocr FILE (or ftui) of the daemon's version, which hand the file over",
+    "out_dir": "ocr spec: 'out_dir' is gone: the daemon writes only into its outbox; `ftctl submit ocr FILE --out-dir "
+               "DIR` writes the results into DIR with your own rights",
+    "sha256": "ocr spec: 'sha256' is the daemon's own hash of the file handed over; leave it out",
+    "source": "ocr spec: 'source' is set by the daemon (ctl or hotfolder); leave it out",
+    "rel_dir": "ocr spec: 'rel_dir' is set by the hot folder for the subfolder a file was dropped in; leave it out",
+    "size": "ocr spec: 'size' is measured by the daemon; leave it out",
+    "dropped": "ocr spec: 'dropped' is set by the hot folder for the file it took; leave it out",
+}
+
+
+class OcrRequest(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """An ``ocr`` spec as a client sends it."""
+
+    spool: str  # the sha256 handover.sock answered for the PDF
+    name: str = ""  # the file's name: the job's name and the outputs' (made safe)
+    password: str = ""  # never stored in the spec
     engine: str = ""  # "" = the daemon's configured engine
     adapter: str = ""  # a LoRA adapter loaded in the vLLM engine
     force: bool = False  # convert again even if the same content was converted before
-    out_dir: str = ""  # where the Markdown goes ("" = the outbox)
-    source: str = "ctl"  # "ctl" or "hotfolder"
-    rel_dir: str = ""  # the hot folder subfolder the file came from (mirrored in outbox/done/failed)
     max_pages: int = 0  # 0 = all
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+@dataclass(frozen=True)
+class HotDrop:
+    """The hot folder's own part of a spec. Only daemon code can put this object into a spec: what a client
+    sends is plain data decoded from msgpack."""
+
+    rel_dir: str  # the inbox subfolder the file lies in, as found there
+    dropped: str  # the file's path below the inbox, as found there (moved to done/ or failed/ at the end)
+    password: str = ""  # from the file's .password sidecar
+
+
+class OcrSpec(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """An ``ocr`` job as stored: every field set or checked by the daemon."""
+
+    sha256: str  # the spool entry: the daemon's hash of the bytes it was handed (the fingerprint)
+    name: str  # a safe file name
+    size: int = 0
+    password: str = ""  # "set" when the job's dir holds its password file; never the password
+    engine: str = ""
+    adapter: str = ""
+    force: bool = False
+    source: str = "ctl"  # "ctl" or "hotfolder"
+    rel_dir: str = ""  # the hot folder subfolder the file came from, made safe (mirrored in outbox/done/failed)
+    dropped: str = ""  # hot folder: the file's path below the inbox
+    max_pages: int = 0
 
 
 class DuplicateSource(SpecError):
@@ -63,27 +110,39 @@ class DuplicateSource(SpecError):
 class OcrKind:
     kind = "ocr"
 
-    def __init__(self, settings: Settings, pool: PdfWorkerPool, choice: EngineChoice, store: Store) -> None:
+    def __init__(self, settings: Settings, pool: PdfWorkerPool, choice: EngineChoice, store: Store, spool: Spool,
+                 job_dir: Callable[[int], Path]) -> None:
+        """``spool``: where handed-over files are; ``job_dir(id)``: a job's own folder (made on first use)."""
         self.settings = settings
         self.pool = pool
         self.choice = choice
         self.store = store
+        self.spool = spool
+        self.job_dir = job_dir
+        self._pending: dict[str, str] = {}  # token in a new job's spec -> its password
 
     # ------------------------------------------------------------------------------------- submit
 
     async def validate(self, spec: dict[str, Any], caller: Caller) -> tuple[str, dict[str, Any]]:
+        spec = dict(spec)
+        drop = spec.pop("hot_drop", None)
+        if drop is not None and not isinstance(drop, HotDrop):
+            raise SpecError("ocr spec: 'hot_drop' belongs to the daemon's hot folder; leave it out")
+        refused = sorted(spec.keys() & REFUSED_KEYS.keys())
+        if refused:
+            raise SpecError(REFUSED_KEYS[refused[0]])
         try:
-            s = msgspec.convert(spec, OcrSpec)
+            s = msgspec.convert(spec, OcrRequest)
         except msgspec.ValidationError as exc:
-            raise SpecError(f"ocr spec: {exc}; keys: file, password, engine, adapter, force, out_dir") from None
-        path = Path(s.file).expanduser()
-        if not path.is_absolute():
-            raise SpecError(f"{s.file}: give an absolute path (ftctl does this for you)")
-        if not path.is_file():
-            raise SpecError(f"{path}: no such file; check the path (the daemon must be able to read it)")
-        if not os.access(path, os.R_OK):
-            raise SpecError(f"{path}: the daemon (user {os.getuid()}) cannot read it; make it readable "
-                            "(chmod o+r) or drop it into the hot folder instead")
+            raise SpecError(f"ocr spec: {exc}; keys: spool, name, password, engine, adapter, force, "
+                            "max_pages") from None
+        try:
+            src = self.spool.lookup(s.spool, caller.uid)
+        except SpoolError as exc:
+            raise SpecError(f"ocr: {exc}") from None
+        name = safe_name(s.name, "document.pdf")
+        if s.max_pages < 0:
+            raise SpecError(f"ocr spec: max_pages {s.max_pages}: give 0 (all pages) or a positive number")
         engine = self.choice.get(s.engine)  # an unknown engine is a submit error, not a failed job
         if s.adapter:
             check = getattr(engine, "check_adapter", None)
@@ -91,34 +150,67 @@ class OcrKind:
                 f"engine {engine.name} cannot use LoRA adapters; name --engine vllm (or leave out --adapter)")
             if problem:
                 raise SpecError(problem)
-        digest = s.sha256 or await asyncio.to_thread(sha256_of, path)
         if not s.force:
-            self._refuse_duplicate(path, digest)
-        password = s.password or _sidecar_password(path)
-        frozen = msgspec.structs.replace(s, file=str(path), sha256=digest, password=password)
-        return path.name, msgspec.to_builtins(frozen)
+            self._refuse_duplicate(name, s.spool)
+        password = drop.password if drop is not None else s.password
+        frozen = OcrSpec(sha256=s.spool, name=name, size=src.stat().st_size, password=self._hold(password),
+                         engine=s.engine, adapter=s.adapter, force=s.force,
+                         source="hotfolder" if drop is not None else "ctl",
+                         rel_dir=safe_rel_dir(drop.rel_dir) if drop is not None else "",
+                         dropped=drop.dropped if drop is not None else "", max_pages=s.max_pages)
+        return name, msgspec.to_builtins(frozen)
 
-    def _refuse_duplicate(self, path: Path, sha256: str) -> None:
+    def _refuse_duplicate(self, name: str, sha256: str) -> None:
         """The one check for "this content again": a job that converted it, or is converting it, and did not
         fail or get canceled (then converting again is what the user wants)."""
-        job_id = self.store.job_for_source(sha256)
-        if job_id is None:
-            return
-        try:
-            earlier = self.store.get_job(job_id)
-        except UnknownJob:
-            return
-        if earlier.state in ("failed", "canceled"):
+        earlier = self._source_holder(sha256)
+        if earlier is None:
             return
         where = earlier.artifacts.get("markdown", "")
         if earlier.state in TERMINAL_STATES:
-            raise DuplicateSource(f"{path.name}: the same content was already converted by job {earlier.id}"
+            raise DuplicateSource(f"{name}: the same content was already converted by job {earlier.id}"
                                   f"{' → ' + where if where else ''}; add --force to convert it again", earlier)
-        raise DuplicateSource(f"{path.name}: the same content is already being converted by job {earlier.id}; "
+        raise DuplicateSource(f"{name}: the same content is already being converted by job {earlier.id}; "
                               f"follow it with `ftctl show {earlier.id}`", earlier)
 
-    def on_created(self, job: JobInfo) -> None:
-        self.store.remember_source(job.spec["sha256"], job.id)
+    def _source_holder(self, sha256: str) -> JobInfo | None:
+        """The job that stands for this content: one that converted it or is converting it."""
+        job_id = self.store.job_for_source(sha256)
+        if job_id is None:
+            return None
+        try:
+            earlier = self.store.get_job(job_id)
+        except UnknownJob:
+            return None
+        return None if earlier.state in ("failed", "canceled") else earlier
+
+    def _hold(self, password: str) -> str:
+        """Keep a password in memory until the job has its dir (on_created); the spec gets a token for it. A
+        submit refused after validating (the queue full) leaves it there only until the timer drops it."""
+        if not password:
+            return ""
+        token = _PENDING + secrets.token_hex(16)
+        self._pending[token] = password
+        asyncio.get_running_loop().call_later(_PENDING_TTL_S, self._pending.pop, token, None)
+        return token
+
+    def on_created(self, job: JobInfo) -> dict[str, Any] | None:
+        # the fingerprint row belongs to the job that stands for the content; a --force copy next to a live
+        # one does not take it over
+        if self._source_holder(job.spec["sha256"]) is None:
+            self.store.remember_source(job.spec["sha256"], job.id)
+        token = str(job.spec.get("password", ""))
+        if not token.startswith(_PENDING):
+            return None
+        held = self._pending.pop(token, None)
+        if held is not None:
+            write_secret(self.job_dir(job.id) / PASSWORD_FILE, held)
+        return {**job.spec, "password": "set" if held is not None else ""}
+
+    def forget_secrets(self, job: JobInfo) -> None:
+        """The job ended: its password file goes (an interrupted job keeps it to resume)."""
+        if job.state in TERMINAL_STATES:
+            (self.job_dir(job.id) / PASSWORD_FILE).unlink(missing_ok=True)
 
     def resources(self, job: JobInfo) -> Resources:
         return Resources(lane="ocr")
@@ -129,17 +221,51 @@ class OcrKind:
     # ---------------------------------------------------------------------------------------- run
 
     async def run(self, ctx: JobContext) -> str:
-        spec = msgspec.convert(ctx.job.spec, OcrSpec)
-        src = Path(spec.file)
-        if not src.exists():
-            raise JobFailed(f"{src}: the file is gone; put it back and `ftctl retry {ctx.job.id}`")
+        try:
+            spec = msgspec.convert(ctx.job.spec, OcrSpec)
+        except msgspec.ValidationError:
+            raise JobFailed("this job was queued by an older ftmllmd, which read files by path; submit the file "
+                            "again (ftctl submit ocr FILE) to convert it") from None
+        src = self._input(ctx, spec)
+        try:
+            return await self._convert(ctx, spec, src)
+        finally:
+            if src.parent == ctx.dir / INPUT_DIR:
+                src.unlink(missing_ok=True)  # the link; the spool keeps the bytes for a retry
+
+    def _input(self, ctx: JobContext, spec: OcrSpec) -> Path:
+        """The job's file under its own name (what the PDF workers' messages say), linked to its spool entry."""
+        stored = self.spool.path(spec.sha256)
+        if stored is None:
+            raise JobFailed(f"{spec.name} is no longer in the daemon's spool (files go {self.spool.cfg.keep_hours:g} "
+                            "h after their job ended); submit it again")
+        folder = ctx.dir / INPUT_DIR
+        folder.mkdir(mode=0o700, exist_ok=True)
+        link = folder / spec.name
+        link.unlink(missing_ok=True)
+        try:
+            os.link(stored, link)
+        except OSError:  # the spool on another file system: the entry itself, under its hash
+            return stored
+        return link
+
+    def _password(self, ctx: JobContext, spec: OcrSpec) -> str | None:
+        if spec.password != "set":
+            return None
+        try:
+            return (ctx.dir / PASSWORD_FILE).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise JobFailed(f"the password of {spec.name} was removed when this job ended; submit the file again "
+                            "with its password (ftctl submit ocr FILE --password)") from None
+
+    async def _convert(self, ctx: JobContext, spec: OcrSpec, src: Path) -> str:
         engine = self.choice.get(spec.engine)
         # the MuPDF workers (≈270 MB each with their OCR models) start with the first OCR job, not with
         # the daemon: a daemon that only trains never pays for them
         await self.pool.start()
         await engine.start()
         cfg = self.settings.config.ocr
-        password = spec.password or None
+        password = self._password(ctx, spec)
         try:
             info = await self.pool.inspect(src, password, timeout=cfg.page_timeout_s)
         except OcrError as exc:
@@ -217,15 +343,7 @@ class OcrKind:
 
     # -------------------------------------------------------------------------------------- output
 
-    def out_dir(self, spec: OcrSpec) -> Path:
-        if spec.out_dir:
-            return Path(spec.out_dir)
-        return self.settings.paths.outbox / spec.rel_dir
-
     def _write_outputs(self, ctx: JobContext, spec: OcrSpec, engine: Engine, total: int) -> tuple[Path, Path]:
-        stem = Path(spec.file).stem
-        out = self.out_dir(spec)
-        out.mkdir(parents=True, exist_ok=True)
         parts: list[str] = []
         pages_meta: list[dict[str, Any]] = []
         infos = {p.page_no: p for p in ctx.store.pages(ctx.job.id)}
@@ -245,13 +363,11 @@ class OcrKind:
                 "detail": p.error if p is not None else "",
                 "chars": p.chars if p is not None else 0,
             })
-        md_path = out / f"{stem}.md"
-        sidecar = out / f"{stem}.json"
-        write_atomic(md_path, "\n".join(parts))
         meta = {
-            "source": spec.file,
+            "source": f"{spec.rel_dir}/{spec.name}" if spec.rel_dir else spec.name,
             "sha256": spec.sha256,
             "job": ctx.job.id,
+            "owner": ctx.job.owner,
             "pages": total,
             "engine": engine.name,
             "model": engine.model,
@@ -259,13 +375,64 @@ class OcrKind:
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "page_results": pages_meta,
         }
-        write_atomic(sidecar, json.dumps(meta, indent=2, ensure_ascii=False) + "\n")
-        return md_path, sidecar
+        markdown = "\n".join(parts)
+        sidecar = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
+        outbox = self.settings.paths.outbox
+        try:
+            with opened_dir(outbox, spec.rel_dir, create=True) as folder:
+                base = self._place(ctx, folder, outbox / spec.rel_dir, spec, markdown, sidecar)
+        except (TreeError, OSError) as exc:
+            raise JobFailed(f"the results of {spec.name} could not be written into {outbox / spec.rel_dir} "
+                            f"({exc}); the pages are kept: fix the folder and `ftctl retry {ctx.job.id}`") from None
+        where = outbox / spec.rel_dir
+        return where / f"{base}.md", where / f"{base}.json"
+
+    def _place(self, ctx: JobContext, folder: int, where: Path, spec: OcrSpec, markdown: str, sidecar: str) -> str:
+        """Write both files under the first base name this job may use; return it. A name is the job's when
+        an earlier run of it wrote there, or when what is there belongs to the same owner (a newer version of
+        a document replaces the older one); anyone else's output is never replaced."""
+        stem = Path(spec.name).stem or "document"
+        earlier = ctx.job.artifacts.get("markdown", "")
+        own = Path(earlier).stem if earlier and Path(earlier).parent == where else None
+        candidates = [own] if own else []
+        candidates += [stem, f"{stem}.job{ctx.job.id}"] + [f"{stem}.job{ctx.job.id}.{n}" for n in range(1, 100)]
+        for base in candidates:
+            md, side = f"{base}.md", f"{base}.json"
+            if base == own or self._same_owner(folder, side, ctx.job):
+                write_at(folder, side, sidecar)
+                write_at(folder, md, markdown)
+                return base
+            if exists_at(folder, md) or exists_at(folder, side):
+                continue
+            if not write_at(folder, side, sidecar, replace=False):
+                continue
+            if write_at(folder, md, markdown, replace=False):
+                return base
+            os.unlink(side, dir_fd=folder)  # lost the race for the .md: give the pair up
+        raise OSError(f"no free name for {stem}.md")
+
+    def _same_owner(self, folder: int, sidecar: str, job: JobInfo) -> bool:
+        """Whether the output pair of ``sidecar`` there was written by a job of ``job``'s owner."""
+        try:
+            fd = os.open(sidecar, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=folder)
+        except OSError:
+            return False
+        try:
+            with os.fdopen(fd, "rb", closefd=False) as fh:
+                meta = json.loads(fh.read(1 << 20))
+            writer = self.store.get_job(int(meta["job"]))
+        except (OSError, ValueError, KeyError, TypeError, UnknownJob):
+            return False
+        finally:
+            os.close(fd)
+        return writer.owner == job.owner and writer.kind == self.kind
 
 
-def _sidecar_password(pdf: Path) -> str:
-    side = pdf.with_name(pdf.name + ".password")
+def write_secret(path: Path, secret: str) -> None:
+    """A file only the daemon's user can read, whatever the umask."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        return side.read_text(encoding="utf-8").strip("\r\n")
-    except (FileNotFoundError, UnicodeDecodeError):
-        return ""
+        os.write(fd, secret.encode("utf-8"))
+    finally:
+        os.close(fd)

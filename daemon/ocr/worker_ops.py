@@ -63,7 +63,7 @@ def cap_onnx_threads(threads: int) -> None:
 
 
 def _hint_password(name: str) -> str:
-    return f"give the password with a sidecar {name}.password file or `ftctl submit ocr {name} --password …`"
+    return f"give the password with a sidecar {name}.password file or `ftctl submit ocr {name} --password` (asked)"
 
 
 class Worker:

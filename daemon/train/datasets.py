@@ -8,8 +8,11 @@ alternate user/assistant after an optional system turn, the number of ``<image>`
 of images, every image file present and readable (images.py), and ranking data (for DPO/RM) with a
 ``chosen`` and a ``rejected`` answer.
 
-Registering copies the records into the daemon's dataset dir with image paths made absolute (the user's
-``--images`` dir stays where it is), then adds the entry to ``dataset_info.json``. Both writes are atomic
+Registering copies the records into the daemon's dataset dir with image paths made absolute, then adds the
+entry to ``dataset_info.json``. A dataset a member adds through ``ftctl`` arrives handed over (the records
+file and every image or video it names, opened with the member's own rights: shared/handover.py), and its
+media are kept in the dataset dir's ``media/`` folder by content, so a trainer reads only what the member
+could read, frozen at the add. Both writes are atomic
 and the read-modify-write of dataset_info.json holds a lock, so two adds never lose each other's entry.
 This module owns every file in that dir, including who added each dataset (``NAME.about.json``).
 """
@@ -20,14 +23,16 @@ import fcntl
 import json
 import os
 import re
+import shutil
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from daemon.core.atomic import write_atomic
+from daemon.spool.spool import Spool
 from daemon.train.images import ImageProblem, probe_image
 
 DATASET_INFO = "dataset_info.json"
@@ -42,6 +47,9 @@ VIDEO_TAG = "<video>"
 MAX_LISTED_PROBLEMS = 10
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# handed-over media kept by content (<sha256><suffix>), shared by every dataset that names the same file
+MEDIA_DIR = "media"
+_SUFFIX_RE = re.compile(r"\.[a-z0-9]{1,8}")
 
 
 @dataclass(frozen=True)
@@ -99,14 +107,17 @@ class DatasetSummary:
                 f"train with --dataset {self.name}")
 
 
-def load_records(path: Path) -> list[Any]:
-    """A .json array or a .jsonl file of records; DatasetProblem names the file and the fix."""
+def load_records(path: Path, shown: str = "") -> list[Any]:
+    """A .json array or a .jsonl file of records; DatasetProblem names the file and the fix. ``shown``: the
+    name the user knows the file by (a handed-over file lies in the spool under its hash)."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DatasetProblem([f"{path}: file not found; give the path of a sharegpt .json file"]) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetProblem([f"{path}: cannot be read as UTF-8 text ({exc}); save it as UTF-8 JSON"]) from None
+        raise DatasetProblem([f"{shown or path}: cannot be read as UTF-8 text ({exc}); save it as UTF-8 "
+                              "JSON"]) from None
+    path = Path(shown) if shown else path
     if path.suffix == ".jsonl":
         records = []
         for lineno, line in enumerate(text.splitlines(), 1):
@@ -144,11 +155,17 @@ class _Checker:
     media_root: Path
     layout: Layout
     ranking: bool
+    # handed-over media: each path as the records write it -> the spool entry holding the file; None: the
+    # records name files on this machine (media_root resolves relative ones)
+    handed: Mapping[str, Path] | None = None
+    # where a handed-over file is kept once the dataset is added (the path the registered records name)
+    kept: Callable[[Path, str], Path] | None = None
     problems: list[str] = field(default_factory=list)
     count: int = 0
     images: int = 0
     formats: dict[str, int] = field(default_factory=dict)
     _probed: dict[Path, str | None] = field(default_factory=dict)  # path -> problem (None = fine)
+    _shown: dict[Path, str] = field(default_factory=dict)  # a spool entry -> the path the records give
 
     def problem(self, index: int, text: str) -> None:
         self.count += 1
@@ -227,7 +244,8 @@ class _Checker:
                     if not path.is_file():
                         self.problem(index, f"videos[{i}] {path}: file not found; check the path")
             if column in record:
-                out[column] = [str(p) for p in paths]
+                kept = self.kept
+                out[column] = [str(kept(p, self._shown[p]) if kept is not None else p) for p in paths]
         return out if self.count == before else None
 
     def _media(self, index: int, value: Any, column: str) -> list[Path] | None:
@@ -237,7 +255,18 @@ class _Checker:
         if not isinstance(items, list) or not all(isinstance(v, str) and v for v in items):
             self.problem(index, f"'{column}' must be a list of file paths")
             return None
-        return [Path(v) if os.path.isabs(v) else (self.media_root / v) for v in items]
+        if self.handed is None:
+            return [Path(v) if os.path.isabs(v) else (self.media_root / v) for v in items]
+        paths = []
+        for i, v in enumerate(items):
+            entry = self.handed.get(v)
+            if entry is None:
+                self.problem(index, f"{column}[{i}] {v}: not among the files handed over with the records; "
+                                    "add the dataset with ftctl of the daemon's version, which hands them over")
+                return None
+            self._shown[entry] = v
+            paths.append(entry)
+        return paths
 
     def _check_image(self, index: int, i: int, path: Path) -> None:
         if path not in self._probed:
@@ -251,12 +280,13 @@ class _Checker:
         self.images += 1
         problem = self._probed[path]
         if problem:
-            self.problem(index, f"images[{i}] {path}: {problem}")
+            self.problem(index, f"images[{i}] {self._shown.get(path, path)}: {problem}")
 
 
 def check_records(
     records: Sequence[Any], *, source: Path, media_root: Path, ranking: bool | None = None,
-    layout: Layout | None = None,
+    layout: Layout | None = None, handed: Mapping[str, Path] | None = None,
+    kept: Callable[[Path, str], Path] | None = None,
 ) -> tuple[list[dict[str, Any]], DatasetSummary]:
     """Check every record; return them with absolute image paths. ``ranking=None`` detects it from the
     first record (``chosen`` present). Raises DatasetProblem listing the first problems by record index."""
@@ -269,7 +299,8 @@ def check_records(
     elif looks_ranked and not ranking:
         raise DatasetProblem([f"{source.name}: record 0 has 'chosen'/'rejected' (ranking data, for dpo/rm) but "
                               "was added as SFT data; add it as ranking data"])
-    checker = _Checker(source=source, media_root=media_root, layout=layout, ranking=ranking)
+    checker = _Checker(source=source, media_root=media_root, layout=layout, ranking=ranking, handed=handed,
+                       kept=kept)
     out = [r for i, rec in enumerate(records) if (r := checker.check(i, rec)) is not None]
     if checker.problems:
         raise DatasetProblem(checker.problems, total=checker.count)
@@ -302,11 +333,15 @@ def add_dataset(
     images_dir: Path | None = None,
     ranking: bool | None = None,
     replace: bool = False,
+    handed: Mapping[str, Path] | None = None,
+    shown: str = "",
 ) -> DatasetSummary:
     """Check FILE and register it as NAME in ``dataset_dir/dataset_info.json``.
 
-    Relative image paths are read from ``images_dir`` (default: FILE's folder). Nothing is registered if
-    any record has a problem, and an existing NAME is kept unless ``replace``."""
+    Relative image paths are read from ``images_dir`` (default: FILE's folder). With ``handed`` (a dataset a
+    member handed over: FILE and every media file lie in the spool, ``shown`` is FILE's own name) each media
+    path the records write must be a key of ``handed``, and the files are kept in ``dataset_dir/media``.
+    Nothing is registered if any record has a problem, and an existing NAME is kept unless ``replace``."""
     if not _NAME_RE.match(name):
         raise DatasetProblem([f"dataset name '{name}' is not allowed; use letters, digits, '_', '-' or '.' "
                               "(up to 64, starting with a letter or digit)"])
@@ -316,16 +351,28 @@ def add_dataset(
         if not images_dir.is_dir():
             raise DatasetProblem([f"--images {images_dir}: not a directory; give the folder the image paths "
                                   "in the records are relative to"])
-    records = load_records(file)
+    records = load_records(file, shown)
     layout = detect_layout(records)
-    checked, summary = check_records(records, source=file, media_root=images_dir or file.parent,
-                                     ranking=ranking, layout=layout)
+    media_dir = dataset_dir / MEDIA_DIR
+    keep: dict[Path, Path] = {}  # where a handed-over file is kept -> its spool entry
+
+    def kept(entry: Path, written: str) -> Path:
+        suffix = Path(written).suffix.lower()
+        where = media_dir / f"{entry.name}{suffix if _SUFFIX_RE.fullmatch(suffix) else ''}"
+        keep[where] = entry
+        return where
+
+    checked, summary = check_records(records, source=Path(shown) if shown else file,
+                                     media_root=images_dir or file.parent, ranking=ranking, layout=layout,
+                                     handed=handed, kept=kept if handed is not None else None)
     dataset_dir.mkdir(parents=True, exist_ok=True)
     with _locked(dataset_dir):
         info = read_dataset_info(dataset_dir)
         if name in info and not replace:
             raise DatasetProblem([f"dataset '{name}' already exists; choose another name or add it with "
                                   "--replace"])
+        for where, entry in keep.items():
+            _keep_media(entry, where)
         file_name = f"{name}.json"
         write_atomic(dataset_dir / file_name, json.dumps(checked, ensure_ascii=False, indent=1) + "\n", mode=0o600)
         # after the records: validate.py trusts the list only when it is not older than them
@@ -335,9 +382,61 @@ def add_dataset(
                                         has_images=any("images" in r for r in checked),
                                         has_videos=any("videos" in r for r in checked))
         write_atomic(dataset_dir / DATASET_INFO, json.dumps(info, ensure_ascii=False, indent=2) + "\n", mode=0o600)
+        if replace:
+            collect_media(dataset_dir)  # what only the replaced version named
     return DatasetSummary(name=name, file=dataset_dir / file_name, records=summary.records,
                           images=summary.images, ranking=summary.ranking, layout=summary.layout,
                           formats=summary.formats)
+
+
+def handed_media(spool: Spool, manifest: str, uid: int) -> dict[str, Path]:
+    """The media a client handed over with a dataset. ``manifest`` names a handed-over JSON object: each media
+    path as the records write it -> the sha256 of that file as handed over; every entry must be ``uid``'s."""
+    try:
+        data = json.loads(spool.lookup(manifest, uid).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        data = None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise DatasetProblem(["the list of handed-over media files is not a JSON object of path -> sha256; add the "
+                              "dataset with ftctl of the daemon's version"])
+    entries: dict[str, Path] = {}
+    return {written: entries.get(digest) or entries.setdefault(digest, spool.lookup(digest, uid))
+            for written, digest in data.items()}
+
+
+def _keep_media(entry: Path, where: Path) -> None:
+    """A handed-over media file into the dataset dir's media/ (named by content: one copy for every dataset
+    that uses it). A link when the spool is on the same file system, else a copy."""
+    if where.exists():
+        return
+    where.parent.mkdir(mode=0o700, exist_ok=True)
+    tmp = where.with_name(f".{where.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(entry, tmp)
+    except OSError:
+        shutil.copyfile(entry, tmp)
+        os.chmod(tmp, 0o600)
+    os.replace(tmp, where)
+
+
+def collect_media(dataset_dir: Path) -> int:
+    """Remove kept media no registered dataset names any more (after a remove or a replace); how many."""
+    media_dir = dataset_dir / MEDIA_DIR
+    if not media_dir.is_dir():
+        return 0
+    used: set[str] = set()
+    for listing in dataset_dir.glob(f"*{MEDIA_LIST_SUFFIX}"):
+        try:
+            used.update(line for line in listing.read_text(encoding="utf-8").splitlines() if line)
+        except OSError:
+            return 0  # unsure what is used: keep everything
+    removed = 0
+    for path in media_dir.iterdir():
+        if str(path) not in used and not path.name.startswith("."):
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
 
 
 def read_dataset_info(dataset_dir: Path) -> dict[str, Any]:
@@ -406,6 +505,7 @@ def remove_dataset(name: str, dataset_dir: Path) -> None:
         if isinstance(entry, dict) and entry.get("file_name") == f"{name}.json":
             (dataset_dir / f"{name}.json").unlink(missing_ok=True)
             (dataset_dir / f"{name}{MEDIA_LIST_SUFFIX}").unlink(missing_ok=True)
+        collect_media(dataset_dir)
 
 
 @contextmanager

@@ -1,8 +1,10 @@
 """The job kinds ``train``, ``eval`` and ``export``: one LLaMA-Factory run, from submit to its end.
 
-* Submit: the template is rendered with the overrides and datasets and checked against LLaMA-Factory's own
-  keys, templates, stages and the daemon's datasets (milliseconds, where the cli needs 15 s of imports to
-  say the same). The frozen spec holds the template, the overrides, the rendered params and the YAML.
+* Submit: the ``--set`` keys are checked against the allow-list and the paths against what the caller may
+  read (access.py: model roots, their own jobs' adapters, trusted models), then the template is rendered
+  with the overrides and datasets and checked against LLaMA-Factory's own keys, templates, stages and the
+  daemon's datasets (milliseconds, where the cli needs 15 s of imports to say the same). The frozen spec
+  holds the template, the overrides, the rendered params and the YAML.
   Paths depend on the job id, so the spec is rendered once more when the job exists (``on_created``):
   everything the job writes lives under ``state_dir/jobs/<id>/`` (job.yaml, job.log, output/ or merged/).
 * Run: ``llamafactory-cli train|export job.yaml`` in its own process group, its output appended to the
@@ -33,11 +35,13 @@ from typing import Any, Literal
 import msgspec
 
 from daemon.children.env import child_environ
+from daemon.children.landlock import wrap
 from daemon.children.process import group_members
 from daemon.children.record import reap_recorded, write_record
 from daemon.core.atomic import write_atomic
 from daemon.core.store import Store, UnknownJob
 from daemon.jobs.base import Caller, JobContext, JobFailed, Resources, SpecError
+from daemon.train.access import Policy, override_problems, path_problems
 from daemon.train.failures import disk_free, explain_failure, read_log_tail
 from daemon.train.launch import (
     MODEL_FILES,
@@ -52,6 +56,7 @@ from daemon.train.launch import (
 )
 from daemon.train.progress import TRAINER_LOG, LossPoint, TrainerLogTail, seen_keys
 from daemon.train.results import METRICS, PREDICT_RESULTS, ResultsMissing, read_eval_metrics
+from daemon.train.sandbox import trainer_rules
 from daemon.train.spec import RenderedSpec, SpecDefaults, render
 from daemon.train.validate import KeyCatalog, check_spec, load_catalog
 from shared.config import Settings
@@ -111,6 +116,17 @@ class TrainSetup:
         return cls(settings=settings, store=store, catalog=load_catalog(), templates_dir=templates_dir_of(settings),
                    datasets_dir=datasets_dir_of(settings), jobs_dir=settings.paths.state_dir / "jobs")
 
+    def policy(self) -> Policy:
+        """What members may point jobs at (access.py), from the config of this daemon."""
+        return Policy.from_config(self.settings.config.train, jobs_dir=self.jobs_dir,
+                                  deepspeed_dir=self.templates_dir.parent / "deepspeed")
+
+    def job_or_none(self, job_id: int) -> JobInfo | None:
+        try:
+            return self.store.get_job(job_id)
+        except UnknownJob:
+            return None
+
     def defaults(self) -> SpecDefaults:
         cfg = self.settings.config.train
         return SpecDefaults(save_total_limit=cfg.save_total_limit, logging_steps=cfg.logging_steps)
@@ -131,7 +147,12 @@ class LlamaFactoryKind:
     # ------------------------------------------------------------------------------------------- submit
 
     async def validate(self, spec: dict[str, Any], caller: Caller) -> tuple[str, dict[str, Any]]:
-        req, frozen, rendered = self._render(spec, self.setup.jobs_dir / PENDING_DIR)
+        req, frozen, rendered = self._render(spec, self.setup.jobs_dir / PENDING_DIR, caller)
+        # before anything stats the files: a path the caller may not read is not looked into
+        refused = path_problems(rendered.params, policy=self.setup.policy(), caller=caller,
+                                job_of=self.setup.job_or_none)
+        if refused:
+            raise SpecError("; ".join(refused))
         try:
             resolve_cli(self.setup.settings.config.train.llamafactory_cli)
         except LaunchError as exc:
@@ -152,7 +173,10 @@ class LlamaFactoryKind:
         write_atomic(job_dir / JOB_YAML, rendered.yaml_text, mode=0o600)
         return frozen
 
-    def _render(self, spec: Mapping[str, Any], job_dir: Path) -> tuple[TrainRequest, dict[str, Any], RenderedSpec]:
+    def _render(self, spec: Mapping[str, Any], job_dir: Path, caller: Caller | None = None,
+                ) -> tuple[TrainRequest, dict[str, Any], RenderedSpec]:
+        """``caller``: who submits, whose --set keys and adapter job are checked; None once the job exists
+        (checked at submit, rendered again only for its own directory)."""
         try:
             req = msgspec.convert(dict(spec), TrainRequest)
         except msgspec.ValidationError as exc:
@@ -168,14 +192,18 @@ class LlamaFactoryKind:
             raise SpecError(_problems_text(exc)) from None
         datasets = [req.dataset] if isinstance(req.dataset, str) else list(req.dataset)
         datasets = [d for d in datasets if d]
+        refused = [] if caller is None else override_problems(overrides, self.setup.policy(),
+                                                               self.setup.catalog.keys.keys())
         if req.adapter_job is not None:
-            overrides = {**self._from_train_job(req.adapter_job), **overrides}
+            overrides = {**self._from_train_job(req.adapter_job, caller), **overrides}
         try:
             rendered = render(template, templates_dir=self.setup.templates_dir, job_dir=job_dir,
                               dataset_dir=self.setup.datasets_dir, overrides=overrides, datasets=datasets,
                               gpus=req.gpus, defaults=self.setup.defaults())
         except SpecProblem as exc:
-            raise SpecError(_problems_text(exc)) from None
+            raise SpecError("; ".join([*exc.problems, *refused])) from None
+        if refused:
+            raise SpecError("; ".join(refused))
         if rendered.kind != self.kind:
             raise SpecError(f"template '{template}' is {_article(rendered.kind)} {rendered.kind} template, not "
                             f"{_article(self.kind)} {self.kind} one; submit it with `ftctl {rendered.kind} {template}`")
@@ -196,11 +224,14 @@ class LlamaFactoryKind:
             frozen["adapter_job"] = req.adapter_job
         return req, frozen, rendered
 
-    def _from_train_job(self, job_id: int) -> dict[str, Any]:
+    def _from_train_job(self, job_id: int, caller: Caller | None) -> dict[str, Any]:
         try:
             job = self.setup.store.get_job(job_id)
         except UnknownJob as exc:
             raise SpecError(f"adapter job: {exc}") from None
+        if caller is not None and job.owner != caller.user and not caller.is_admin:
+            raise SpecError(f"{caller.user} cannot use the adapter of job {job_id}: it belongs to {job.owner}; name "
+                            f"one of your own train jobs (`ftctl jobs`), or ask {job.owner} or an admin")
         if job.kind != "train":
             raise SpecError(f"job {job_id} is {_article(job.kind)} {job.kind} job; name a train job whose adapter "
                             "to use (or give --set adapter_name_or_path=DIR)")
@@ -230,7 +261,8 @@ class LlamaFactoryKind:
         if not yaml_path.is_file():
             write_atomic(yaml_path, spec["yaml"], mode=0o600)
         try:
-            argv = build_argv(resolve_cli(cfg.llamafactory_cli), spec["command"], yaml_path)
+            cli = resolve_cli(cfg.llamafactory_cli)
+            argv = build_argv(cli, spec["command"], yaml_path)
         except LaunchError as exc:
             raise JobFailed(str(exc)) from None
         finished = await self._before_start(ctx, out)
@@ -238,6 +270,11 @@ class LlamaFactoryKind:
             return finished
         env = build_env(base=os.environ, gpus=ctx.gpus, extra=cfg.env, spec_env=spec.get("env", {}),
                         deepspeed=bool(spec["params"].get("deepspeed")))
+        # Landlock: the trainer reads only what its job names and writes only its own folder (sandbox.py)
+        rules = trainer_rules(cli=cli, job_dir=ctx.dir, params=spec["params"], policy=self.setup.policy(),
+                              datasets_dir=self.setup.datasets_dir, env=env)
+        env.update(rules.env)
+        argv = wrap(argv, read=rules.read, write=rules.write, tmp=rules.tmp)
         try:
             proc = TrainProcess.start(argv, env, log_path=ctx.log_path, cwd=ctx.dir)
         except LaunchError as exc:

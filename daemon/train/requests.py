@@ -13,14 +13,18 @@ from pathlib import Path
 from typing import Any
 
 from daemon.core.store import Store
-from daemon.gpus.engine_port import DeployError, GpuEngine
+from daemon.engines.vllm_supervisor import adapter_name
+from daemon.gpus.engine_port import DeployError, DeployForbidden, GpuEngine
 from daemon.jobs.base import Caller, SpecError
 from daemon.jobs.manager import RequestDenied
+from daemon.spool.spool import Spool, SpoolError
 from daemon.train.datasets import (
     DatasetProblem,
+    DatasetSummary,
     add_dataset,
     count_records,
     dataset_file,
+    handed_media,
     list_datasets,
     read_about,
     remove_dataset,
@@ -33,6 +37,7 @@ from daemon.train.spec import job_kind, load_template, template_names
 from shared.overrides import SpecProblem
 from shared.protocol import (
     DatasetAdd,
+    DatasetAddSpooled,
     DatasetEntry,
     DatasetList,
     DatasetRemove,
@@ -47,7 +52,8 @@ from shared.protocol import (
     TemplatesReply,
 )
 
-_ADAPTER_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# an adapter's name, after the owner's user name and "/" if given (daemon/engines/vllm_supervisor.py)
+_ADAPTER_NAME_RE = re.compile(r"^(?:[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?/)?[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class TrainRequests:
@@ -57,7 +63,8 @@ class TrainRequests:
         self.engine = engine
 
     def handlers(self) -> dict[type, Any]:
-        return {DatasetAdd: self.on_dataset_add, DatasetRemove: self.on_dataset_remove,
+        return {DatasetAdd: self.on_dataset_add, DatasetAddSpooled: self.on_dataset_add_spooled,
+                DatasetRemove: self.on_dataset_remove,
                 DatasetList: self.on_dataset_list, ListTemplates: self.on_templates,
                 EvalCompare: self.on_eval_compare, Deploy: self.on_deploy}
 
@@ -76,22 +83,27 @@ class TrainRequests:
                                          "(add yours under another name)")
 
     async def on_dataset_add(self, body: DatasetAdd, caller: Caller) -> DatasetsReply:
-        file = Path(body.file).expanduser()
-        if not file.is_absolute():
-            raise SpecError(f"{body.file}: give an absolute path (ftctl does this for you)")
+        # a path would be read with the daemon's rights, which may be more than the caller's
+        raise SpecError(f"{body.file}: the daemon reads only files handed over to it; add the dataset with ftctl "
+                        "of the daemon's version (`ftctl dataset add NAME FILE [--images DIR]` hands them over)")
+
+    async def on_dataset_add_spooled(self, body: DatasetAddSpooled, caller: Caller) -> DatasetsReply:
         if body.replace and body.name in await asyncio.to_thread(list_datasets, self._dir):
             self._check_owner(body.name, caller, "replace")
-        images = Path(body.images).expanduser() if body.images else None
+        spool = Spool.of(self.setup.settings)
+
+        def add() -> DatasetSummary:
+            records = spool.lookup(body.records, caller.uid)
+            handed = handed_media(spool, body.media, caller.uid) if body.media else {}
+            return add_dataset(body.name, records, dataset_dir=self._dir, ranking=body.ranking,
+                               replace=body.replace, handed=handed, shown=body.records_name or "records.json")
+
         try:
             # reading and checking every record and image takes seconds on big datasets: not in the loop
-            summary = await asyncio.to_thread(add_dataset, body.name, file, dataset_dir=self._dir, images_dir=images,
-                                              ranking=body.ranking, replace=body.replace)
-        except DatasetProblem as exc:
+            summary = await asyncio.to_thread(add)
+        except (DatasetProblem, SpoolError) as exc:
             raise SpecError(str(exc)) from None
-        except PermissionError as exc:
-            raise SpecError(f"{exc.filename}: the daemon cannot read it; make it readable for the daemon's user "
-                            "(chmod o+r, or a shared group)") from None
-        write_about(self._dir, summary, owner=caller.user, source=file)
+        write_about(self._dir, summary, owner=caller.user, source=Path(body.records_name))
         entry = DatasetEntry(name=body.name, file=str(summary.file), records=summary.records, images=summary.images,
                              ranking=summary.ranking)
         return DatasetsReply(datasets=[entry], message=summary.message)
@@ -180,6 +192,10 @@ class TrainRequests:
     async def on_deploy(self, body: Deploy, caller: Caller) -> Done:
         job = self.store.get_job(body.job_id)
         if job.kind == "train":
+            if job.owner != caller.user and not caller.is_admin:
+                # the engine would read the adapter with the daemon's rights, for whoever asked
+                raise RequestDenied("forbidden", f"{caller.user} cannot deploy the adapter of job {job.id}: it "
+                                                 f"belongs to {job.owner}; ask {job.owner} or an admin to deploy it")
             out = Path(job.spec["output_dir"])
             if not saved_state(out).adapter:
                 raise RequestDenied("invalid_state", f"train job {job.id} ({job.state}) has no adapter in {out}; "
@@ -189,10 +205,14 @@ class TrainRequests:
                 raise RequestDenied("bad_request", f"adapter name '{name}': use letters, digits, '_', '-' or '.'")
             engine = self._engine_or_explain(f"the adapter is in {out}")
             try:
-                message = await engine.load_adapter(name, out)
+                # the adapter is the caller's in the engine: a member's name goes under her own (alice/job7)
+                message = await engine.load_adapter(name, out, caller)
+            except DeployForbidden as exc:
+                raise RequestDenied("forbidden", str(exc)) from None
             except DeployError as exc:
                 raise RequestDenied("invalid_state", str(exc)) from None
-            return Done(message=f"{message}; name it in OCR jobs with --adapter {name}")
+            served = adapter_name(name, caller.user, caller.is_admin)
+            return Done(message=f"{message}; name it in OCR jobs with --adapter {served}")
         if job.kind == "export":
             merged = Path(job.spec["output_dir"])
             if job.state != "succeeded" or not any_present(merged, MODEL_FILES):

@@ -4,7 +4,8 @@ The daemon owns where a job writes and how it reports, so some keys are forced a
 them (``output_dir`` per job under the state dir, ``overwrite_output_dir: false`` so a restarted job
 resumes from its last checkpoint, ``report_to: none``, ``dataset_dir`` = the daemon's datasets); others
 get a daemon default the user may change (``logging_steps``; ``save_total_limit``, capped so checkpoints
-cannot fill the disk). The result is frozen YAML text, stored with the job and run as is.
+cannot fill the disk). The result is frozen YAML text, stored with the job and run as is. Which ``--set``
+keys a member may give, and which paths a job may name, is access.py's: the daemon checks both at submit.
 
 Nothing here imports LLaMA-Factory: rendering and validation (validate.py) take milliseconds.
 """

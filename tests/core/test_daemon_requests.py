@@ -11,8 +11,10 @@ import pytest
 from shared.client import DaemonUnavailable, RemoteError
 from shared.protocol import (
     Ask,
+    AskSpooled,
     Cancel,
     DatasetAdd,
+    DatasetAddSpooled,
     DatasetRemove,
     Deploy,
     Done,
@@ -26,6 +28,7 @@ from shared.protocol import (
     JobPages,
     ListJobs,
     LogChunk,
+    OcrOutput,
     PagesReply,
     PageText,
     PauseQueue,
@@ -117,6 +120,9 @@ REFUSED = {
     DatasetRemove: "invalid_spec",  # no dataset "x"
     EvalCompare: "bad_request",  # no jobs named
     Ask: "unavailable",  # the cpu engine answers no questions
+    AskSpooled: "unavailable",
+    DatasetAddSpooled: "invalid_spec",  # nothing was handed over as "x"
+    OcrOutput: "unknown_job",
 }
 
 
@@ -134,7 +140,7 @@ def test_every_request_in_the_protocol_round_trips(daemon: DaemonProc) -> None:
 
 
 def test_socket_files_are_group_rw_only(daemon: DaemonProc) -> None:
-    for name in ("ctl.sock", "events.sock"):
+    for name in ("ctl.sock", "events.sock", "handover.sock"):
         mode = stat.S_IMODE(os.stat(daemon.paths.runtime_dir / name).st_mode)
         assert mode == 0o660, (name, oct(mode))
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import http.client
 import importlib.util
 import json
 import os
@@ -27,10 +28,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -232,20 +235,94 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def http_json(url: str, body: object | None = None, timeout: float = 60.0) -> tuple[int, Any]:
-    """GET (body None) or POST JSON; return (status, parsed JSON or text). HTTP errors are returned, not raised."""
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._uds = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._uds)
+        self.sock = sock
+
+
+def http_json(url: str, body: object | None = None, timeout: float = 60.0, uds: str | None = None,
+              ) -> tuple[int, Any]:
+    """GET (body None) or POST JSON; return (status, parsed JSON or text). HTTP errors are returned, not raised.
+    With ``uds`` the request goes to that Unix socket (the daemon's vLLM) and only the path of ``url`` counts."""
     data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
+    headers = {"Content-Type": "application/json"}
+    if uds is not None:
+        conn = _UnixConnection(uds, timeout)
+        try:
+            conn.request("GET" if data is None else "POST", urllib.parse.urlsplit(url).path or "/", data, headers)
+            resp = conn.getresponse()
             status, raw = resp.status, resp.read()
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
+        finally:
+            conn.close()
+    else:
+        req = urllib.request.Request(url, data=data, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                status, raw = r.status, r.read()
+        except urllib.error.HTTPError as exc:
+            status, raw = exc.code, exc.read()
     text = raw.decode(errors="replace")
     try:
         return status, json.loads(text)
     except ValueError:
         return status, text
+
+
+@contextlib.contextmanager
+def tcp_to_unix(uds: Callable[[], str]) -> Iterator[str]:
+    """A TCP port on 127.0.0.1 that forwards each connection to the Unix socket ``uds()`` names at that moment
+    (for a client that speaks only TCP, as the remote engine does, to reach the daemon's vLLM); yields
+    ``http://127.0.0.1:PORT``. Test-only: it opens to every local user what the daemon keeps private."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    port = listener.getsockname()[1]
+    stop = threading.Event()
+    open_socks: set[socket.socket] = set()
+
+    def pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while chunk := src.recv(65536):
+                dst.sendall(chunk)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                server.connect(uds())
+            except OSError:
+                client.close()
+                server.close()
+                continue
+            open_socks.update((client, server))
+            for a, b in ((client, server), (server, client)):
+                threading.Thread(target=pump, args=(a, b), daemon=True).start()
+
+    acceptor = threading.Thread(target=serve, daemon=True)
+    acceptor.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop.set()
+        acceptor.join(5)
+        listener.close()
+        for sock in open_socks:
+            sock.close()
 
 
 @dataclass

@@ -6,10 +6,11 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from shared.protocol import JobDetail, ShowJob, Submit
+from shared.protocol import JobDetail, ShowJob
 from tests.daemon_proc import wait_for
 from tests.fixtures import pdfs
 from tests.hotfolder.conftest import hot_daemon
+from tests.ocr.submit import fetch, submit_ocr
 
 
 def engine_calls(job_log: Path) -> Counter[int]:
@@ -23,7 +24,7 @@ def test_kill9_mid_document_resumes_at_first_unfinished_page_with_identical_outp
     try:
         d.start()
         c = d.client()
-        job = c.call(Submit(kind="ocr", spec={"file": str(src), "out_dir": str(tmp_path / "a")}), JobDetail).job
+        job = submit_ocr(c, src).job
         wait_for(lambda: c.call(ShowJob(job_id=job.id), JobDetail).job.progress.done >= 10, 120, "10 pages done")
         d.kill9()
         before = engine_calls(d.paths.state_dir / "jobs" / str(job.id) / "job.log")
@@ -33,6 +34,7 @@ def test_kill9_mid_document_resumes_at_first_unfinished_page_with_identical_outp
         c = d.client()
         final = wait_for(lambda: (j := c.call(ShowJob(job_id=job.id), JobDetail).job).state == "succeeded" and j,
                          180, "the resumed job to finish")
+        fetch(c, job.id, tmp_path / "a")  # before the second run writes its own (same name, same owner)
         calls = engine_calls(d.paths.state_dir / "jobs" / str(job.id) / "job.log")
         assert set(calls) == set(range(1, 51))
         twice = [n for n, k in calls.items() if k > 1]
@@ -41,10 +43,11 @@ def test_kill9_mid_document_resumes_at_first_unfinished_page_with_identical_outp
         history = [h.what for h in c.call(ShowJob(job_id=job.id), JobDetail).history]
         assert any(h.startswith("resuming at page") for h in history)
         # an uninterrupted run of the same file gives the same Markdown
-        again = c.call(Submit(kind="ocr", spec={"file": str(src), "force": True, "out_dir": str(tmp_path / "b")}),
-                       JobDetail).job
+        again = submit_ocr(c, src, force=True).job
         wait_for(lambda: c.call(ShowJob(job_id=again.id), JobDetail).job.state == "succeeded", 180, "second run")
-        resumed_md = Path(final.artifacts["markdown"]).read_text()  # type: ignore[union-attr]
+        fetch(c, again.id, tmp_path / "b")
+        assert Path(final.artifacts["markdown"]).name == "fifty.md"  # type: ignore[union-attr]
+        resumed_md = (tmp_path / "a" / "fifty.md").read_text()
         assert resumed_md == (tmp_path / "b" / "fifty.md").read_text()
         assert all(pdfs.page_word(k) in resumed_md for k in range(1, 51))
     finally:

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from shared.client import RemoteError
-from shared.protocol import Ask, AskReply, JobDetail, Submit
+from shared.protocol import Ask, AskReply
 from tests.daemon_proc import ROOT, DaemonProc
 from tests.fixtures import pdfs
+from tests.ocr.submit import submit_ocr
 
 
 def ftctl(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -41,7 +42,7 @@ def test_a_job_naming_an_adapter_on_the_cpu_engine_is_refused_at_submit(daemon: 
     pdf = pdfs.numbered(tmp_path / "a.pdf", 1)
     c = daemon.client()
     with pytest.raises(RemoteError) as exc:
-        c.call(Submit(kind="ocr", spec={"file": str(pdf), "adapter": "mine"}), JobDetail)
+        submit_ocr(c, pdf, adapter="mine")
     assert exc.value.code == "invalid_spec" and "cannot use LoRA adapters" in exc.value.message
 
 

@@ -122,7 +122,7 @@ def test_remote_pick_prefers_the_shortest_queue_counting_our_own_requests() -> N
 def test_vllm_argv_has_the_flags_from_the_config() -> None:
     cfg = parse_config('[vllm]\nmodel = "/m/Qwen2-VL-7B"\nquantization = "awq"\nextra_args = ["--enforce-eager"]\n'
                        'max_pixels = 802816\n', "t").vllm
-    argv = build_command(cfg, "/opt/vllm/bin/vllm", 8123, served_name_of(cfg), gpus=2)
+    argv = build_command(cfg, "/opt/vllm/bin/vllm", "/tmp/ftvllm-x/vllm.sock", served_name_of(cfg), gpus=2)
     assert argv[:3] == ["/opt/vllm/bin/vllm", "serve", "/m/Qwen2-VL-7B"]
     flags = dict(zip(argv[3::2], argv[4::2], strict=False))
     assert argv[argv.index("--served-model-name") + 1] == "Qwen2-VL-7B"
@@ -131,11 +131,12 @@ def test_vllm_argv_has_the_flags_from_the_config() -> None:
     assert argv[argv.index("--quantization") + 1] == "awq" and "--enable-sleep-mode" in argv
     assert argv[argv.index("--max-lora-rank") + 1] == "64" and "--enable-lora" in argv
     assert argv[argv.index("--tensor-parallel-size") + 1] == "2" and argv[-1] == "--enforce-eager"
-    assert flags["--port"] == "8123" and flags["--host"] == "127.0.0.1"
+    # a Unix socket in the daemon's private directory, never a TCP port (issue 12: anyone could reach it)
+    assert flags["--uds"] == "/tmp/ftvllm-x/vllm.sock" and "--port" not in argv and "--host" not in argv
     env = build_env(cfg, {"PATH": "/bin", "NOTIFY_SOCKET": "/run/systemd/notify"}, [3, 5])
     assert env["CUDA_VISIBLE_DEVICES"] == "3,5" and "NOTIFY_SOCKET" not in env
     assert env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True" and env["VLLM_SERVER_DEV_MODE"] == "1"
-    quiet = build_command(VllmConfig(model="m", enable_lora=False, enable_sleep_mode=False), "vllm", 1, "m", 1)
+    quiet = build_command(VllmConfig(model="m", enable_lora=False, enable_sleep_mode=False), "vllm", "/s", "m", 1)
     assert "--enable-lora" not in quiet and "--enable-sleep-mode" not in quiet
     assert "--tensor-parallel-size" not in quiet
 

@@ -29,6 +29,7 @@ from shared.client import Client
 from shared.protocol import Hello, HelloReply, JobDetail, ShowJob, Submit
 from tests.daemon_proc import ROOT, DaemonProc, wait_for
 from tests.fixtures.pdfs import born_digital
+from tests.ocr.submit import submit_ocr
 from tests.systemd.notify_listener import Datagram, NotifyListener
 
 WATCHDOG_USEC = 400_000
@@ -206,7 +207,7 @@ def test_children_of_the_daemon_do_not_inherit_notify_socket_or_watchdog_variabl
     with notified_daemon() as nd:
         nd.ready_index()
         pdf = born_digital(nd.d.home / "report.pdf")
-        job = nd.client().call(Submit(kind="ocr", spec={"file": str(pdf)}), JobDetail).job
+        job = submit_ocr(nd.client(), pdf).job
 
         def worker() -> psutil.Process | None:
             # a child that has exec'd: before exec, /proc/PID/environ would still show the parent's

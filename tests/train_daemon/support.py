@@ -51,7 +51,9 @@ class Box:
     env: dict[str, str]  # [train] env: what the LLaMA-Factory children need on top of the daemon's
 
     def train_section(self) -> dict[str, Any]:
-        return {"llamafactory_cli": str(self.cli), "env": self.env, "stop_term_s": 10.0}
+        # model_roots: the tiny model lives under root, and the daemon trains only from admin-listed folders
+        return {"llamafactory_cli": str(self.cli), "env": self.env, "stop_term_s": 10.0,
+                "model_roots": [str(self.model)]}
 
     def config(self, path: Path, **extra: dict[str, Any]) -> Path:
         """A daemon config with [train] set for this box, plus ``extra`` sections."""

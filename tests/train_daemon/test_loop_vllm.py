@@ -26,9 +26,8 @@ STOPS = ["ure", "7", "%", "'"]
 def test_a_lora_the_daemon_trained_goes_live_in_its_vllm_engine_and_a_pdf_converted_with_it_names_it(
         box: Box) -> None:
     home = Path(tempfile.mkdtemp(prefix="ftloop", dir="/tmp"))
-    port = stack.free_port()
     config = home / "ftmllm.toml"
-    config.write_text(vllm_config(home, port, max_tokens=256, sampling={"min_tokens": 24, "stop": STOPS})
+    config.write_text(vllm_config(home, max_tokens=256, sampling={"min_tokens": 24, "stop": STOPS})
                       + toml_section("train", box.train_section()))
     d = TrainDaemon(home=home, config=config)
     d.start(timeout=60)
@@ -38,7 +37,8 @@ def test_a_lora_the_daemon_trained_goes_live_in_its_vllm_engine_and_a_pdf_conver
         sets = box.train_sets("max_steps=5", "save_steps=5", "gradient_accumulation_steps=1")
         job_id = d.submit_id("train", "qwen2vl_lora_sft", "--dataset", "tiny_sft",
                              *[a for s in sets for a in ("--set", s)])
-        wait_engine(VllmDaemon(proc=d, port=port, model=stack.tiny_model_cached()), "ready", READY_DEADLINE_S)
+        vd = VllmDaemon(proc=d, model=stack.tiny_model_cached())
+        wait_engine(vd, "ready", READY_DEADLINE_S)
         job = d.wait_job(job_id)
         assert job.state == "succeeded", f"{job.error}\n{d.log_tail(job_id)}"
 
@@ -46,7 +46,7 @@ def test_a_lora_the_daemon_trained_goes_live_in_its_vllm_engine_and_a_pdf_conver
         assert deployed.returncode == 0, deployed.stderr
         assert f"adapter tinyft loaded from {job.artifacts['adapter']}" in deployed.stdout
         assert "tinyft" in d.c.call(Status(), StatusReply).engine.adapters
-        status, models = stack.http_json(f"http://127.0.0.1:{port}/v1/models")
+        status, models = vd.http_json("/v1/models")
         assert status == 200 and {"id": "tinyft", "root": job.artifacts["adapter"]}.items() <= next(
             m for m in models["data"] if m["id"] == "tinyft").items()
 
@@ -59,7 +59,7 @@ def test_a_lora_the_daemon_trained_goes_live_in_its_vllm_engine_and_a_pdf_conver
         assert side["adapter"] == "tinyft"
         assert {p["method"] for p in side["page_results"]} == {"vlm"}
         # vLLM ran the pages with the adapter (it refuses an unknown model name with 404)
-        status, metrics = stack.http_json(f"http://127.0.0.1:{port}/metrics")
+        status, metrics = vd.http_json("/metrics")
         assert status == 200 and 'running_lora_adapters="' in str(metrics) and "tinyft" in str(metrics)
     finally:
         d.close(remove=False)

@@ -77,3 +77,20 @@ def test_a_socket_owned_by_someone_else_than_its_directory_is_refused(tmp_path: 
         os.chown(path, NOBODY.pw_uid, -1, follow_symlinks=False)
         with pytest.raises(UnsafePath, match=f"refusing {path}: owned by nobody"):
             check_socket(path)
+
+
+def test_make_private_dir_refuses_its_own_dir_that_others_could_write_until_now(tmp_path: Path) -> None:
+    for mode, who in ((0o777, "every user"), (0o770, "its group")):
+        d = tmp_path / f"run{mode:o}"
+        d.mkdir()
+        d.chmod(mode)
+        with pytest.raises(UnsafePath, match=f"refusing {d}: writable by {who} \\(mode 0{mode:o}\\)"):
+            make_private_dir(d)
+        assert d.stat().st_mode & 0o7777 == mode  # left as found: its owner decides
+
+
+def test_make_private_dir_gives_a_service_dir_its_socket_group(tmp_path: Path) -> None:
+    d = tmp_path / "run"
+    make_private_dir(d, 0o750, NOBODY.pw_gid)
+    st = d.stat()
+    assert (st.st_mode & 0o7777, st.st_gid) == (0o750, NOBODY.pw_gid)

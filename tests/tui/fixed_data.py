@@ -8,6 +8,7 @@ parts land, and so snapshots never depend on timing. The GPUs are what NVML repo
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import random
 from collections.abc import AsyncIterator
@@ -16,9 +17,10 @@ from typing import Any
 
 from shared.client import DaemonUnavailable, Mirror, RemoteError, Update
 from shared.config import Paths
+from shared.handover import Handed
 from shared.protocol import (
-    Ask,
     AskReply,
+    AskSpooled,
     DatasetEntry,
     DatasetList,
     DatasetsReply,
@@ -259,13 +261,18 @@ class FixedSource:
             return Done(message=f"job {body.job_id}'s adapter is live as {body.name or 'job-' + str(body.job_id)}")
         if isinstance(body, EngineCommand):
             return EngineReply(engine=self.mirror.engine, message=f"engine {body.action}: done")
-        if isinstance(body, Ask):
+        if isinstance(body, AskSpooled):
             key = "ask-1"
             for piece in _pieces(ANSWER, 6):
                 self._queue.put_nowait(TextDelta(key=key, text=piece))
             self._queue.put_nowait(TextDelta(key=key, text="", final=True))
             return AskReply(stream_topic=f"ask.{key}", request_key=key)
         raise RemoteError("bad_request", f"the fixed source does not answer {type(body).__name__}")
+
+    async def hand_over(self, path: Path) -> Handed:
+        """As the daemon answers: the file's own sha256 (read here, with the test's rights)."""
+        data = path.read_bytes()
+        return Handed(sha256=hashlib.sha256(data).hexdigest(), size=len(data), name=path.name)
 
     def close(self) -> None:
         pass

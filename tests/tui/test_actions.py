@@ -6,6 +6,7 @@ test_live_daemon.py."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,8 @@ async def test_n_picks_a_file_by_typed_path_and_submits_an_ocr_job_for_it() -> N
         field.value = str(FIXTURES / "page.png")
         await pilot.press("enter")
         await wait_until(pilot, lambda: sent(source, Submit), "the submit")
-        assert sent(source, Submit) == [Submit(kind="ocr", spec={"file": str(FIXTURES / "page.png")})]
+        handed = hashlib.sha256((FIXTURES / "page.png").read_bytes()).hexdigest()
+        assert sent(source, Submit) == [Submit(kind="ocr", spec={"spool": handed, "name": "page.png"})]
 
 
 async def test_t_form_submits_template_dataset_gpus_and_overrides() -> None:

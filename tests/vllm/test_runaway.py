@@ -20,8 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.protocol import JobDetail, Submit, TextDelta
+from shared.protocol import TextDelta
 from tests.fixtures import pdfs
+from tests.ocr.submit import fetch, submit_ocr
 from tests.vllm.conftest import VllmDaemon, finished_total, follow, start_vllm_daemon
 
 pytestmark = pytest.mark.vllm
@@ -51,9 +52,9 @@ def test_repetition_guard_aborts_the_loop_then_the_ladder_then_the_text_layer(vd
         finished_before = sum(finished_total(before, r) for r in FINISH_REASONS)
         log_before = vd.vllm_log.read_text(errors="replace")
         c = vd.proc.client(timeout=60)
-        trace = follow(c, lambda: c.call(Submit(kind="ocr", spec={"file": str(pdf), "out_dir": str(work)}),
-                                         JobDetail).job, 900)
+        trace = follow(c, lambda: submit_ocr(c, pdf).job, 900)
         assert trace.job is not None and trace.job.state == "succeeded", f"{trace.job}\n{vd.logs()}"
+        fetch(c, trace.job.id, work)
         side = json.loads((work / "loops.json").read_text())
         md = (work / "loops.md").read_text()
         for k, page in enumerate(side["page_results"], start=1):

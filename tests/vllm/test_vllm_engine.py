@@ -9,23 +9,29 @@ tested on the raw loops in test_runaway.py.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
 import shutil
 import signal
+import socket
+import stat
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pymupdf
 import pytest
 
 from shared.client import RemoteError
+from shared.handover import hand_over
 from shared.protocol import (
     TERMINAL_STATES,
-    Ask,
     AskReply,
+    AskSpooled,
     EngineCommand,
     EngineReply,
     Event,
@@ -34,12 +40,14 @@ from shared.protocol import (
     PageChanged,
     PagesReply,
     ShowJob,
-    Submit,
     TextDelta,
 )
 from tests.daemon_proc import DaemonProc, wait_for
 from tests.engines import stack
 from tests.fixtures import pdfs
+from tests.ocr.submit import fetch
+from tests.ocr.submit import submit_ocr as handed_over
+from tests.systemd.unix_users import unix_users
 from tests.vllm.conftest import JobTrace, VllmDaemon, engine_state, follow, start_vllm_daemon, wait_engine
 
 pytestmark = pytest.mark.vllm
@@ -68,9 +76,72 @@ def work() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
+CONNECT = """
+import errno, socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+try:
+    s.connect(sys.argv[1])
+    print("connected")
+except OSError as exc:
+    print(errno.errorcode.get(exc.errno or 0, str(exc)))
+"""
+
+
+def tcp_listeners_in_own_network(pid: int) -> list[int]:
+    """Ports ``pid`` listens on, as its own network namespace sees them (/proc/PID/net/tcp is that view; psutil
+    and ss read the caller's)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                ports.append(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_vllm_has_no_tcp_port_anyone_here_can_reach_and_its_socket_admits_no_other_user(vd: VllmDaemon) -> None:
+    tree = set(vd.vllm_pids())
+    assert tree, vd.logs()
+    for pid in list(tree):
+        tree |= {p.pid for p in psutil.Process(pid).children(recursive=True)}
+    # nothing of the vLLM tree listens on TCP as this (the host's) network namespace sees it: psutil and ss
+    assert [c for c in psutil.net_connections(kind="inet") if c.pid in tree and c.status == psutil.CONN_LISTEN] == []
+    ss = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=30, check=True).stdout
+    assert not any(f"pid={pid}," in ss for pid in tree), ss
+    # its engine's listeners (torch.distributed/gloo) exist, in a network of its own, and are refused from here
+    mine = os.readlink("/proc/self/ns/net")
+    assert all(os.readlink(f"/proc/{pid}/ns/net") != mine for pid in tree)
+    ports = [port for pid in tree for port in tcp_listeners_in_own_network(pid)]
+    assert ports, "vLLM's engine was expected to listen on 127.0.0.1 inside its namespace"
+    for port in ports:
+        with socket.socket() as s:
+            s.settimeout(5)
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} of vLLM's engine is reachable"
+    # no port to squat: vLLM was given a socket, in a 0700 directory of the daemon's user
+    argv = json.loads((vd.proc.paths.state_dir / "vllm" / "vllm.pid.json").read_text())["argv"]
+    assert "--uds" in argv and "--port" not in argv and "--host" not in argv
+    sock = Path(vd.uds)
+    st = sock.parent.stat()
+    assert sock.is_socket() and stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == os.geteuid()
+    # another user, in the daemon's group or not, cannot even reach the socket
+    with unix_users(packages=()) as users:
+        for who in (users.alice, users.mallory):
+            r = subprocess.run(users.command(who, ["-c", CONNECT, str(sock)]), env=users.env(), capture_output=True,
+                               text=True, timeout=60, check=False)
+            assert r.stdout.strip() == "EACCES", (who.name, r.stdout, r.stderr)
+    status, _ = vd.http_json("/health")  # the daemon's user can
+    assert status == 200
+
+
 def submit_ocr(vd: VllmDaemon, pdf: Path, out: Path, **spec: object) -> JobDetail:
-    c = vd.proc.client(timeout=60)
-    return c.call(Submit(kind="ocr", spec={"file": str(pdf), "out_dir": str(out), **spec}), JobDetail)
+    """``out``: where the test reads the results once the job ended, after ``fetch`` (ftctl --out-dir's way)."""
+    return handed_over(vd.proc.client(timeout=60), pdf, **spec)
 
 
 def sidecar(out: Path, stem: str) -> dict[str, object]:
@@ -83,6 +154,7 @@ def test_twelve_page_pdf_streams_deltas_while_decoding_and_assembles_in_page_ord
     c = vd.proc.client(timeout=60)
     trace = follow(c, lambda: submit_ocr(vd, pdf, work / "out").job, JOB_TIMEOUT_S)
     assert trace.job is not None and trace.job.state == "succeeded", f"{trace.job}\n{vd.logs()}"
+    fetch(c, trace.job.id, work / "out")
     # text arrived while pages were decoding: deltas with text for a page before that page was done
     first_done: dict[int, int] = {}
     first_text: dict[int, int] = {}
@@ -124,6 +196,7 @@ def test_kill9_of_vllm_mid_job_restarts_it_and_no_page_is_lost_or_done_twice(vd:
                    on_event=kill_when_a_page_is_done)
     assert killed and killed[0] < total, "vLLM was not killed while pages were still to do"
     assert trace.job is not None and trace.job.state == "succeeded", f"{trace.job}\n{vd.logs()}"
+    fetch(c, trace.job.id, work / "out")
     done = trace.pages_done()
     assert sorted(done) == list(range(1, total + 1)), f"pages done (with repeats): {sorted(done)}"
     states = trace.engine_states()
@@ -158,11 +231,12 @@ def test_page_image_far_over_the_budget_is_downsized_and_accepted(vd: VllmDaemon
         {"type": "text", "text": "Convert this page to Markdown."},
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,"
                                                    + base64.b64encode(pix.tobytes("png")).decode()}}]}]}
-    status, answer = stack.http_json(vd.root + "/v1/chat/completions", body, timeout=300)
+    status, answer = vd.http_json("/v1/chat/completions", body, timeout=300)
     assert status == 400 and "maximum context length" in json.dumps(answer), (status, answer)
     c = vd.proc.client(timeout=60)
     trace = follow(c, lambda: submit_ocr(vd, pdf, work / "out").job, JOB_TIMEOUT_S)
     assert trace.job is not None and trace.job.state == "succeeded", f"{trace.job}\n{vd.logs()}"
+    fetch(c, trace.job.id, work / "out")
     page = sidecar(work / "out", "poster")["page_results"][0]  # type: ignore[index]
     assert page["method"] == "vlm", page
     assert "instead of max_pixels" in page["detail"] and "max_model_len 2048" in page["detail"], page
@@ -173,11 +247,12 @@ def test_lora_adapter_loaded_at_runtime_is_used_by_a_job_and_unloaded(vd: VllmDa
     c = vd.proc.client(timeout=120)
     reply = c.call(EngineCommand(action="load", name="tiny-lora", path=str(adapter)), EngineReply, timeout=300)
     assert "tiny-lora" in reply.engine.adapters and "loaded" in reply.message
-    status, models = stack.http_json(vd.root + "/v1/models")
+    status, models = vd.http_json("/v1/models")
     assert status == 200 and "tiny-lora" in [m["id"] for m in models["data"]]
     pdf = pdfs.numbered(work / "lora.pdf", 3)
     trace = follow(c, lambda: submit_ocr(vd, pdf, work / "out", adapter="tiny-lora").job, JOB_TIMEOUT_S)
     assert trace.job is not None and trace.job.state == "succeeded", f"{trace.job}\n{vd.logs()}"
+    fetch(c, trace.job.id, work / "out")
     side = sidecar(work / "out", "lora")
     assert side["adapter"] == "tiny-lora"
     assert {p["method"] for p in side["page_results"]} == {"vlm"}  # type: ignore[union-attr]
@@ -195,7 +270,9 @@ def test_ask_streams_an_answer_about_a_pdf_page(vd: VllmDaemon, work: Path) -> N
     c = vd.proc.client(timeout=60)
     events = c.events(("ask.",))
     next(events)  # live subscription
-    reply = c.call(Ask(question="What is on this page?", file=str(pdf), page_no=2), AskReply)
+    handed = hand_over(c.paths, pdf)
+    reply = c.call(AskSpooled(question="What is on this page?", spool=handed.sha256, name=pdf.name, page_no=2),
+                   AskReply)
     assert reply.stream_topic == f"ask.{reply.request_key}"
     text = ""
     for ev in events:
@@ -234,9 +311,18 @@ def test_engine_stop_for_training_makes_pages_wait_and_wake_brings_it_back(vd: V
     assert ended.state == "succeeded", f"{ended.error}\n{vd.logs()}"
 
 
-def test_remote_engine_sends_pages_to_the_server_that_answers(vd: VllmDaemon, work: Path) -> None:
+@pytest.fixture
+def forwarded(vd: VllmDaemon) -> Iterator[str]:
+    """vLLM listens on a Unix socket of its daemon only: a TCP forwarder of the test stands in for the network
+    between a remote engine and its server."""
+    with stack.tcp_to_unix(lambda: vd.uds) as root:
+        yield root
+
+
+def test_remote_engine_sends_pages_to_the_server_that_answers(vd: VllmDaemon, work: Path, forwarded: str) -> None:
     """A second daemon that runs no vLLM: its `remote` engine uses this module's server (and a dead one)."""
     dead = f"http://127.0.0.1:{stack.free_port()}/v1"
+    root = forwarded
     d = DaemonProc()
     cfg = d.home / "ftmllm.toml"
     cfg.write_text("\n".join([
@@ -244,7 +330,7 @@ def test_remote_engine_sends_pages_to_the_server_that_answers(vd: VllmDaemon, wo
         "[ocr]", 'engine = "remote"', "dpi = 50",
         "[vllm]", "max_tokens = 256", "max_model_len = 2048", "max_pixels = 4000000",
         f"sampling = {{min_tokens = 24, stop = {json.dumps(STOPS)}}}",
-        "[remote]", f"urls = [{json.dumps(dead)}, {json.dumps(vd.root + '/v1')}]",
+        "[remote]", f"urls = [{json.dumps(dead)}, {json.dumps(root + '/v1')}]",
     ]) + "\n")
     d.config = cfg
     try:
@@ -254,13 +340,14 @@ def test_remote_engine_sends_pages_to_the_server_that_answers(vd: VllmDaemon, wo
                  "the remote engine to find its server", interval=0.2)
         status = c.call(EngineCommand(action="status"), EngineReply)
         assert status.engine.kind == "remote" and status.engine.model == "tiny", status
-        assert "down" in status.message and vd.root in status.message, status.message
+        assert "down" in status.message and root in status.message, status.message
         pdf = pdfs.numbered(work / "remote.pdf", 4)
-        job = c.call(Submit(kind="ocr", spec={"file": str(pdf), "out_dir": str(work / "out")}), JobDetail).job
+        job = handed_over(c, pdf).job
         wait_for(lambda: c.call(ShowJob(job_id=job.id), JobDetail).job.state in ("succeeded", "failed"),
                  JOB_TIMEOUT_S, "the remote job", interval=0.2)
         done = c.call(ShowJob(job_id=job.id), JobDetail).job
         assert done.state == "succeeded", f"{done.error}\n{d.log_text()[-3000:]}"
+        fetch(c, done.id, work / "out")
         side = sidecar(work / "out", "remote")
         assert side["engine"] == "remote"
         assert {p["method"] for p in side["page_results"]} == {"vlm"}  # type: ignore[union-attr]

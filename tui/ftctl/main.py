@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Drive ftmllmd from the shell: list, submit, follow and cancel jobs.",
         epilog="Exit codes: 0 ok, 1 failed, 2 usage/rejected spec, 3 daemon not running, 4 not allowed. "
         "The daemon is found like ftmllmd finds its sockets: --config/$FTMLLM_CONFIG, --home/$FTMLLM_HOME, "
-        "else $XDG_RUNTIME_DIR/ftmllm.",
+        "else $XDG_RUNTIME_DIR/ftmllm (or /run/user/UID/ftmllm).",
     )
     p.add_argument("--config", help="the daemon's TOML config (to find its sockets)")
     p.add_argument("--home", help="the daemon's --home dir (what `make run` uses: ./.ftmllm)")
@@ -303,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
         err.print(f"ftctl: {exc.message}", markup=False)  # messages name config keys like [train] …
         if exc.code == "forbidden":
             return EXIT_FORBIDDEN
-        if exc.code in ("invalid_spec", "bad_request", "unknown_job", "invalid_state"):
+        if exc.code in ("invalid_spec", "bad_request", "unknown_job", "invalid_state", "too_large"):
             return EXIT_USAGE
         return EXIT_FAILED
     except KeyboardInterrupt:

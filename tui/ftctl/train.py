@@ -15,6 +15,8 @@ deploy and templates.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -24,9 +26,10 @@ from rich.progress import BarColumn, Progress, TaskID, TextColumn, TimeRemaining
 from rich.table import Table
 
 from shared.client import Client
+from shared.handover import Handover, HandoverRefused, HandoverUnavailable
 from shared.overrides import SpecProblem, absolutize, parse_overrides
 from shared.protocol import (
-    DatasetAdd,
+    DatasetAddSpooled,
     DatasetList,
     DatasetRemove,
     DatasetsReply,
@@ -46,9 +49,10 @@ from shared.protocol import (
 )
 from tui.ftctl.args import Subparsers, add_submit_flags
 from tui.ftctl.follow import View, follow
-from tui.ftctl.output import EXIT_FAILED, EXIT_OK, EXIT_USAGE, emit_json, err, job_exit, out
+from tui.ftctl.output import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_OK, EXIT_USAGE, emit_json, err, job_exit, out
 
 DATASET_ADD_TIMEOUT_S = 900.0  # checking every image of a big dataset takes a while
+MAX_LISTED_PROBLEMS = 10
 
 
 # ------------------------------------------------------------------------------------------ submitting
@@ -212,15 +216,79 @@ def cmd_templates(args: argparse.Namespace, c: Client) -> int:
 
 
 def cmd_dataset_add(args: argparse.Namespace, c: Client) -> int:
-    body = DatasetAdd(name=args.name, file=str(Path(args.file).expanduser().resolve()),
-                      images=str(Path(args.images).expanduser().resolve()) if args.images else "",
-                      ranking=args.ranking, replace=args.replace)
+    """The records file and every image or video it names are opened here, with the user's own rights, and
+    handed to the daemon (shared/handover.py): what a trainer reads is what this user could read."""
+    file = Path(args.file).expanduser().absolute()
+    root = Path(args.images).expanduser().absolute() if args.images else file.parent
+    if args.images and not root.is_dir():
+        err.print(f"ftctl: --images {root}: not a directory; give the folder the image paths in the records are "
+                  "relative to", markup=False)
+        return EXIT_USAGE
+    try:
+        with Handover(c.paths) as handover:
+            records = handover.file(file)
+            media, problems = _hand_over_media(handover, file, root)
+            if problems:
+                err.print("ftctl: " + "; ".join(problems), markup=False)
+                return EXIT_USAGE
+            manifest = _hand_over_manifest(handover, media) if media else None
+    except HandoverRefused as exc:
+        err.print(f"ftctl: {exc}", markup=False)
+        return EXIT_USAGE
+    except HandoverUnavailable as exc:
+        err.print(f"ftctl: {exc}", markup=False)
+        return EXIT_NO_DAEMON
+    body = DatasetAddSpooled(name=args.name, records=records.sha256, records_name=file.name,
+                             media=manifest or "", ranking=args.ranking, replace=args.replace)
     reply = c.call(body, DatasetsReply, timeout=max(args.timeout, DATASET_ADD_TIMEOUT_S))
     if args.json:
         emit_json(reply)
     else:
         out.print(reply.message, markup=False)
     return EXIT_OK
+
+
+def _hand_over_media(handover: Handover, file: Path, root: Path) -> tuple[dict[str, str], list[str]]:
+    """Every image and video the records name, handed over: ({path as written: sha256}, problems). Records
+    the daemon will refuse anyway (not JSON, not a list) hand over nothing: its message says what is wrong."""
+    try:
+        text = file.read_text(encoding="utf-8")
+        records = [json.loads(line) for line in text.splitlines() if line.strip()] if file.suffix == ".jsonl" \
+            else json.loads(text)
+    except (OSError, ValueError):
+        return {}, []
+    media: dict[str, str] = {}
+    problems: list[str] = []
+    for index, record in enumerate(records if isinstance(records, list) else []):
+        if not isinstance(record, dict):
+            continue
+        for column in ("images", "videos"):
+            value = record.get(column)
+            items = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+            for i, written in enumerate(items):
+                if not isinstance(written, str) or not written or written in media:
+                    continue
+                path = Path(written) if os.path.isabs(written) else root / written
+                try:
+                    media[written] = handover.file(path).sha256
+                except HandoverRefused as exc:
+                    if len(problems) < MAX_LISTED_PROBLEMS:
+                        problems.append(f"{file.name}: record {index}: {column}[{i}] {exc}")
+    return media, problems
+
+
+def _hand_over_manifest(handover: Handover, media: dict[str, str]) -> str:
+    """Which handed-over file each path stands for, itself handed over (a dataset may name more files than
+    one request may carry)."""
+    fd = os.memfd_create("ftmllm-media", os.MFD_CLOEXEC)
+    try:
+        data = json.dumps(media, ensure_ascii=False).encode("utf-8")
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        return handover.fd(fd, "media.json").sha256
+    finally:
+        os.close(fd)
 
 
 def cmd_dataset_list(args: argparse.Namespace, c: Client) -> int:
@@ -325,7 +393,9 @@ def add_parsers(commands: Subparsers) -> None:
     dsub = ds.add_subparsers(dest="dataset_command", required=True, metavar="ACTION")
     sp = dsub.add_parser("add", help="check a sharegpt .json/.jsonl file and register it",
                          description="Check every record (roles alternate, one <image> tag per image, images "
-                         "exist and open, ranking data has chosen/rejected) and register the file as NAME.")
+                         "exist and open, ranking data has chosen/rejected) and register the file as NAME. The "
+                         "file and every image it names are read by ftctl with your rights and handed to the "
+                         "daemon, which keeps its own copy.")
     sp.set_defaults(fn=cmd_dataset_add)
     sp.add_argument("name")
     sp.add_argument("file")

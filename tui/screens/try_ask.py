@@ -16,7 +16,8 @@ from textual.widget import Widget
 from textual.widgets import Input, Label, Markdown, Select, Static
 from textual.widgets.markdown import MarkdownStream
 
-from shared.protocol import Ask, AskReply
+from shared.handover import HandoverRefused, HandoverUnavailable
+from shared.protocol import AskReply, AskSpooled
 from tui.messages import Replied, RequestFailed
 from tui.screens.base import FtScreen
 from tui.screens.modals import FilePickerScreen
@@ -135,8 +136,18 @@ class TryScreen(FtScreen):
         self.call_later(self._clear_answer)
         who = f"adapter {adapter_name}" if adapter_name else "the base model"
         self._status(Text(f"asking {who} about {path.name} page {page_no}…", style="cyan"))
-        self.host.send(Ask(question=question, file=str(path), page_no=page_no, adapter=adapter_name),
-                       reply_to=self, tag="ask", announce=False)
+        self.run_worker(self._hand_over_and_ask(path, question, page_no, adapter_name), group="ask",
+                        exclusive=True, exit_on_error=False)
+
+    async def _hand_over_and_ask(self, path: Path, question: str, page_no: int, adapter: str) -> None:
+        # the file is opened here with the user's own rights and handed to the daemon, which reads no path
+        try:
+            handed = await self.host.hand_over(path)
+        except (HandoverRefused, HandoverUnavailable) as exc:
+            self._status(Text(str(exc), style="red"))
+            return
+        self.host.send(AskSpooled(question=question, spool=handed.sha256, name=handed.name, page_no=page_no,
+                                  adapter=adapter), reply_to=self, tag="ask", announce=False)
 
     async def _clear_answer(self) -> None:
         if self._stream is not None:

@@ -42,6 +42,7 @@ from daemon.engines.vlm.budget import (
     plan_render,
 )
 from daemon.engines.vlm.chat_stream import Piece, Rejected, ServerGone, stream_chat
+from daemon.engines.vlm.http_clients import HttpClients, transport
 from daemon.engines.vlm.inflight import InFlight
 from daemon.engines.vlm.runaway import LADDER, Loop, RepetitionGuard, cut_loop, describe
 from daemon.ocr.engine import PageInput, PageResult, TextDelta
@@ -65,8 +66,9 @@ class Target:
 
     root: str  # http://host:port (the server's /v1, /metrics and /health live below it)
     model: str  # the served base model name
-    api_key: str = ""
+    api_key: str = field(default="", repr=False)  # never in a log line or an error message
     generation: int = 0  # bumped by every (re)start of a supervised server
+    uds: str = ""  # the Unix socket the server listens on (the daemon's vLLM); "" = TCP to root
 
 
 class Backend(Protocol):
@@ -141,12 +143,11 @@ def chat_body(model: str, prompt: str, image_url: str, *, temperature: float, ma
     return body
 
 
-def new_http_client(max_in_flight: int) -> httpx.AsyncClient:
+def new_http_client(max_in_flight: int, uds: str = "") -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=max_in_flight + 8, max_keepalive_connections=max_in_flight + 8)
     # read timeout: the longest silence between two streamed pieces before a server counts as hung
-    return httpx.AsyncClient(
-        timeout=httpx.Timeout(connect=10.0, read=300.0, write=60.0, pool=None),
-        limits=httpx.Limits(max_connections=max_in_flight + 8, max_keepalive_connections=max_in_flight + 8),
-    )
+    return httpx.AsyncClient(timeout=httpx.Timeout(connect=10.0, read=300.0, write=60.0, pool=None), limits=limits,
+                             transport=transport(uds, limits))
 
 
 class VlmConverter:
@@ -159,18 +160,15 @@ class VlmConverter:
         self.sampling = sampling
         self.dpi = dpi
         self.render_timeout_s = render_timeout_s
-        self.http: httpx.AsyncClient | None = None
+        self._clients = HttpClients(lambda uds: new_http_client(self.limiter.maximum, uds))
         self.aborted = 0  # requests this daemon closed because they ran away (for status and tests)
 
-    def client(self) -> httpx.AsyncClient:
-        if self.http is None:
-            self.http = new_http_client(self.limiter.maximum)
-        return self.http
+    def client(self, uds: str = "") -> httpx.AsyncClient:
+        """The client for the server on Unix socket ``uds`` ("" = TCP)."""
+        return self._clients.get(uds)
 
     async def close(self) -> None:
-        if self.http is not None:
-            await self.http.aclose()
-            self.http = None
+        await self._clients.aclose()
 
     def plan(self) -> RenderPlan:
         try:
@@ -324,7 +322,7 @@ class VlmConverter:
                                  max_tokens=max_tokens, extra=self.sampling.extra)
                 guard = RepetitionGuard()
                 outcome, error, tokens, pieces = "", "", None, 0
-                stream = stream_chat(self.client(), target.root, body, target.api_key)
+                stream = stream_chat(self.client(target.uds), target.root, body, target.api_key)
                 try:
                     async for piece in stream:
                         if piece.finish is not None:
