@@ -98,8 +98,7 @@ class Daemon:
         # bounded per connection and per member, behind ZAP, in a context of its own (daemon/core/events.py)
         self.events = EventSocket(self.paths.events_socket, allowed=self.identities.allowed, peer=parse_peer,
                                   sees_all=self.sees_content)
-        self.pub = self.events.sock
-        self.bus = EventBus(self.pub, self.session, self.store.seq, owner_of=self._owner_uid)
+        self.bus = EventBus(self.events.sock, self.session, self.store.seq, owner_of=self._owner_uid)
         self.store.on_commit = self._committed
         self.jobs = JobManager(settings, self.store, self.bus, {"selftest": SelftestKind()})
         self.parts: list[Part] = []

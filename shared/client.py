@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import grp
 import itertools
 import os
 import queue
@@ -29,7 +28,7 @@ import zmq.asyncio
 
 from shared.config import Paths
 from shared.handover import Handed, hand_over
-from shared.private_dir import socket_problem
+from shared.private_dir import socket_group, socket_problem
 from shared.protocol import (
     PROTOCOL_VERSION,
     EngineChanged,
@@ -87,16 +86,6 @@ class RemoteError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-def _group_of(path: Path) -> str:
-    """The group that may use a socket: the file's group, or its folder's when the file cannot be seen."""
-    for p in (path, path.parent):
-        try:
-            return grp.getgrgid(p.stat().st_gid).gr_name
-        except (OSError, KeyError):
-            continue
-    return "ftmllm"
 
 
 def unavailable_message(paths: Paths, why: str) -> str:
@@ -213,7 +202,7 @@ class AsyncClient:
         except ConnectionRefusedError:
             raise DaemonUnavailable(unavailable_message(self.paths, "not running (stale socket file)")) from None
         except PermissionError:
-            group = _group_of(self.paths.ctl_socket)
+            group = socket_group(self.paths.ctl_socket)
             raise DaemonUnavailable(
                 f"not allowed to connect to {path}: ask an admin to add you to group '{group}' "
                 f"(`sudo usermod -aG {group} $USER`, then log in again)"
@@ -240,7 +229,7 @@ class AsyncClient:
         except TimeoutError:
             self._pending.pop(rid, None)
             if self._refused():
-                group = _group_of(self.paths.ctl_socket)
+                group = socket_group(self.paths.ctl_socket)
                 raise DaemonUnavailable(
                     f"ftmllmd refused the connection on {self.paths.ctl_socket}: you are not in group '{group}'; "
                     f"ask an admin to add you (`sudo usermod -aG {group} $USER`, then log in again)") from None

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import array
 import getpass
-import grp
 import os
 import socket
 import stat
@@ -28,7 +27,7 @@ from types import TracebackType
 import msgspec
 
 from shared.config import Paths
-from shared.private_dir import socket_problem
+from shared.private_dir import socket_group, socket_problem
 
 HANDOVER_VERSION = 1
 # a request or reply datagram is a few dozen bytes; anything longer is not ours
@@ -66,16 +65,6 @@ class Handed:
     sha256: str  # the daemon's own hash of the bytes it keeps: what a job names
     size: int
     name: str  # the file's own name, for job names and messages
-
-
-def _group_of(path: Path) -> str:
-    """The group that may use the socket: its folder's (the socket file may be out of sight)."""
-    for p in (path, path.parent):
-        try:
-            return grp.getgrgid(p.stat().st_gid).gr_name
-        except (OSError, KeyError):
-            continue
-    return "ftmllm"
 
 
 def _me() -> str:
@@ -129,7 +118,7 @@ class Handover:
             raise HandoverUnavailable(_not_running(paths, "not running (stale socket file)")) from None
         except PermissionError:
             sock.close()
-            group = _group_of(path)
+            group = socket_group(path)
             raise HandoverUnavailable(f"not allowed to connect to {path}: ask an admin to add you to group "
                                       f"'{group}' (`sudo usermod -aG {group} $USER`, then log in again)") from None
         self._sock = sock
@@ -167,7 +156,7 @@ class Handover:
             data = b""
         if not data:
             raise HandoverUnavailable(f"ftmllmd closed {self.paths.handover_socket} without taking {shown}: you "
-                                      f"may not be in group '{_group_of(self.paths.handover_socket)}', or it "
+                                      f"may not be in group '{socket_group(self.paths.handover_socket)}', or it "
                                       "stopped; see `ftctl status`")
         try:
             reply = msgspec.msgpack.decode(data, type=HandoverReply)

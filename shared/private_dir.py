@@ -12,6 +12,7 @@ Hand-written rather than a library: it is a dozen ``lstat`` checks, and the word
 
 from __future__ import annotations
 
+import grp
 import os
 import pwd
 import stat
@@ -27,6 +28,16 @@ def owner_name(uid: int) -> str:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return f"uid {uid}"
+
+
+def socket_group(path: Path) -> str:
+    """The group that may use a socket: the file's group, or its folder's when the file cannot be seen."""
+    for p in (path, path.parent):
+        try:
+            return grp.getgrgid(p.stat().st_gid).gr_name
+        except (OSError, KeyError):
+            continue
+    return "ftmllm"
 
 
 def _only_root_can_create_in(parent: Path) -> bool:

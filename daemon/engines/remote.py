@@ -173,6 +173,9 @@ class RemoteEngine:
         self._current: asyncio.Event | None = None
         self._prompt_counted = False
 
+    def resolve_adapter(self, name: str, user: str) -> str:
+        return name
+
     @property
     def max_pixels(self) -> int | None:
         return self.converter.max_pixels
@@ -222,7 +225,8 @@ class RemoteEngine:
     def convert(self, page: PageInput) -> AsyncIterator[TextDelta | PageResult]:
         return self.converter.convert(page)
 
-    def check_adapter(self, name: str) -> str | None:
+    def check_adapter(self, name: str, user: str = "") -> str | None:
+        """Remote servers are shared as configured: adapter names there are not namespaced by user."""
         if any(name in s.models for s in self.servers):
             return None
         known = sorted({m for s in self.servers for m, parent in s.models.items() if parent})

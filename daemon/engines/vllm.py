@@ -61,8 +61,12 @@ class VllmEngine:
     def convert(self, page: PageInput) -> AsyncIterator[TextDelta | PageResult]:
         return self.converter.convert(page)
 
-    def check_adapter(self, name: str) -> str | None:
-        return self.supervisor.check_adapter(name)
+    def check_adapter(self, name: str, user: str = "") -> str | None:
+        return self.supervisor.check_adapter(name, user)
+
+    def resolve_adapter(self, name: str, user: str) -> str:
+        """The served name ``name`` means for ``user``: her own adapter of that bare name, if loaded."""
+        return self.supervisor.resolve_adapter(name, user)
 
     # Backend (daemon.engines.vlm.converter) ------------------------------------------------------------------
 

@@ -144,17 +144,20 @@ class OcrKind:
         if s.max_pages < 0:
             raise SpecError(f"ocr spec: max_pages {s.max_pages}: give 0 (all pages) or a positive number")
         engine = self.choice.get(s.engine)  # an unknown engine is a submit error, not a failed job
-        if s.adapter:
+        adapter = s.adapter
+        if adapter:
             check = getattr(engine, "check_adapter", None)
-            problem = check(s.adapter) if check is not None else (
+            problem = check(adapter, caller.user) if check is not None else (
                 f"engine {engine.name} cannot use LoRA adapters; name --engine vllm (or leave out --adapter)")
             if problem:
                 raise SpecError(problem)
+            # a bare name is the caller's own adapter when she has one (names are namespaced by owner)
+            adapter = engine.resolve_adapter(adapter, caller.user)  # type: ignore[attr-defined]
         if not s.force:
             self._refuse_duplicate(name, s.spool)
         password = drop.password if drop is not None else s.password
         frozen = OcrSpec(sha256=s.spool, name=name, size=src.stat().st_size, password=self._hold(password),
-                         engine=s.engine, adapter=s.adapter, force=s.force,
+                         engine=s.engine, adapter=adapter, force=s.force,
                          source="hotfolder" if drop is not None else "ctl",
                          rel_dir=safe_rel_dir(drop.rel_dir) if drop is not None else "",
                          dropped=drop.dropped if drop is not None else "", max_pages=s.max_pages)
@@ -396,17 +399,20 @@ class OcrKind:
         own = Path(earlier).stem if earlier and Path(earlier).parent == where else None
         candidates = [own] if own else []
         candidates += [stem, f"{stem}.job{ctx.job.id}"] + [f"{stem}.job{ctx.job.id}.{n}" for n in range(1, 100)]
+        # daemon.visibility = "owner": the group that may reach the outbox must not read others' text there
+        # (the owner fetches hers with `ftctl submit … --out-dir` or `ftctl output`)
+        mode = 0o600 if self.settings.config.daemon.visibility == "owner" else 0o666
         for base in candidates:
             md, side = f"{base}.md", f"{base}.json"
             if base == own or self._same_owner(folder, side, ctx.job):
-                write_at(folder, side, sidecar)
-                write_at(folder, md, markdown)
+                write_at(folder, side, sidecar, mode=mode)
+                write_at(folder, md, markdown, mode=mode)
                 return base
             if exists_at(folder, md) or exists_at(folder, side):
                 continue
-            if not write_at(folder, side, sidecar, replace=False):
+            if not write_at(folder, side, sidecar, replace=False, mode=mode):
                 continue
-            if write_at(folder, md, markdown, replace=False):
+            if write_at(folder, md, markdown, replace=False, mode=mode):
                 return base
             os.unlink(side, dir_fd=folder)  # lost the race for the .md: give the pair up
         raise OSError(f"no free name for {stem}.md")

@@ -114,14 +114,14 @@ def exists_at(dir_fd: int, name: str) -> bool:
     return True
 
 
-def write_at(dir_fd: int, name: str, data: bytes | str, *, replace: bool = True) -> bool:
-    """Write ``name`` in the folder ``dir_fd`` atomically, with the umask's mode.
+def write_at(dir_fd: int, name: str, data: bytes | str, *, replace: bool = True, mode: int = 0o666) -> bool:
+    """Write ``name`` in the folder ``dir_fd`` atomically, with ``mode`` less the umask.
 
     ``replace=False`` claims the name: nothing is written and False is returned when something is there
     already (a link to the temp file either takes the free name or fails, so two writers never share it)."""
     raw = data.encode("utf-8") if isinstance(data, str) else data
     tmp = f".{name[:60]}.{secrets.token_hex(6)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666, dir_fd=dir_fd)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dir_fd)
     try:
         try:
             view = memoryview(raw)

@@ -25,7 +25,7 @@ def daemon(tmp_path: Path) -> Iterator[Daemon]:
         yield d
     finally:
         d.router.close()
-        d.pub.close()
+        d.events.close()
         d.ctx.term()
         d.store.close()
 

@@ -170,7 +170,11 @@ def test_a_missing_media_file_is_rejected_at_submit_naming_it(lfd: TrainDaemon, 
         (src / name).write_bytes((box.src / name).read_bytes())
     (src / "gone.json").write_text(json.dumps(records))
     assert lfd.ftctl("dataset", "add", "gone", str(src / "gone.json")).returncode == 0
-    lost = src / records[3]["images"][0]
+    # `dataset add` keeps the handed-over images in the daemon's own tree: the member's files are never read
+    # again, so what can go missing is the daemon's copy
+    kept = (lfd.paths.state_dir / "datasets" / "gone.media").read_text().split()
+    assert kept and all(str(src) not in p for p in kept)
+    lost = Path(kept[0])
     lost.unlink()
     t0 = time.perf_counter()
     r = lfd.ftctl("train", "qwen2vl_lora_sft", "--dataset", "gone",

@@ -12,6 +12,7 @@ import json
 import os
 import select
 import shutil
+import stat
 import subprocess
 import tempfile
 import textwrap
@@ -246,6 +247,11 @@ def test_her_log_page_text_and_markdown_are_refused_to_another_member(owner: Con
         reply = server.request(bob, body)
         assert reply["ok"] is False and reply["code"] == "forbidden", reply
         assert all(w in str(reply["message"]) for w in (what, *why)) and SECRET not in json.dumps(reply)
+    # nor from disk: in owner mode the outbox files are the daemon's user's alone
+    outputs = sorted(server.d.paths.outbox.rglob("*.md"))
+    assert outputs and all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in outputs), outputs
+    read = server.run(bob, ["-c", "import sys; print(open(sys.argv[1]).read())", str(outputs[0])])
+    assert read.returncode != 0 and "Permission denied" in read.stderr and SECRET not in read.stdout
     # what every member sees: the job, its owner, state and progress (as squeue would show it)
     shown = server.ftctl(bob, "show", str(job))
     assert shown.returncode == 0 and alice.name in shown.stdout and "succeeded" in shown.stdout
