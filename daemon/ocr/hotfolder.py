@@ -91,12 +91,19 @@ class _Candidate:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, loop: asyncio.AbstractEventLoop, notify: Callable[[Path], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, notify: Callable[[Path], None], root: Path,
+                 lost: Callable[[], None]) -> None:
         self.loop = loop
         self.notify = notify
+        self.root = root
+        self.lost = lost
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.is_directory:
+            if event.event_type == "deleted" and Path(os.fsdecode(event.src_path)) == self.root:
+                # the watch died with the folder: a new inbox may reuse the old inode number, so its
+                # (dev, ino) alone cannot tell run() to watch again
+                self.loop.call_soon_threadsafe(self.lost)
             return
         for p in (event.src_path, getattr(event, "dest_path", "")):
             if p:
@@ -105,6 +112,10 @@ class _Handler(FileSystemEventHandler):
 
 
 Submit = Callable[[dict[str, Any], str, Caller], Awaitable[JobInfo]]
+
+
+# the inbox's (dev, ino) once its watch saw it deleted: matches no folder, so run() watches again
+_LOST = (-1, -1)
 
 
 class _NoRoom(Exception):
@@ -158,9 +169,13 @@ class HotFolder:
             except (KeyError, OSError):
                 pass
         loop = asyncio.get_running_loop()
-        self._watch = self._observer.schedule(_Handler(loop, self._seen), str(inbox), recursive=True)
+        self._watch = self._observer.schedule(_Handler(loop, self._seen, inbox, self._lost), str(inbox),
+                                              recursive=True)
         st = inbox.stat()
         self._inbox_id = (st.st_dev, st.st_ino)
+
+    def _lost(self) -> None:
+        self._inbox_id = _LOST
 
     async def run(self) -> None:
         tick = max(0.05, min(self.cfg.settle_s / 4, 0.5))
