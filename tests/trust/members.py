@@ -119,6 +119,24 @@ class Server:
 
 
 @contextmanager
+def serving(users: UnixUsers, home: Path, config: Path) -> Iterator[Server]:
+    """The daemon of ``home`` started under the unit's umask, with a files folder every user may enter;
+    stopped again before unix_users() removes the users."""
+    files = home / "files"
+    files.mkdir(mode=0o755)
+    d = DaemonProc(home=home, config=config)
+    old = os.umask(UNIT_UMASK)  # the daemon inherits it, as from the unit's UMask=
+    try:
+        d.start(timeout=DEADLINE_S)
+    finally:
+        os.umask(old)
+    try:
+        yield Server(d, users, home, files)
+    finally:
+        d.close(remove=False)
+
+
+@contextmanager
 def member_server(extra_config: str = "") -> Iterator[Server]:
     with unix_users(packages=CLIENT_PACKAGES) as users:
         for name, text in (("request_as.py", REQUEST_AS), ("hand_as.py", HAND_AS)):
@@ -139,17 +157,7 @@ def member_server(extra_config: str = "") -> Iterator[Server]:
                 (home / name).mkdir()
                 os.chown(home / name, 0, users.gid)
                 (home / name).chmod(mode)
-            files = home / "files"
-            files.mkdir(mode=0o755)
-            d = DaemonProc(home=home, config=config)
-            old = os.umask(UNIT_UMASK)  # the daemon inherits it, as from the unit's UMask=
-            try:
-                d.start(timeout=DEADLINE_S)
-            finally:
-                os.umask(old)
-            try:
-                yield Server(d, users, home, files)
-            finally:
-                d.close(remove=False)  # stops the daemon before unix_users() removes the users
+            with serving(users, home, config) as server:
+                yield server
         finally:
             shutil.rmtree(home, ignore_errors=True)

@@ -26,10 +26,10 @@ import pytest
 
 from daemon.core.events import SHARED_PREFIXES, member_part
 from shared.protocol import TERMINAL_STATES, Done, JobDetail, PauseQueue, ResumeQueue, ShowJob, text_topic
-from tests.daemon_proc import DaemonProc, wait_for
+from tests.daemon_proc import wait_for
 from tests.fixtures import pdfs
 from tests.systemd.unix_users import Account, unix_users
-from tests.trust.members import CLIENT_PACKAGES, DEADLINE_S, REQUEST_AS, UNIT_UMASK, Server
+from tests.trust.members import CLIENT_PACKAGES, DEADLINE_S, REQUEST_AS, Server, serving
 
 EXIT_FORBIDDEN = 4
 SECRET = pdfs.page_word(1)  # what alice's PDF says on its first page
@@ -108,18 +108,8 @@ def member_site(daemon_keys: str, extra: str = "", packages: tuple[str, ...] = C
             run = home / "run"
             run.mkdir(mode=0o750)
             os.chown(run, 0, users.gid)
-            files = home / "files"
-            files.mkdir(mode=0o755)
-            d = DaemonProc(home=home, config=config)
-            old = os.umask(UNIT_UMASK)  # the daemon inherits it, as from the unit's UMask=
-            try:
-                d.start(timeout=DEADLINE_S)
-            finally:
-                os.umask(old)
-            try:
-                yield Server(d, users, home, files)
-            finally:
-                d.close(remove=False)  # stops the daemon before unix_users() removes the users
+            with serving(users, home, config) as server:
+                yield server
         finally:
             shutil.rmtree(home, ignore_errors=True)
 
