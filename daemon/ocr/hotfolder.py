@@ -91,19 +91,12 @@ class _Candidate:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, loop: asyncio.AbstractEventLoop, notify: Callable[[Path], None], root: Path,
-                 lost: Callable[[], None]) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, notify: Callable[[Path], None]) -> None:
         self.loop = loop
         self.notify = notify
-        self.root = root
-        self.lost = lost
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.is_directory:
-            if event.event_type == "deleted" and Path(os.fsdecode(event.src_path)) == self.root:
-                # the watch died with the folder: a new inbox may reuse the old inode number, so its
-                # (dev, ino) alone cannot tell run() to watch again
-                self.loop.call_soon_threadsafe(self.lost)
             return
         for p in (event.src_path, getattr(event, "dest_path", "")):
             if p:
@@ -112,10 +105,6 @@ class _Handler(FileSystemEventHandler):
 
 
 Submit = Callable[[dict[str, Any], str, Caller], Awaitable[JobInfo]]
-
-
-# the inbox's (dev, ino) once its watch saw it deleted: matches no folder, so run() watches again
-_LOST = (-1, -1)
 
 
 class _NoRoom(Exception):
@@ -145,7 +134,10 @@ class HotFolder:
         self._taking: set[Path] = set()
         self._observer: Any = None
         self._watch: ObservedWatch | None = None
-        self._inbox_id: tuple[int, int] | None = None
+        # the watched inbox, held open: while this descriptor lives its inode number cannot be reused, so a
+        # recreated inbox always differs from it in (dev, ino), however quickly it was deleted and made again
+        self._inbox_fd: int | None = None
+        self._arm_failed = False  # said once, not every tick
         self._tasks: set[asyncio.Task[None]] = set()
 
     # --------------------------------------------------------------------------------- lifecycle
@@ -160,34 +152,52 @@ class HotFolder:
         self.rescan()
 
     def _arm(self) -> None:
-        """(Re)watch the inbox; called at start and whenever the inbox was deleted and recreated."""
+        """(Re)watch the inbox; called at start and whenever the inbox was deleted or replaced."""
         inbox = self.paths.inbox
-        inbox.mkdir(parents=True, exist_ok=True)
         if self._watch is not None:
             try:
                 self._observer.unschedule(self._watch)
             except (KeyError, OSError):
                 pass
-        loop = asyncio.get_running_loop()
-        self._watch = self._observer.schedule(_Handler(loop, self._seen, inbox, self._lost), str(inbox),
-                                              recursive=True)
-        st = inbox.stat()
-        self._inbox_id = (st.st_dev, st.st_ino)
+            self._watch = None
+        if self._inbox_fd is not None:
+            os.close(self._inbox_fd)
+            self._inbox_fd = None
+        try:
+            inbox.mkdir(parents=True, exist_ok=True)
+            # opened before the watch is placed: if the folder is swapped in between, the watch is on the new
+            # one, the descriptor on the old, and the next tick sees they differ and arms again
+            fd = os.open(inbox, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            if not self._arm_failed:
+                log.warning("hot folder: cannot open the inbox %s (%s); trying again every tick — make it a "
+                            "folder the daemon's user can write", inbox, exc)
+            self._arm_failed = True
+            return
+        self._arm_failed = False
+        self._inbox_fd = fd
+        try:
+            self._watch = self._observer.schedule(_Handler(asyncio.get_running_loop(), self._seen), str(inbox),
+                                                  recursive=True)
+        except OSError as exc:  # deleted again between the open and the watch
+            log.warning("hot folder: cannot watch the inbox %s (%s); trying again", inbox, exc)
 
-    def _lost(self) -> None:
-        self._inbox_id = _LOST
+    def _inbox_replaced(self) -> bool:
+        if self._inbox_fd is None or self._watch is None:
+            return True
+        try:
+            st = self.paths.inbox.stat()
+        except FileNotFoundError:
+            return True
+        held = os.fstat(self._inbox_fd)
+        return (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino)
 
     async def run(self) -> None:
         tick = max(0.05, min(self.cfg.settle_s / 4, 0.5))
         last_scan = time.monotonic()
         while True:
             await asyncio.sleep(tick)
-            try:
-                st = self.paths.inbox.stat()
-                current: tuple[int, int] | None = (st.st_dev, st.st_ino)
-            except FileNotFoundError:
-                current = None
-            if current != self._inbox_id:
+            if self._inbox_replaced():
                 log.warning("the inbox %s was removed or replaced; watching it again", self.paths.inbox)
                 self._arm()
                 self.rescan()
@@ -200,6 +210,9 @@ class HotFolder:
         if self._observer is not None:
             self._observer.stop()
             self._observer.join(timeout=5)
+        if self._inbox_fd is not None:
+            os.close(self._inbox_fd)
+            self._inbox_fd = None
         for t in self._tasks:
             t.cancel()
 

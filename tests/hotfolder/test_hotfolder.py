@@ -92,8 +92,11 @@ def test_files_already_in_inbox_at_start_are_taken(tmp_path: Path) -> None:
 def test_deleting_and_recreating_the_inbox_does_not_stop_it(hot: DaemonProc, tmp_path: Path) -> None:
     shutil.rmtree(hot.paths.inbox)
     wait_for(lambda: hot.paths.inbox.is_dir(), 10, "the daemon to recreate the inbox")
-    shutil.rmtree(hot.paths.inbox)
-    hot.paths.inbox.mkdir()
+    # again and again while the daemon may be between making the inbox and watching it; a new folder may
+    # reuse the old one's inode number
+    for _ in range(5):
+        shutil.rmtree(hot.paths.inbox, ignore_errors=True)
+        hot.paths.inbox.mkdir(exist_ok=True)
     drop(hot, pdfs.numbered(tmp_path / "later.pdf", pages=1))
     wait_for(lambda: landed(hot, "later.pdf"), 60, "later.pdf to be converted after the inbox came back")
     assert "watching it again" in hot.log_text()
