@@ -14,9 +14,11 @@ import pwd
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import zmq
 import zmq.asyncio
 
@@ -30,7 +32,7 @@ from daemon.jobs.base import Caller
 from daemon.jobs.manager import Admission, JobManager, RequestDenied
 from daemon.jobs.selftest import SelftestKind
 from daemon.part import Part
-from shared.config import ConfigError, Settings, load_settings
+from shared.config import Config, ConfigError, Settings, changed_keys, load_settings
 from shared.private_dir import make_private_dir
 from shared.protocol import (
     MAX_WIRE_BYTES,
@@ -48,6 +50,7 @@ from shared.protocol import (
     JobList,
     JobLogs,
     JobPages,
+    JobsRemoved,
     ListJobs,
     LogChunk,
     OcrOutput,
@@ -57,8 +60,11 @@ from shared.protocol import (
     PauseQueue,
     Ping,
     Pong,
+    RemovedJobs,
+    RemoveJobs,
     ResumeQueue,
     Retry,
+    SetPriority,
     ShowJob,
     Snapshot,
     Status,
@@ -224,17 +230,29 @@ class Daemon:
         asyncio.get_running_loop().call_later(1.0, send)
 
     def reload(self) -> None:
-        """SIGHUP: re-read the config file; the log level changes live, other keys at the next start."""
+        """SIGHUP: re-read the config file, apply the keys of :data:`LIVE_KEYS` and say in one line what
+        changed and which changed keys wait for a restart."""
         self.notifier.reloading(f"reloading {self.settings.source}")
         try:
+            # the file the daemon started with; a daemon started without one looks for the XDG file again
             fresh = load_settings(self.settings.config_file, self.settings.home)
         except ConfigError as exc:
             log.error("reload failed, still running with the previous config: %s", exc)
             self.notifier.ready(f"reload failed: {exc}; still running with the previous config")
             return
-        logging.getLogger().setLevel(fresh.config.daemon.log_level.upper())
-        self.identities.forget()  # group changes apply at once, not after the cache expires
-        log.info("reloaded %s (log level %s)", fresh.source, fresh.config.daemon.log_level)
+        cfg = fresh.config.daemon
+        logging.getLogger().setLevel(cfg.log_level.upper())
+        self.jobs.max_queued = cfg.max_queued_per_user
+        self.store.set_retention(cfg.event_retention, cfg.event_retention_days * 86400)
+        self.identities.forget()  # group membership changes apply at once, not after the cache expires
+        changed = changed_keys(self.settings.config, fresh.config)
+        applied = [k for k in changed if k in LIVE_KEYS]
+        waiting = [k for k in changed if k not in LIVE_KEYS]
+        # what the running daemon goes by from now on: the next reload compares with this
+        self.settings = replace(self.settings, config=_merge_live(self.settings.config, fresh.config))
+        log.info("reloaded %s: %s; %s", fresh.source,
+                 f"applied {', '.join(applied)}" if applied else "nothing to apply",
+                 f"needs a restart: {', '.join(waiting)}" if waiting else "nothing waits for a restart")
         self.notifier.ready(self.status_line())
 
     # ------------------------------------------------------------------------------- who sees what
@@ -287,11 +305,13 @@ class Daemon:
             Ping: lambda _b, _c: Pong(ts=time.time()),
             GetSnapshot: lambda _b, _c: self.snapshot(),
             Status: self.on_status,
-            ListJobs: lambda b, _c: JobList(jobs=self.store.list_jobs(include_finished=b.all, limit=b.limit)),
+            ListJobs: self.on_list_jobs,
+            RemoveJobs: self.on_remove_jobs,
             ShowJob: self.on_show,
             Submit: self.on_submit,
             Cancel: self.on_cancel,
             Retry: lambda b, c: Done(message=f"job {self.jobs.retry(b.job_id, c).id} queued again"),
+            SetPriority: self.on_set_priority,
             JobLogs: self.on_logs,
             PauseQueue: lambda _b, c: self._pause(True, c),
             ResumeQueue: lambda _b, c: self._pause(False, c),
@@ -301,7 +321,8 @@ class Daemon:
         })
 
     async def on_submit(self, body: Submit, caller: Caller) -> JobDetail:
-        job = await self.jobs.submit(body.kind, body.spec, body.name, caller)
+        job = await self.jobs.submit(body.kind, body.spec, body.name, caller, priority=body.priority,
+                                     interactive=body.interactive)
         return JobDetail(job=job, history=self.store.history(job.id),
                          log_path=str(self.jobs.job_dir(job.id) / "job.log"))
 
@@ -327,6 +348,40 @@ class Daemon:
         return JobDetail(job=job, history=self.store.history(job.id),
                          log_path=str(self.jobs.job_dir(job.id) / "job.log"))
 
+    def on_set_priority(self, body: SetPriority, caller: Caller) -> JobDetail:
+        job = self.jobs.set_priority(body.job_id, body.priority, caller)
+        return JobDetail(job=job, history=self.store.history(job.id),
+                         log_path=str(self.jobs.job_dir(job.id) / "job.log"))
+
+    def on_list_jobs(self, body: ListJobs, caller: Caller) -> JobList:
+        # naming a finished state is asking for finished jobs
+        finished = body.all or bool(TERMINAL_STATES.intersection(body.states))
+        return JobList(jobs=self.store.list_jobs(include_finished=finished, limit=body.limit or None,
+                                                 owners=body.owners, states=body.states, kinds=body.kinds))
+
+    def on_remove_jobs(self, body: RemoveJobs, caller: Caller) -> RemovedJobs:
+        if body.older_than_s is not None:
+            if body.job_ids:
+                raise RequestDenied("bad_request", "remove_jobs: name jobs or give older_than_s, not both")
+            # an admin cleans up after everyone, a member after herself
+            ids = self.store.finished_before(time.time() - body.older_than_s,
+                                             None if caller.is_admin else caller.user)
+        else:
+            ids = []
+            for job_id in body.job_ids:  # all or none: each is checked before any goes
+                job = self.store.get_job(job_id)
+                self.jobs._check_owner(job, caller, "remove")  # the rule cancel follows
+                if job.state not in TERMINAL_STATES:
+                    raise RequestDenied("invalid_state", f"job {job.id} is {job.state}; only finished jobs can be "
+                                                         f"removed: `ftctl cancel {job.id}` first")
+                ids.append(job.id)
+        if not ids:
+            return RemovedJobs(job_ids=[])
+        seq, removed = self.store.remove_jobs(ids)
+        self.bus.durable(seq, JobsRemoved(job_ids=removed))
+        log.info("%s removed %d finished job(s): %s", caller.user, len(removed), removed[:20])
+        return RemovedJobs(job_ids=removed)
+
     def on_cancel(self, body: Cancel, caller: Caller) -> Done:
         job = self.jobs.cancel(body.job_id, caller)
         return Done(message=f"job {job.id} ({job.name}) is being canceled")
@@ -347,6 +402,25 @@ class Daemon:
         self.jobs.set_paused(paused, caller)
         return Done(message="queue paused: running jobs go on, queued ones wait for `ftctl resume`"
                     if paused else "queue resumed")
+
+
+# What SIGHUP applies to the running daemon (Daemon.reload); every other key is read once, at start.
+LIVE_KEYS = frozenset({
+    "daemon.log_level",
+    "daemon.max_queued_per_user",
+    "daemon.event_retention",
+    "daemon.event_retention_days",
+})
+
+
+def _merge_live(running: Config, fresh: Config) -> Config:
+    """The running config with the live keys of ``fresh``: a key that waits for a restart keeps being reported."""
+    by_section: dict[str, dict[str, Any]] = {}
+    for dotted in LIVE_KEYS:
+        section, key = dotted.split(".", 1)
+        by_section.setdefault(section, {})[key] = getattr(getattr(fresh, section), key)
+    return msgspec.structs.replace(running, **{section: msgspec.structs.replace(getattr(running, section), **keys)
+                                               for section, keys in by_section.items()})
 
 
 def _claim(table: dict[Any, Any], new: dict[Any, Any], what: str) -> None:

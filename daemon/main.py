@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
         "$XDG_RUNTIME_DIR/ftmllm (else /run/user/UID/ftmllm, else the state dir's run/), hot folder "
         "~/ftmllm/inbox. Every config key and its default: configs/ftmllm.toml (or `ftmllmd --print-config`).",
     )
-    p.add_argument("--config", help="TOML config file (default: $FTMLLM_CONFIG, else built-in defaults)")
+    p.add_argument("--config", help="TOML config file (default: $FTMLLM_CONFIG, else "
+                   "$XDG_CONFIG_HOME/ftmllm/ftmllm.toml when present, else built-in defaults)")
     p.add_argument("--home", help="keep everything (state, sockets, hot folder) under this dir "
                                   "(default: $FTMLLM_HOME)")
     p.add_argument("--print-config", action="store_true", help="print every key with its default and exit")

@@ -10,24 +10,21 @@ notices the new session from the heartbeat.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
+import importlib
 import itertools
 import os
-import queue
 import re
 import socket
 import threading
-from collections.abc import AsyncIterator, Coroutine, Iterator
+import time
+from collections.abc import AsyncIterator, Coroutine, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import zmq
-import zmq.asyncio
 
 from shared.config import Paths
-from shared.handover import Handed, hand_over
 from shared.private_dir import socket_group, socket_problem
 from shared.protocol import (
     PROTOCOL_VERSION,
@@ -42,6 +39,7 @@ from shared.protocol import (
     HelloReply,
     JobChanged,
     JobInfo,
+    JobsRemoved,
     ProtocolError,
     QueueChanged,
     ReplyBody,
@@ -53,6 +51,26 @@ from shared.protocol import (
     encode_request,
     text_topic,
 )
+
+if TYPE_CHECKING:
+    import asyncio
+    import concurrent.futures
+
+    import zmq.asyncio
+
+    from shared.handover import Handed
+else:
+    class _Lazy:
+        """A module imported at its first use. The blocking :class:`Client` asks without an event loop, and
+        importing asyncio was a fifth of ``ftctl status``'s whole run."""
+
+        def __init__(self, name: str) -> None:
+            self._name = name
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(importlib.import_module(self._name), attr)
+
+    asyncio = _Lazy("asyncio")
 
 T = TypeVar("T")
 
@@ -93,6 +111,50 @@ def unavailable_message(paths: Paths, why: str) -> str:
             f"or run `ftmllmd` in another terminal (`make run` in a checkout)")
 
 
+def check_listening(paths: Paths) -> None:
+    """Fail fast when nobody listens: a missing socket file, or one left behind by a killed daemon
+    (ZeroMQ itself would retry quietly until the request timed out)."""
+    check_socket(paths.ctl_socket)
+    path = str(paths.ctl_socket)
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except FileNotFoundError:
+        raise DaemonUnavailable(unavailable_message(paths, "not running")) from None
+    except ConnectionRefusedError:
+        raise DaemonUnavailable(unavailable_message(paths, "not running (stale socket file)")) from None
+    except PermissionError:
+        group = socket_group(paths.ctl_socket)
+        raise DaemonUnavailable(
+            f"not allowed to connect to {path}: ask an admin to add you to group '{group}' "
+            f"(`sudo usermod -aG {group} $USER`, then log in again)"
+        ) from None
+    finally:
+        probe.close()
+
+
+def _refused(monitor: Any) -> bool:
+    """Did the daemon refuse a handshake (not in its group)? That shows only on the monitor socket, not as an
+    error on sends."""
+    if monitor is None:
+        return False
+    refused = False
+    while True:
+        try:
+            monitor.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return refused
+        refused = True
+
+
+def no_answer_message(paths: Paths, refused: bool, timeout: float) -> str:
+    if refused:
+        group = socket_group(paths.ctl_socket)
+        return (f"ftmllmd refused the connection on {paths.ctl_socket}: you are not in group '{group}'; "
+                f"ask an admin to add you (`sudo usermod -aG {group} $USER`, then log in again)")
+    return unavailable_message(paths, f"not answering within {timeout:.0f}s")
+
+
 @dataclass
 class Mirror:
     """The client's copy of the daemon's state, kept equal to the store by snapshot + durable events."""
@@ -120,6 +182,9 @@ class Mirror:
             self.seq = ev.seq
         if isinstance(body, JobChanged):
             self.jobs[body.job.id] = body.job
+        elif isinstance(body, JobsRemoved):
+            for job_id in body.job_ids:
+                self.jobs.pop(job_id, None)
         elif isinstance(body, EngineChanged):
             self.engine = body.engine
         elif isinstance(body, GpusSampled):
@@ -151,6 +216,8 @@ class AsyncClient:
         self.timeout = timeout
         self.heartbeat_s = heartbeat_s
         self.event_hwm = event_hwm
+        import zmq.asyncio
+
         self.ctx = zmq.asyncio.Context()
         self._dealer: zmq.asyncio.Socket | None = None
         self._monitor: Any = None
@@ -189,31 +256,10 @@ class AsyncClient:
             if fut is not None and not fut.done():
                 fut.set_result(reply)
 
-    def _check_listening(self) -> None:
-        """Fail fast when nobody listens: a missing socket file, or one left behind by a killed daemon
-        (ZeroMQ itself would retry quietly until the request timed out)."""
-        check_socket(self.paths.ctl_socket)
-        path = str(self.paths.ctl_socket)
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except FileNotFoundError:
-            raise DaemonUnavailable(unavailable_message(self.paths, "not running")) from None
-        except ConnectionRefusedError:
-            raise DaemonUnavailable(unavailable_message(self.paths, "not running (stale socket file)")) from None
-        except PermissionError:
-            group = socket_group(self.paths.ctl_socket)
-            raise DaemonUnavailable(
-                f"not allowed to connect to {path}: ask an admin to add you to group '{group}' "
-                f"(`sudo usermod -aG {group} $USER`, then log in again)"
-            ) from None
-        finally:
-            probe.close()
-
     async def request(self, body: RequestBody, timeout: float | None = None) -> ReplyBody:
         """Send one request and wait for its reply; raises RemoteError or DaemonUnavailable."""
         if self._dealer is None:
-            self._check_listening()
+            check_listening(self.paths)
         sock = self._ensure_dealer()
         rid = next(self._ids)
         try:
@@ -228,28 +274,12 @@ class AsyncClient:
             reply = await asyncio.wait_for(fut, timeout or self.timeout)
         except TimeoutError:
             self._pending.pop(rid, None)
-            if self._refused():
-                group = socket_group(self.paths.ctl_socket)
-                raise DaemonUnavailable(
-                    f"ftmllmd refused the connection on {self.paths.ctl_socket}: you are not in group '{group}'; "
-                    f"ask an admin to add you (`sudo usermod -aG {group} $USER`, then log in again)") from None
-            raise DaemonUnavailable(unavailable_message(
-                self.paths, f"not answering within {timeout or self.timeout:.0f}s")) from None
+            raise DaemonUnavailable(no_answer_message(self.paths, _refused(self._monitor),
+                                                      timeout or self.timeout)) from None
         if reply.error is not None:
             raise RemoteError(reply.error.code, reply.error.message)
         assert reply.result is not None
         return reply.result  # type: ignore[no-any-return]
-
-    def _refused(self) -> bool:
-        if self._monitor is None:
-            return False
-        refused = False
-        while True:
-            try:
-                self._monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return refused
-            refused = True
 
     async def call(self, body: RequestBody, expect: type[T], timeout: float | None = None) -> T:
         result = await self.request(body, timeout)
@@ -265,6 +295,8 @@ class AsyncClient:
 
     async def hand_over(self, path: Path) -> Handed:
         """Open ``path`` with this user's rights and hand it to the daemon (shared/handover.py)."""
+        from shared.handover import hand_over  # only ftui's Try screen hands files over through this client
+
         return await asyncio.to_thread(hand_over, self.paths, path)
 
     # ---------------------------------------------------------------------------------- events
@@ -372,33 +404,94 @@ def with_own_text(topics: tuple[str, ...]) -> tuple[str, ...]:
 
 
 class Client:
-    """The blocking face: the same AsyncClient, run on a private event loop in a background thread."""
+    """The blocking face. Requests go over a plain blocking DEALER socket of its own (no event loop, no thread:
+    ``ftctl status`` starts and ends in a blink); events and :meth:`watch` run the same AsyncClient on a private
+    event loop in a background thread, started at their first use."""
 
     def __init__(self, paths: Paths, *, name: str = "ftctl", timeout: float = 5.0) -> None:
         self.paths = paths
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="ftmllm-client", daemon=True)
-        self._thread.start()
-        self._async = self._run(_make_async(paths, name, timeout))
+        self.name = name
+        self.timeout = timeout
+        self._ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+        self._dealer: zmq.Socket[bytes] | None = None
+        self._monitor: zmq.Socket[bytes] | None = None
+        self._ids = itertools.count(1)
+        # one blocking socket, several threads (a test follows watch() in one and asks in another)
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._async_client: AsyncClient | None = None
         self._iterations: set[concurrent.futures.Future[None]] = set()
 
+    @property
+    def _async(self) -> AsyncClient:
+        if self._async_client is None:
+            self._loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=self._loop.run_forever, name="ftmllm-client", daemon=True)
+            self._thread.start()
+            self._async_client = self._run(_make_async(self.paths, self.name, self.timeout))
+        return self._async_client
+
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+        assert self._loop is not None
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
 
     @property
     def mirror(self) -> Mirror:
         return self._async.mirror
 
+    def _ensure_dealer(self) -> zmq.Socket[bytes]:
+        if self._dealer is None:
+            check_listening(self.paths)
+            self._ctx = zmq.Context()
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.linger = 0
+            sock.reconnect_ivl = 100
+            sock.reconnect_ivl_max = 1000
+            self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            sock.connect(self.paths.ctl_endpoint)
+            self._dealer = sock
+        return self._dealer
+
     def request(self, body: RequestBody, timeout: float | None = None) -> ReplyBody:
-        return self._run(self._async.request(body, timeout))
+        """Send one request and wait for its reply; raises RemoteError or DaemonUnavailable."""
+        wait = timeout or self.timeout
+        with self._lock:
+            sock = self._ensure_dealer()
+            rid = next(self._ids)
+            try:
+                frame = encode_request(Request(id=rid, v=PROTOCOL_VERSION, body=body))
+            except ProtocolError as exc:
+                raise RemoteError(exc.code, exc.message) from None
+            sock.send(frame)
+            deadline = time.monotonic() + wait
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not sock.poll(max(1, int(left * 1000))):
+                    raise DaemonUnavailable(no_answer_message(self.paths, _refused(self._monitor), wait))
+                try:
+                    reply = decode_reply(sock.recv())
+                except Exception:
+                    continue  # a reply from a newer daemon we cannot read: its request will time out
+                if reply.id == rid:
+                    break  # others: answers to requests that timed out before
+        if reply.error is not None:
+            raise RemoteError(reply.error.code, reply.error.message)
+        assert reply.result is not None
+        return reply.result  # type: ignore[no-any-return]
 
     def call(self, body: RequestBody, expect: type[T], timeout: float | None = None) -> T:
-        return self._run(self._async.call(body, expect, timeout))
+        result = self.request(body, timeout)
+        if not isinstance(result, expect):
+            raise RemoteError("internal", f"expected a {expect.__name__} reply, got {type(result).__name__}")
+        return result
 
     def hello(self) -> HelloReply:
-        return self._run(self._async.hello())
+        return self.call(Hello(client=self.name), HelloReply)
 
-    def _iterate(self, agen: AsyncIterator[T], stop: threading.Event) -> Iterator[T]:
+    def _iterate(self, agen: AsyncIterator[T], stop: threading.Event) -> Generator[T, None, None]:
+        import queue  # only for events: requests need no hand-over between threads
+
         q: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=10_000)
 
         async def pump() -> None:
@@ -415,6 +508,7 @@ class Client:
             else:
                 q.put(("end", None))
 
+        assert self._loop is not None
         fut = asyncio.run_coroutine_threadsafe(pump(), self._loop)
         self._iterations.add(fut)
         try:
@@ -431,26 +525,37 @@ class Client:
             fut.cancel()
             self._iterations.discard(fut)
 
-    def watch(self) -> Iterator[Update]:
+    def watch(self) -> Generator[Update, None, None]:
         """Blocking iterator over mirror updates; stop by breaking out of the loop."""
         return self._iterate(self._async.watch(), threading.Event())
 
-    def events(self, topics: tuple[str, ...]) -> Iterator[Event]:
+    def events(self, topics: tuple[str, ...]) -> Generator[Event, None, None]:
         """Subscribed before this returns (see :meth:`AsyncClient.events`)."""
-        return self._iterate(self._run(_subscribe(self._async, topics)), threading.Event())
+        client = self._async
+        return self._iterate(self._run(_subscribe(client, topics)), threading.Event())
 
     def close(self) -> None:
+        with self._lock:
+            if self._ctx is not None:
+                self._ctx.destroy(linger=0)
+                self._ctx = self._dealer = self._monitor = None
+        if self._loop is None or self._async_client is None:
+            return
+
         async def _close() -> None:
             for fut in list(self._iterations):
                 fut.cancel()
             await asyncio.sleep(0)  # let the cancelled pumps unwind before their sockets go
-            self._async.close()
+            assert self._async_client is not None
+            self._async_client.close()
 
         try:
             self._run(_close(), timeout=5)
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
+            assert self._thread is not None
             self._thread.join(timeout=5)
+            self._async_client = None
 
 
 async def _make_async(paths: Paths, name: str, timeout: float) -> AsyncClient:

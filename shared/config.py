@@ -1,7 +1,11 @@
 """Configuration: one TOML file, typed, every key with a default (documented in configs/ftmllm.toml).
 
+Which file: ``--config FILE``, else ``$FTMLLM_CONFIG``, else (without ``--home``/``$FTMLLM_HOME``)
+``$XDG_CONFIG_HOME/ftmllm/ftmllm.toml`` (``~/.config/ftmllm/ftmllm.toml``) when it exists, else the built-in
+defaults. A key that does nothing is refused, never ignored.
+
 Where things live, in order of precedence:
-* ``--config FILE`` or ``$FTMLLM_CONFIG``: the file's ``[paths]`` decide;
+* a config file: its ``[paths]`` decide;
 * ``--home DIR`` or ``$FTMLLM_HOME`` (what ``make run`` uses): everything under DIR (state/, run/, inbox/…);
 * systemd: ``$STATE_DIRECTORY`` and ``$RUNTIME_DIRECTORY`` as the unit sets them;
 * otherwise XDG user dirs: state ``~/.local/state/ftmllm``, runtime ``$XDG_RUNTIME_DIR/ftmllm``,
@@ -50,11 +54,10 @@ class DaemonConfig(_Section, frozen=True):
     admin_group: str = ""
     # members of this group may connect (the socket files are group-owned, mode 0660); "" = the daemon's group
     socket_group: str = ""
-    # extra endpoint for remote clients, CurveZMQ-protected; "" = off
-    tcp_endpoint: str = ""
-    curve_authorized_keys: str = ""
     # jobs one user may have waiting in the queue (admins and hot-folder jobs included); 0 = no limit
     max_queued_per_user: int = 10_000
+    # the highest priority a member may give her own jobs (-100..100); above it only admins
+    member_max_priority: int = 0
     # event rows the store keeps: the newest N (0 = no count bound), none older than the days (0 = no age
     # bound); each job's last 200 history lines stay regardless (clients resync by snapshot, never from these)
     event_retention: int = 100_000
@@ -70,6 +73,8 @@ class HotfolderConfig(_Section, frozen=True):
     settle_s: float = 2.0
     # re-scan the inbox this often as well as listening to events: some file systems (NFS, CIFS) send none
     rescan_s: float = 30.0
+    # the LoRA adapter dropped files are read with (a name `ftctl deploy` served; "" = the base model)
+    adapter: str = ""
 
 
 class OcrConfig(_Section, frozen=True):
@@ -77,7 +82,9 @@ class OcrConfig(_Section, frozen=True):
     dpi: int = 144
     page_timeout_s: float = 120.0
     workers: int = 2
-    max_concurrent_jobs: int = 2
+    # OCR documents open at once; their pages share the engine through one page queue (daemon/ocr/pages.py),
+    # so this bounds memory (open PDFs, jobs waiting for their turn), not how full the engine is
+    max_concurrent_jobs: int = 64
     prompt: str = "default"  # a file name in configs/prompts/ (without .txt) or a path
     # the CPU engine's text-layer Markdown: layout (better headings and tables) or legacy (≈5× faster)
     markdown_mode: Literal["layout", "legacy"] = "layout"
@@ -90,7 +97,7 @@ class VllmConfig(_Section, frozen=True):
     max_model_len: int = 8192
     dtype: str = "auto"
     gpu_memory_utilization: float = 0.85
-    max_pixels: int = 1003520  # match what the served adapter was trained with (LLaMA-Factory image_max_pixels)
+    max_pixels: int = 1003520  # also the budget from-pages renders training pages at; deploy checks adapters
     min_pixels: int = 3136
     max_tokens: int = 4096
     temperature: float = 0.0
@@ -109,6 +116,8 @@ class VllmConfig(_Section, frozen=True):
     private_network: bool = True
     max_in_flight: int = 64
     gpus: int = 1
+    # with [cluster] backend = "ray": this many `vllm serve` replicas as Ray jobs on GPU nodes; 0 = one local engine
+    replicas: int = 0
 
 
 class RemoteConfig(_Section, frozen=True):
@@ -156,6 +165,35 @@ class SpoolConfig(_Section, frozen=True):
     keep_hours: float = 24.0
 
 
+class ClusterConfig(_Section, frozen=True):
+    # "local": trainers are child processes of the daemon; "ray": they are Ray jobs on a Ray cluster
+    backend: Literal["local", "ray"] = "local"
+    # the Ray head's dashboard, where Ray Jobs and the state API answer: "http://head:8265"
+    address: str = ""
+    # a folder every node sees at the same path (job dirs, checkpoints, adapters); required with ray
+    shared_dir: str = ""
+    # the cluster's token (Ray's token authentication, RAY_AUTH_MODE=token); "" = a cluster without one
+    auth_token_file: str = ""
+
+
+class MetricsConfig(_Section, frozen=True):
+    # the Prometheus endpoint: a Unix socket (a name is taken inside the runtime dir), or 127.0.0.1:PORT / [::1]:PORT
+    # (loopback only: every local user can read it); "" = off
+    listen: str = "metrics.sock"
+
+
+LOOPBACK_HOSTS = ("127.0.0.1", "::1", "localhost")
+_TCP_RE = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<host>[^:/\[\]]+)):(?P<port>\d{1,5})$")
+
+
+def metrics_tcp(listen: str) -> tuple[str, int] | None:
+    """(host, port) when ``[metrics] listen`` names a TCP address, None when it names a Unix socket."""
+    m = _TCP_RE.match(listen)
+    if m is None:
+        return None
+    return m.group("v6") or m.group("host"), int(m.group("port"))
+
+
 class Config(_Section, frozen=True):
     paths: PathsConfig = PathsConfig()
     daemon: DaemonConfig = DaemonConfig()
@@ -166,6 +204,8 @@ class Config(_Section, frozen=True):
     train: TrainConfig = TrainConfig()
     scheduler: SchedulerConfig = SchedulerConfig()
     spool: SpoolConfig = SpoolConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    cluster: ClusterConfig = ClusterConfig()
 
 
 @dataclass(frozen=True)
@@ -222,6 +262,11 @@ class Settings:
 
 
 _PATH_RE = re.compile(r"at `\$\.?([^`]*)`")
+# keys an older ftmllm documented that no code ever read: setting one must not look as if it did something
+_REMOVED_KEYS = {
+    "daemon.tcp_endpoint": "remote clients are not supported: run ftctl/ftui on the server, over ssh",
+    "daemon.curve_authorized_keys": "remote clients are not supported: run ftctl/ftui on the server, over ssh",
+}
 
 
 def parse_config(text: str, source: str) -> Config:
@@ -230,8 +275,12 @@ def parse_config(text: str, source: str) -> Config:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML ({exc}); fix the syntax, see configs/ftmllm.toml") from None
+    for dotted, why in _REMOVED_KEYS.items():
+        section, _, key = dotted.partition(".")
+        if isinstance(raw.get(section), dict) and key in raw[section]:
+            raise ConfigError(f"{source}: key '{dotted}' does nothing ({why}); remove it")
     try:
-        return msgspec.convert(raw, type=Config)
+        cfg = msgspec.convert(raw, type=Config)
     except msgspec.ValidationError as exc:
         msg = str(exc)
         match = _PATH_RE.search(msg)
@@ -244,6 +293,11 @@ def parse_config(text: str, source: str) -> Config:
                 f"{source}: unknown key '{full}'; remove it or check the spelling against configs/ftmllm.toml"
             ) from None
         raise ConfigError(f"{source}: key '{key}': {reason}; see configs/ftmllm.toml for the allowed values") from None
+    tcp = metrics_tcp(cfg.metrics.listen)
+    if tcp is not None and tcp[0] not in LOOPBACK_HOSTS:
+        raise ConfigError(f"{source}: key 'metrics.listen': {cfg.metrics.listen} is not a loopback address and the "
+                          "endpoint has no authentication; use 127.0.0.1:PORT, [::1]:PORT or a Unix socket")
+    return cfg
 
 
 def _user_paths() -> tuple[Path, Path, Path]:
@@ -291,6 +345,19 @@ def resolve_paths(cfg: Config, home: Path | None, env: dict[str, str] | None = N
 SYSTEM_CONFIG = Path("/etc/ftmllm/ftmllm.toml")
 
 
+def user_config_file() -> Path | None:
+    """``$XDG_CONFIG_HOME/ftmllm/ftmllm.toml`` (else ``~/.config/ftmllm/ftmllm.toml``) when it exists."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    path = Path(base) / "ftmllm" / "ftmllm.toml"
+    return path if path.is_file() else None
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """The dotted keys whose values differ between two configs, in file order."""
+    a, b = msgspec.to_builtins(old), msgspec.to_builtins(new)
+    return [f"{section}.{key}" for section in a for key in a[section] if a[section][key] != b[section][key]]
+
+
 def load_settings(config_file: str | Path | None = None, home: str | Path | None = None,
                   client: bool = False) -> Settings:
     """The one way both daemon and clients find their config (see the module docstring).
@@ -300,6 +367,9 @@ def load_settings(config_file: str | Path | None = None, home: str | Path | None
     env_home = os.environ.get("FTMLLM_HOME")
     file = Path(config_file) if config_file else (Path(env_file) if env_file else None)
     home_dir = Path(home) if home else (Path(env_home) if env_home else None)
+    if file is None and home_dir is None:
+        # --home keeps a setup self-contained (make run, tests): no file from the user's dirs leaks into it
+        file = user_config_file()
     if client and file is None and home_dir is None and SYSTEM_CONFIG.exists():
         own = resolve_paths(Config(), None)
         if not own.ctl_socket.exists():

@@ -86,6 +86,8 @@ class JobInfo(Struct):
     progress: Progress = msgspec.field(default_factory=Progress)
     attempts: int = 0
     gpus: list[int] = []
+    priority: int = 0  # higher starts (and gets engine slots) first; equal priorities go in submit order
+    interactive: bool = False  # someone waits for it (Submit.interactive): before batch work of equal priority
 
 
 class HistoryEntry(Struct):
@@ -171,19 +173,38 @@ class Ping(Struct, tag="ping"):
     pass
 
 
+class ClusterStatus(Struct, tag="cluster"):
+    """The nodes of the cluster the daemon's training runs on ([cluster] backend = "ray")."""
+
+
 class ListJobs(Struct, tag="jobs"):
     all: bool = False
-    limit: int = 200
+    limit: int = 200  # the newest this many; 0: all
+    # filters, applied by the daemon: a job is listed when it matches each one given (any of its values);
+    # naming a finished state lists finished jobs without `all`
+    owners: Annotated[list[Name], msgspec.Meta(max_length=MAX_LIST_ITEMS)] = []
+    states: Annotated[list[JobState], msgspec.Meta(max_length=MAX_LIST_ITEMS)] = []
+    kinds: Annotated[list[Name], msgspec.Meta(max_length=MAX_LIST_ITEMS)] = []
 
 
 class ShowJob(Struct, tag="show"):
     job_id: int
 
 
+# a job's priority: higher first; the hot folder's jobs get 0 like a plain submit
+MIN_PRIORITY = -100
+MAX_PRIORITY = 100
+Priority = Annotated[int, msgspec.Meta(ge=MIN_PRIORITY, le=MAX_PRIORITY)]
+
+
 class Submit(Struct, tag="submit"):
     kind: Name
     spec: dict[str, Any]  # at most MAX_SPEC_BYTES encoded (checked in decode_request)
     name: Name = ""
+    priority: Priority = 0
+    # a person waits for the result (`ftctl submit --wait/--follow`): among jobs of equal priority it starts,
+    # and its pages reach the engine, before plain submits, which go before the hot folder's batch
+    interactive: bool = False
 
 
 class Cancel(Struct, tag="cancel"):
@@ -192,6 +213,23 @@ class Cancel(Struct, tag="cancel"):
 
 class Retry(Struct, tag="retry"):
     job_id: int
+
+
+class SetPriority(Struct, tag="set_priority"):
+    """Change a queued or running job's priority (its owner or an admin); answered with :class:`JobDetail`."""
+
+    job_id: int
+    priority: Priority
+
+
+class RemoveJobs(Struct, tag="remove_jobs"):
+    """Forget finished jobs (their rows, history, pages and loss points; the files they wrote stay): the jobs
+    named, all or none (each must be finished and the caller's, or the caller an admin), or with
+    ``older_than_s`` every finished job that ended longer ago than that, of the caller's (an admin's: anyone's).
+    Answered with :class:`RemovedJobs`."""
+
+    job_ids: Annotated[list[int], msgspec.Meta(max_length=MAX_LIST_ITEMS)] = []
+    older_than_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
 
 class JobLogs(Struct, tag="logs"):
@@ -299,6 +337,27 @@ class DatasetAddSpooled(Struct, tag="dataset_add_spooled"):
     replace: bool = False
 
 
+class DatasetFromPages(Struct, tag="dataset_from_pages"):
+    """`ftctl dataset from-pages NAME DIR [--val 0.1]`: every ``x.pdf`` of DIR and its truth ``x.md`` (the
+    outbox's Markdown with ``<!-- page N -->`` markers), handed over by the client. The daemon renders each
+    page as serving does and registers NAME (training pages) and NAME.val (validation pages)."""
+
+    name: Name
+    # a handed-over JSON object: document name (x.pdf) -> {"pdf": sha256, "md": sha256 or "" (no truth)}
+    documents: Sha256
+    folder: PathText = ""  # DIR as the user named it, for messages
+    val: float = 0.1  # the share of documents (not pages) kept for validation
+    seed: int = 0  # which documents: the same seed and documents give the same split
+    replace: bool = False
+
+
+class PageQueue(Struct, tag="page_queue"):
+    """The OCR page queue of each engine (`ftctl status`, ftui's OCR screen): pages in flight per job, pages
+    waiting, and why a job waits."""
+
+    limit: Annotated[int, msgspec.Meta(ge=0, le=MAX_LIST_ITEMS)] = 50  # the most jobs listed per engine
+
+
 class OcrOutput(Struct, tag="ocr_output"):
     """A finished OCR job's Markdown and sidecar, which `ftctl submit ocr --out-dir` writes with the user's
     own rights (the daemon writes only in its own tree)."""
@@ -306,16 +365,27 @@ class OcrOutput(Struct, tag="ocr_output"):
     job_id: int
 
 
+class OcrEvalResult(Struct, tag="ocr_eval_result"):
+    """An ``ocr_eval`` job's scores (`ftctl ocr-eval`, `ftctl eval-compare`); ``page`` > 0 also sends that page's
+    truth and output (its index in the reply's ``pages``, 1-based) for a side-by-side diff."""
+
+    job_id: int
+    page: int = 0
+
+
 RequestBody = (
     Hello
     | GetSnapshot
     | Status
+    | ClusterStatus
     | Ping
     | ListJobs
     | ShowJob
     | Submit
     | Cancel
     | Retry
+    | SetPriority
+    | RemoveJobs
     | JobLogs
     | PauseQueue
     | ResumeQueue
@@ -332,7 +402,10 @@ RequestBody = (
     | Ask
     | AskSpooled
     | DatasetAddSpooled
+    | DatasetFromPages
     | OcrOutput
+    | PageQueue
+    | OcrEvalResult
 )
 
 
@@ -394,6 +467,10 @@ class JobDetail(Struct, tag="job"):
     log_path: str
 
 
+class RemovedJobs(Struct, tag="removed_jobs"):
+    job_ids: list[int]
+
+
 class LogChunk(Struct, tag="log"):
     text: str
     offset: int  # where the next read should start
@@ -421,6 +498,23 @@ class PagesReply(Struct, tag="pages"):
 
 class TrainPointsReply(Struct, tag="train_points"):
     points: list[TrainPoint]
+
+
+class ClusterNode(Struct):
+    node_id: str
+    name: str  # what people see: the first 8 hex digits of Ray's node id (job.artifacts["node"] names it too)
+    address: str
+    state: str  # alive | dead (a node that left stays listed)
+    head: bool = False
+    gpus: int = 0  # logical GPUs it declared
+    job_ids: list[int] = []  # the daemon's running jobs on it
+
+
+class ClusterReply(Struct, tag="cluster"):
+    backend: str  # local | ray
+    address: str = ""
+    nodes: list[ClusterNode] = []
+    error: str = ""  # why the nodes could not be listed
 
 
 class DatasetEntry(Struct):
@@ -468,13 +562,56 @@ class OcrOutputReply(Struct, tag="ocr_output"):
     sidecar: str  # JSON
 
 
+class OcrEvalResultReply(Struct, tag="ocr_eval_result"):
+    job_id: int
+    title: str  # e.g. "job 12: vllm + alice/job9" (engine, adapter)
+    totals: dict[str, float | None]  # cer, wer, heading_recall, table_f1, reading_order (None: no such content)
+    pages: list[dict[str, Any]]  # per page: index, doc, page, the same metrics, chars, method
+    truth: str = ""  # with OcrEvalResult.page: that page's truth and output Markdown
+    output: str = ""
+
+
+class PageJob(Struct):
+    """One OCR job's pages in its engine's page queue."""
+
+    job_id: int
+    owner: str
+    name: str
+    priority: int = 0
+    job_class: str = "submit"  # interactive | submit | batch: the turn order among jobs of equal priority
+    in_flight: int = 0
+    waiting: int = 0
+    done: int = 0
+    total: int = 0
+    why: str = ""  # why its pages wait; "" while one is in flight
+
+
+class EnginePages(Struct):
+    engine: str
+    slots: int  # pages the engine is fed at once (its concurrency and a small prefetch)
+    in_flight: int
+    waiting: int  # pages of open documents waiting for a slot
+    jobs: list[PageJob] = []  # in turn order, the first ``limit``
+    more_jobs: int = 0  # open jobs not listed
+
+
+class PageQueueReply(Struct, tag="page_queue"):
+    engines: list[EnginePages]
+    open_jobs: int = 0  # OCR documents open (running)
+    max_open: int = 0  # [ocr] max_concurrent_jobs
+    queued_jobs: int = 0  # OCR jobs waiting to be opened
+    why_queued: str = ""  # why they wait ("" when none does)
+
+
 ReplyBody = (
     HelloReply
     | Snapshot
     | StatusReply
+    | ClusterReply
     | Pong
     | JobList
     | JobDetail
+    | RemovedJobs
     | LogChunk
     | Done
     | EngineReply
@@ -486,6 +623,8 @@ ReplyBody = (
     | TemplatesReply
     | AskReply
     | OcrOutputReply
+    | PageQueueReply
+    | OcrEvalResultReply
 )
 
 ErrorCode = Literal[
@@ -525,6 +664,12 @@ class JobChanged(Struct, tag="job"):
     what: str  # one line for the job's history ("queued by alice", "page 3/12 done", "failed: …")
 
 
+class JobsRemoved(Struct, tag="jobs_removed"):
+    """Finished jobs were forgotten (`ftctl rm`, `ftctl clean`): drop them from a mirror."""
+
+    job_ids: list[int]
+
+
 class PageChanged(Struct, tag="page"):
     page: PageInfo
 
@@ -558,7 +703,8 @@ class QueueChanged(Struct, tag="queue"):
 
 
 EventBody = (
-    Heartbeat | JobChanged | PageChanged | TextDelta | TrainProgress | EngineChanged | GpusSampled | QueueChanged
+    Heartbeat | JobChanged | JobsRemoved | PageChanged | TextDelta | TrainProgress | EngineChanged | GpusSampled
+    | QueueChanged
 )
 
 
@@ -723,6 +869,8 @@ def topic_of(body: EventBody, owner_uid: int = NO_UID) -> str:
     :class:`TextDelta` belongs to (an answer's key carries its asker's)."""
     if isinstance(body, JobChanged):
         return f"job.{body.job.id}"
+    if isinstance(body, JobsRemoved):
+        return "job.removed"
     if isinstance(body, PageChanged):
         return f"ocr.{body.page.job_id}"
     if isinstance(body, TextDelta):

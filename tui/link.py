@@ -29,6 +29,7 @@ from shared.protocol import (
     HistoryEntry,
     JobChanged,
     JobPages,
+    JobsRemoved,
     PageChanged,
     PagesReply,
     QueueChanged,
@@ -143,6 +144,8 @@ class Link:
                     st.add_history(body.job.id, HistoryEntry(seq=ev.seq, ts=ev.ts, what=body.what))
                 if body.job.kind == "train" and body.job.id not in self._train_loaded:
                     self.want_train(body.job.id)
+            elif isinstance(body, JobsRemoved):
+                ch.jobs.update(body.job_ids)  # the mirror dropped them: tables redraw without them
             elif isinstance(body, TextDelta):
                 st.add_text(body)
                 ch.text.add(body.key)

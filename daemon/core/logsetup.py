@@ -1,5 +1,10 @@
 """Logging to stderr, journald-friendly: under systemd (JOURNAL_STREAM set) no timestamps of our own and
-a ``<N>`` syslog priority prefix, which journald turns into the entry's priority."""
+a ``<N>`` syslog priority prefix, which journald turns into the entry's priority.
+
+journald reads a stream line by line and takes the prefix of each line alone, so every line of a multi-line
+record (a traceback, a child's quoted output) carries it: otherwise ``journalctl -p err`` shows the first line
+of a traceback and files the rest at the stream's default priority (info).
+"""
 
 from __future__ import annotations
 
@@ -12,7 +17,9 @@ _PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERRO
 
 class _JournalFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return f"<{_PRIORITY.get(record.levelno, 6)}>{record.name}: {super().format(record)}"
+        prefix = f"<{_PRIORITY.get(record.levelno, 6)}>"
+        first, *rest = f"{record.name}: {super().format(record)}".splitlines() or [""]
+        return "\n".join([prefix + first, *(prefix + line for line in rest)])
 
 
 def setup_logging(level: str) -> None:

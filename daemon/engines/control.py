@@ -34,9 +34,11 @@ from daemon.core.store import Store, StoreError
 from daemon.ctl.server import Handler
 from daemon.engines.cpu import CpuEngine
 from daemon.engines.gpu_port import SupervisedVllm
-from daemon.engines.remote import RemoteEngine
+from daemon.engines.remote import Fleet, RemoteEngine
 from daemon.engines.vllm import VllmEngine
 from daemon.engines.vllm_supervisor import AdapterRefused, EngineCommandError
+from daemon.engines.vlm.adapter_budget import plan_for, read_budget
+from daemon.engines.vlm.budget import BudgetError
 from daemon.engines.vlm.prompts import load_prompt
 from daemon.gpus.engine_port import GpuEngine
 from daemon.gpus.source import GpuSource
@@ -128,8 +130,10 @@ def worker_preload(decision: Decision) -> tuple[str, ...]:
 
 
 class EngineControl(Part):
-    def __init__(self, settings: Settings, store: Store, bus: EventBus, gpus_seen: GpuSource) -> None:
-        """``gpus_seen``: the GPUs the default engine is chosen by (and vLLM placed on)."""
+    def __init__(self, settings: Settings, store: Store, bus: EventBus, gpus_seen: GpuSource,
+                 fleet: Fleet | None = None) -> None:
+        """``gpus_seen``: the GPUs the default engine is chosen by (and vLLM placed on). ``fleet``: vLLM
+        replicas on a Ray cluster (``vllm.replicas``), served as the remote engine instead of a local vLLM."""
         # httpx logs every request at INFO: the /metrics poll alone would fill the daemon's log
         logging.getLogger("httpx").setLevel(logging.WARNING)
         self.settings = settings
@@ -137,6 +141,9 @@ class EngineControl(Part):
         self.bus = bus
         cfg = settings.config
         decision = decide(settings, gpus_seen)
+        if fleet is not None:
+            decision = Decision("remote", f"vllm.replicas = {fleet.size}: {cfg.vllm.model} on the Ray cluster",
+                                decision.gpus)
         # the PDF workers are the engines': what they load at start depends on which engine serves
         self.pool = pool = PdfWorkerPool(size=max(1, cfg.ocr.workers), markdown_mode=cfg.ocr.markdown_mode,
                                          preload=worker_preload(decision),
@@ -152,13 +159,13 @@ class EngineControl(Part):
         gpus = decision.gpus
         self.vllm: VllmEngine | None = None
         self.remote: RemoteEngine | None = None
-        if cfg.vllm.model:
+        if cfg.vllm.model and fleet is None:
             self.vllm = VllmEngine(cfg.vllm, cfg.ocr, pool, settings.paths.state_dir / "vllm", prompt,
                                    gpu_indices=gpus[: cfg.vllm.gpus],
                                    on_change=lambda what, durable: self._changed("vllm", what, durable))
             engines["vllm"] = self.vllm
-        if cfg.remote.urls:
-            self.remote = RemoteEngine(cfg.remote, cfg.vllm, cfg.ocr, pool, prompt,
+        if cfg.remote.urls or fleet is not None:
+            self.remote = RemoteEngine(cfg.remote, cfg.vllm, cfg.ocr, pool, prompt, fleet=fleet,
                                        on_change=lambda what, durable: self._changed("remote", what, durable))
             engines["remote"] = self.remote
         self.choice = EngineChoice(engines=engines, default=decision.default, reason=decision.reason)
@@ -244,10 +251,16 @@ class EngineControl(Part):
         action = body.action
         if action == "status":
             return EngineReply(engine=self.info(), message=self._status_text())
+        if action in ("load", "unload") and self.vllm is None and self.remote is not None and self.remote.fleet:
+            return await self._fleet_adapter(body, caller, self.remote)
         if action == "adapters" and self.vllm is None and self.remote is not None:
             names = self.remote.adapters
             return EngineReply(engine=self.info("remote"),
                                message="adapters on the remote servers: " + (", ".join(names) or "none"))
+        if self.vllm is None and self.remote is not None and self.remote.fleet:
+            raise RequestDenied("unavailable", f"'ftctl engine {action}' works on a local vLLM engine; this daemon's "
+                                "vLLM replicas run on the Ray cluster, where it starts and replaces them itself "
+                                "(vllm.replicas)")
         if self.vllm is None:
             raise RequestDenied("unavailable", f"'ftctl engine {action}' works on the vLLM engine, and this daemon "
                                 "has none; set vllm.model (and executable) in the config, then restart it")
@@ -273,6 +286,7 @@ class EngineControl(Part):
                 if not body.name or not body.path:
                     raise RequestDenied("bad_request", "load needs a name and a path: ftctl engine load NAME PATH")
                 path = self._adapter_path(body.path, caller)
+                self._check_budget(path)
                 message = await sup.load_adapter(body.name, path, user=caller.user, admin=caller.is_admin)
             elif action == "unload":
                 if not body.name:
@@ -285,6 +299,26 @@ class EngineControl(Part):
         except EngineCommandError as exc:
             raise RequestDenied("invalid_state", str(exc)) from None
         return EngineReply(engine=self.info("vllm"), message=message)
+
+    async def _fleet_adapter(self, body: EngineCommand, caller: Caller, remote: RemoteEngine) -> EngineReply:
+        """A runtime LoRA load or unload on every vLLM replica (and on those started later); the replicas'
+        adapter names are shared, as on remote servers: admins only."""
+        assert remote.fleet is not None
+        if not caller.is_admin:
+            raise RequestDenied("forbidden", f"'{body.action}' changes the adapters of every vLLM replica, whose "
+                                "names all users share; ask an admin (the daemon's user, root or the admin group)")
+        if not body.name or (body.action == "load" and not body.path):
+            raise RequestDenied("bad_request", f"{body.action} needs an adapter name"
+                                + (" and a path: ftctl engine load NAME PATH" if body.action == "load" else ""))
+        try:
+            if body.action == "load":
+                message = await remote.fleet.load_adapter(body.name, self._adapter_path(body.path, caller))
+            else:
+                message = await remote.fleet.unload_adapter(body.name)
+        except RuntimeError as exc:
+            raise RequestDenied("invalid_state", str(exc)) from None
+        await remote.refresh()
+        return EngineReply(engine=self.info("remote"), message=message)
 
     def _adapter_path(self, path: str, caller: Caller) -> str:
         """The directory the engine is to read an adapter from, as ``caller`` may have it read: vLLM reads it
@@ -318,6 +352,18 @@ class EngineControl(Part):
                                          "adapter with the daemon's rights, so a member loads one of her train "
                                          f"jobs (`ftctl deploy JOB`) or one inside train.model_roots ({shown}); "
                                          "copy it there or ask an admin")
+
+    def _check_budget(self, path: str) -> None:
+        """An adapter trained at an image budget this engine cannot serve is refused with the setting to
+        change (daemon/engines/vlm/adapter_budget.py); one without a recorded budget loads as before."""
+        budget = read_budget(Path(path))
+        if budget is None or self.vllm is None:
+            return
+        try:
+            plan_for(budget, self.vllm.converter.limits, dpi=self.settings.config.ocr.dpi, prompt=self.vllm.prompt)
+        except BudgetError as exc:
+            raise RequestDenied("invalid_state", f"the adapter in {path} cannot be served as it was trained: "
+                                                 f"{exc}") from None
 
     def _status_text(self) -> str:
         parts = [f"serving: {self.choice.default} — {self.choice.reason}"]

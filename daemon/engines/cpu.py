@@ -8,6 +8,10 @@
 - If that path fails on a page that has some text layer, the plain text layer is used
   (``method="fallback"``, ``detail`` says why); without one the page fails with the worker's PdfError.
 
+Quality against known truth (the generated corpus of tests/ocrtruth.py, scored by bench/ocr_quality.py):
+character error rate 0.5 % on born-digital pages, at most 0.1 % on clean scans at 100–200 dpi and 0.2 % on
+noisy, skewed ones; table-cell F1 1.0 (tests/ocr/test_scan_quality.py holds the bounds).
+
 All MuPDF and OCR work runs in the :class:`PdfWorkerPool` passed in (owned and closed by the caller); the
 whole page, every step included, must finish within ``page_timeout_s``. Text is streamed per paragraph as a
 preview: the worker returns a page at once, so deltas arrive together at the end of each page.

@@ -13,6 +13,10 @@
   comes from ``remote.api_key_file``, read at start: a regular file of the daemon's own user that no one else
   may read or write (:func:`read_api_key`). It is sent as ``Authorization: Bearer`` and appears in no log line,
   status or error (``api key: set``). Either check failing leaves the engine ``failed`` with a one-line reason.
+* A :class:`Fleet` (``vllm.replicas`` on a Ray cluster, daemon/cluster/replicas.py) instead of ``remote.urls``:
+  the servers are the fleet's replicas serving now, read again at every poll and page; the fleet's own API key
+  is sent, and its plain-http node addresses are the cluster's trust, not ``remote.urls``' (README "Beyond one
+  machine").
 """
 
 from __future__ import annotations
@@ -28,11 +32,12 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Protocol
 from urllib.parse import urlsplit
 
 import httpx
 
-from daemon.engines.vlm.budget import Limits, estimate_prompt_tokens
+from daemon.engines.vlm.budget import config_limits
 from daemon.engines.vlm.chat_stream import api_root, headers, tokenized_length
 from daemon.engines.vlm.converter import Sampling, Target, VlmConverter
 from daemon.engines.vlm.inflight import InFlight
@@ -66,6 +71,25 @@ class Server:
         """Requests queued there: others' (from its metrics) plus ours (live)."""
         foreign = max(0, self.load.queue - self.ours_at_poll)
         return foreign + self.in_flight
+
+
+class Fleet(Protocol):
+    """Servers the daemon starts elsewhere and keeps at their number (vLLM replicas on Ray)."""
+
+    size: int
+    api_key: str
+
+    def roots(self) -> list[str]: ...  # http://host:port of each replica serving now
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def describe(self) -> str: ...
+
+    async def load_adapter(self, name: str, path: str) -> str: ...
+
+    async def unload_adapter(self, name: str) -> str: ...
 
 
 class RemoteRefused(Exception):
@@ -148,16 +172,16 @@ class RemoteEngine:
     needs_image = True
 
     def __init__(self, cfg: RemoteConfig, vcfg: VllmConfig, ocr: OcrConfig, pool: PdfWorkerPool, prompt: str, *,
-                 on_change: Callable[[str, bool], None] | None = None) -> None:
+                 on_change: Callable[[str, bool], None] | None = None, fleet: Fleet | None = None) -> None:
         self.cfg = cfg
         self.prompt = prompt
-        self.servers = [Server(root=api_root(u)) for u in cfg.urls]
+        self.fleet = fleet
+        self.servers = [] if fleet is not None else [Server(root=api_root(u)) for u in cfg.urls]
         self.model = cfg.model
-        self.concurrency = vcfg.max_in_flight * max(1, len(self.servers))
+        self.concurrency = vcfg.max_in_flight * max(1, fleet.size if fleet is not None else len(self.servers))
         self.limiter = InFlight(self.concurrency)
         self.on_change = on_change or (lambda _what, _durable: None)
-        limits = Limits(max_model_len=vcfg.max_model_len, max_tokens=vcfg.max_tokens, min_pixels=vcfg.min_pixels,
-                        max_pixels=vcfg.max_pixels, prompt_tokens=estimate_prompt_tokens(prompt))
+        limits = config_limits(vcfg.max_model_len, vcfg.max_tokens, vcfg.min_pixels, vcfg.max_pixels, prompt)
         sampling = Sampling(prompt=prompt, temperature=vcfg.temperature, max_tokens=vcfg.max_tokens,
                             extra=dict(vcfg.sampling))
         self.converter = VlmConverter(self, self.limiter, pool, limits, sampling, dpi=ocr.dpi,
@@ -192,6 +216,9 @@ class RemoteEngine:
 
     def _check_settings(self) -> None:
         """Read the key and check the URLs, now (a changed key file counts from the next start)."""
+        if self.fleet is not None:
+            self._api_key = self.fleet.api_key
+            return
         for url in self.cfg.urls:
             check_url(url)
         self._api_key = read_api_key(self.cfg.api_key_file) if self.cfg.api_key_file else ""
@@ -209,6 +236,8 @@ class RemoteEngine:
                 return
             self.error = ""
             self.state = "starting"
+            if self.fleet is not None:
+                await self.fleet.start()
             self._poller = asyncio.get_running_loop().create_task(self._poll_loop(), name="remote-engine-poll")
 
     async def stop(self) -> None:
@@ -216,6 +245,8 @@ class RemoteEngine:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
             self._poller = None
+        if self.fleet is not None:
+            await self.fleet.stop()
         if self._http is not None:
             await self._http.aclose()
             self._http = None
@@ -255,6 +286,8 @@ class RemoteEngine:
         lines = [f"remote {self.state}: {self.model or '(model not known yet)'}, api key: {key}"]
         if self.error:
             lines.append(f"refused: {self.error}")
+        if self.fleet is not None:
+            lines.append(self.fleet.describe())
         for s in self.servers:
             status = "up" if s.up and s.down_until <= time.monotonic() else f"down ({s.error or 'no answer'})"
             lines.append(f"{s.root}: {status}, {s.load.running} running, {s.load.waiting} waiting, "
@@ -270,6 +303,7 @@ class RemoteEngine:
             raise OcrError("engine", self.error)
         deadline = time.monotonic() + GIVE_UP_S
         while True:
+            self._sync()
             server = pick(self.servers, time.monotonic(), adapter)
             if server is not None:
                 server.in_flight += 1
@@ -298,6 +332,19 @@ class RemoteEngine:
 
     # polling ---------------------------------------------------------------------------------------------
 
+    def _sync(self) -> None:
+        """The fleet's replicas serving now: new ones join (polled before they take a page), gone ones leave
+        (their pages in flight broke off and are sent again to the others)."""
+        if self.fleet is None:
+            return
+        have = {s.root: s for s in self.servers}
+        self.servers = [have.get(root) or Server(root=root) for root in self.fleet.roots()]
+
+    async def refresh(self) -> None:
+        """Poll every server now (their adapters changed)."""
+        self._sync()
+        await asyncio.gather(*(self._poll(s) for s in self.servers))
+
     def _mark_down(self, s: Server, error: str) -> None:
         s.failures += 1
         s.error = error
@@ -307,6 +354,7 @@ class RemoteEngine:
     async def _poll_loop(self) -> None:
         last: tuple[float, float, int] | None = None
         while True:
+            self._sync()
             await asyncio.gather(*(self._poll(s) for s in self.servers))
             now = time.monotonic()
             gen = sum(s.load.generation_tokens for s in self.servers)
@@ -316,7 +364,7 @@ class RemoteEngine:
                 self.pages_per_s = max(0.0, (self.pages_done - last[2]) / dt)
             last = (now, gen, self.pages_done)
             up = [s for s in self.servers if s.up]
-            state = "ready" if up else "failed"
+            state = "ready" if up else ("starting" if self.fleet is not None else "failed")
             if up and not self.model:
                 self.model = next((m for s in up for m, parent in s.models.items() if not parent), "")
             if up and not self._prompt_counted:

@@ -14,7 +14,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from daemon.engines.vllm_supervisor import ChangeHook, VllmSupervisor
-from daemon.engines.vlm.budget import Limits, estimate_prompt_tokens
+from daemon.engines.vlm.adapter_budget import render_cap
+from daemon.engines.vlm.budget import config_limits
 from daemon.engines.vlm.chat_stream import tokenized_length
 from daemon.engines.vlm.converter import Sampling, Target, VlmConverter
 from daemon.engines.vlm.inflight import InFlight
@@ -38,8 +39,8 @@ class VllmEngine:
                                          on_change=on_change, on_ready=self._on_ready)
         self.model = self.supervisor.served_name
         self.concurrency = cfg.max_in_flight
-        limits = Limits(max_model_len=cfg.max_model_len, max_tokens=cfg.max_tokens, min_pixels=cfg.min_pixels,
-                        max_pixels=cfg.max_pixels, prompt_tokens=estimate_prompt_tokens(prompt))
+        self.dpi = ocr.dpi
+        limits = config_limits(cfg.max_model_len, cfg.max_tokens, cfg.min_pixels, cfg.max_pixels, prompt)
         sampling = Sampling(prompt=prompt, temperature=cfg.temperature, max_tokens=cfg.max_tokens,
                             extra=dict(cfg.sampling))
         self.converter = VlmConverter(self, self.limiter, pool, limits, sampling, dpi=ocr.dpi,
@@ -48,6 +49,13 @@ class VllmEngine:
     @property
     def max_pixels(self) -> int | None:
         return self.converter.max_pixels
+
+    def page_max_pixels(self, adapter: str) -> int | None:
+        """The pixel cap a page read by ``adapter`` renders at: the budget the adapter trained with (recorded
+        beside it by its train job) when the engine can serve it, else the engine's own."""
+        path = self.supervisor.adapters.get(adapter) if adapter else None
+        cap = render_cap(Path(path) if path else None, self.converter.limits, dpi=self.dpi, prompt=self.prompt)
+        return cap if cap is not None else self.max_pixels
 
     async def start(self) -> None:
         """Start vLLM unless the scheduler parked it (then pages wait for the wake-up); returns at once."""

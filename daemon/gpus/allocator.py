@@ -162,14 +162,10 @@ class GpuAllocator(Part):
         snap = self.snapshot
         if snap is None:  # before the first sample (the daemon's start): take one now, it costs milliseconds
             snap = self.snapshot = self._take()
-        queue = []
-        for job in self.store.jobs_in_state("queued"):
-            kind = self.jobs.kinds.get(job.kind)
-            if kind is None:
-                continue
-            res = kind.resources(job)
-            if res.lane in self.lanes:
-                queue.append(QueuedJob(job_id=job.id, gpus=res.gpus, min_free_gib=res.min_free_gib))
+        # the manager's index, in its start order (priority first): a backlog of OCR files in other lanes
+        # costs nothing here
+        queue = [QueuedJob(job_id=job_id, gpus=res.gpus, min_free_gib=res.min_free_gib)
+                 for job_id, res in self.jobs.queue.queued_in(self.lanes)]
         placed = [PlacedJob(job_id=jid, gpus=tuple(r.gpus), min_free_gib=r.resources.min_free_gib,
                               pids=tuple(self.pids_of(jid)) if snap.gpus else ())
                    for jid, r in running.items() if r.resources.lane in self.lanes]

@@ -18,6 +18,7 @@ from typing import Any
 from daemon.core.events import EventBus
 from daemon.core.store import Store
 from daemon.jobs.base import Caller, JobContext, JobEndHook, JobFailed, JobKind, Resources, SpecError
+from daemon.jobs.queue import JobQueue
 from shared.config import Settings
 from shared.protocol import TERMINAL_STATES, JobChanged, JobInfo, Progress, QueueChanged
 
@@ -42,7 +43,7 @@ class QueueFull(RequestDenied):
                                       "cancel some (`ftctl jobs`, `ftctl cancel ID`)")
 
 
-# a scheduling pass longer than this makes the next one wait (see JobManager.run)
+# a scheduling pass that started nothing and took longer than this makes the next one wait (JobManager.run)
 SCHEDULER_PACE_S = 0.002
 
 # admit(job, resources, running) -> the GPU indices to give the job, or None to leave it queued for now
@@ -72,9 +73,15 @@ class JobManager:
         }
         self.admission: Admission | None = None
         self.end_hooks: list[JobEndHook] = []
+        # called when a job's priority changes (the page scheduler re-orders a running job's pages)
+        self.priority_hooks: list[Callable[[JobInfo], None]] = []
         self._wake = asyncio.Event()
         self._stopping = False
-        self._queued_resources: dict[int, Resources] = {}
+        # the queued jobs in start order, built from the store at the first pass (the kinds are all plugged
+        # in by then) and kept by _update afterwards
+        self.queue = JobQueue()
+        self._indexed = False
+        self._unknown: list[int] = []  # queued jobs of a kind this daemon lacks: failed at the next pass
         cfg = settings.config.daemon
         self.max_queued = cfg.max_queued_per_user
         store.set_retention(cfg.event_retention, cfg.event_retention_days * 86400)
@@ -88,7 +95,31 @@ class JobManager:
     def _update(self, job_id: int, what: str, **changes: Any) -> JobInfo:
         seq, job = self.store.update_job(job_id, what, **changes)
         self.bus.durable(seq, JobChanged(job=job, what=what))
+        if "state" in changes or "priority" in changes or "spec" in changes:
+            self._track(job)
         return job
+
+    def _track(self, job: JobInfo) -> None:
+        """Keep the queue index in step with the job's row."""
+        if not self._indexed:
+            return  # the first pass reads the whole queue anyway
+        if job.state != "queued":
+            self.queue.remove(job.id)
+            return
+        handler = self.kinds.get(job.kind)
+        if handler is None:
+            self._unknown.append(job.id)
+            return
+        self.queue.add(job, handler.resources(job))
+
+    def _index(self) -> None:
+        for job in self.store.jobs_in_state("queued"):
+            handler = self.kinds.get(job.kind)
+            if handler is None:
+                self._unknown.append(job.id)
+            else:
+                self.queue.add(job, handler.resources(job))
+        self._indexed = True
 
     def job_dir(self, job_id: int) -> Any:
         d = self.settings.paths.state_dir / "jobs" / str(job_id)
@@ -106,22 +137,26 @@ class JobManager:
         if not self.has_queue_room(user):
             raise QueueFull(user, self.store.queued_of(user))
 
-    async def submit(self, kind: str, spec: dict[str, Any], name: str, caller: Caller) -> JobInfo:
+    async def submit(self, kind: str, spec: dict[str, Any], name: str, caller: Caller, priority: int = 0,
+                     interactive: bool = False) -> JobInfo:
         handler = self.kinds.get(kind)
         if handler is None:
             raise SpecError(f"unknown job kind '{kind}'; use one of: {', '.join(sorted(self.kinds))}")
+        self._check_priority(priority, caller)
         self._check_queue_room(caller.user)  # before validating, which may read the whole file
         checked = handler.validate(spec, caller)
         display, frozen = await checked if inspect.isawaitable(checked) else checked
         self._check_queue_room(caller.user)  # again: other submits of this user may have gone in meanwhile
-        seq, job, what = self.store.create_job(kind, caller.user, name or display, frozen)
+        seq, job, what = self.store.create_job(kind, caller.user, name or display, frozen, priority=priority,
+                                               interactive=interactive)
         self.bus.durable(seq, JobChanged(job=job, what=what))
         on_created = getattr(handler, "on_created", None)
-        if on_created is not None:
+        final = on_created(job) if on_created is not None else None
+        if isinstance(final, dict):
             # a kind may finish the spec now that the job has its id (e.g. paths under jobs/<id>/)
-            final = on_created(job)
-            if isinstance(final, dict):
-                job = self._update(job.id, "", spec=final)
+            job = self._update(job.id, "", spec=final)
+        else:
+            self._track(job)
         log.info("job %d (%s) %s", job.id, kind, what)
         self.kick()
         return job
@@ -133,6 +168,13 @@ class JobManager:
         how = f"ask {job.owner} or a member of group '{admin}'" if admin else f"ask {job.owner} or root"
         raise RequestDenied("forbidden", f"job {job.id} belongs to {job.owner}, not {caller.user}: only its "
                                          f"owner or an admin may {verb} it; {how}")
+
+    def _check_priority(self, priority: int, caller: Caller) -> None:
+        top = self.settings.config.daemon.member_max_priority
+        if priority > top and not caller.is_admin:
+            raise RequestDenied("forbidden", f"priority {priority} is above {top}, the most a member may give her "
+                                             f"own jobs ([daemon] member_max_priority); use {top} or lower, or ask "
+                                             "an admin to raise it")
 
     def cancel(self, job_id: int, caller: Caller) -> JobInfo:
         job = self.store.get_job(job_id)
@@ -154,6 +196,28 @@ class JobManager:
                                                  "interrupted jobs can be retried")
         self._check_queue_room(job.owner)  # the retried job waits in its owner's queue
         job = self._update(job_id, f"retried by {caller.user}", state="queued", error="", finished=None)
+        self.kick()
+        return job
+
+    def set_priority(self, job_id: int, priority: int, caller: Caller) -> JobInfo:
+        """A queued job moves to its new place in the queue; a running OCR job's pages are re-ordered."""
+        job = self.store.get_job(job_id)
+        self._check_owner(job, caller, "change the priority of")
+        self._check_priority(priority, caller)
+        if job.state in TERMINAL_STATES:
+            raise RequestDenied("invalid_state", f"job {job_id} already {job.state}; its priority no longer "
+                                                 "matters")
+        if job.priority == priority:
+            return job
+        job = self._update(job_id, f"priority {job.priority} → {priority} by {caller.user}", priority=priority)
+        run = self.running.get(job_id)
+        if run is not None:
+            run.job = job
+        for hook in self.priority_hooks:
+            try:
+                hook(job)
+            except Exception:
+                log.exception("priority hook failed")
         self.kick()
         return job
 
@@ -195,44 +259,56 @@ class JobManager:
                 break
             if not self.paused:
                 t0 = time.monotonic()
-                self._start_ready()
+                started = self._start_ready()
                 spent = time.monotonic() - t0
-                if spent > SCHEDULER_PACE_S:
-                    # a long queue (~1 ms per 1,000 jobs): kicks arriving meanwhile share the next pass, so the
-                    # scheduler takes at most a tenth of the loop from the requests and events
+                if spent > SCHEDULER_PACE_S and not started:
+                    # a pass that only looked (jobs waiting for GPUs the admission refuses, each asked again):
+                    # kicks arriving meanwhile share the next pass, so it takes at most a tenth of the loop.
+                    # A pass that started jobs did useful work at O(1) each and is not held back: a burst of
+                    # small documents must reach the engine at once.
                     await asyncio.sleep(9 * spent)
+                else:
+                    await asyncio.sleep(0)  # requests that arrived meanwhile go first
 
-    def _start_ready(self) -> None:
-        # Runs at every submit and job end, so it must stay cheap with thousands queued (a hot-folder drop):
-        # a job whose lane is full is passed over without reading its row; its resources are remembered
-        # (they depend on the spec alone, which does not change while it waits).
+    def _start_ready(self) -> int:
+        """Start what may start; how many started.
+
+        Runs at every submit and job end, so it must stay cheap with thousands queued (a hot-folder drop):
+        a full lane costs nothing, and each job started costs O(1) in the index (daemon/jobs/queue.py)."""
+        started = 0
+        if not self._indexed:
+            self._index()
+        unknown, self._unknown = self._unknown, []
+        for lost in unknown:
+            job = self.store.get_job(lost)
+            if job.state == "queued" and job.kind not in self.kinds:
+                self._update(lost, f"failed: this daemon has no job kind '{job.kind}'", state="failed",
+                             error=f"this daemon has no job kind '{job.kind}'; upgrade ftmllm")
         busy = Counter(r.resources.lane for r in self.running.values())
-        queued = self.store.queued_ids()
-        for job_id, kind in queued:
-            handler = self.kinds.get(kind)
-            if handler is None:
-                self._update(job_id, f"failed: this daemon has no job kind '{kind}'", state="failed",
-                             error=f"this daemon has no job kind '{kind}'; upgrade ftmllm")
-                continue
-            job: JobInfo | None = None
-            res = self._queued_resources.get(job_id)
-            if res is None:
+        for lane in self.queue.lanes():
+            limit = self.lane_limits.get(lane, 1)
+            refused: list[int] = []
+            while busy[lane] < limit:
+                popped = self.queue.pop(lane)
+                if popped is None:
+                    break
+                job_id = popped
                 job = self.store.get_job(job_id)
-                res = self._queued_resources[job_id] = handler.resources(job)
-            if busy[res.lane] >= self.lane_limits.get(res.lane, 1):
-                continue
-            job = job or self.store.get_job(job_id)
-            gpus: list[int] | None = []
-            if self.admission is not None:
-                gpus = self.admission(job, res, self.running)
-            if gpus is None:
-                continue
-            self._launch(job, handler, res, gpus)
-            busy[res.lane] += 1
-            del self._queued_resources[job_id]
-        if len(self._queued_resources) > len(queued):  # forget jobs that left the queue
-            still = {job_id for job_id, _kind in queued}
-            self._queued_resources = {k: v for k, v in self._queued_resources.items() if k in still}
+                handler = self.kinds[job.kind]
+                res = self.queue.resources(job_id)
+                gpus: list[int] | None = []
+                if self.admission is not None:
+                    gpus = self.admission(job, res, self.running)
+                if gpus is None:
+                    if job_id in self.queue:  # not failed by the admission: it waits for GPUs
+                        refused.append(job_id)
+                    continue
+                self._launch(job, handler, res, gpus)
+                busy[lane] += 1
+                started += 1
+            for job_id in reversed(refused):
+                self.queue.put_back(job_id)
+        return started
 
     def _launch(self, job: JobInfo, handler: JobKind, res: Resources, gpus: list[int]) -> None:
         resumed = job.attempts > 0  # it ran before: kinds continue from what they stored

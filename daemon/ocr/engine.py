@@ -22,10 +22,14 @@ Contract:
 - ``needs_image``: the pipeline must render the page (``PageInput.png``) before calling. When False it still
   fills ``text_layer``/``text_layer_usable`` (cheap: :meth:`PdfWorkerPool.page_text`); the engine renders
   itself if it needs to. :func:`load_page_input` does exactly this.
-- ``max_pixels``: the largest image (width × height) the pipeline renders for this engine.
+- ``max_pixels``: the largest image (width × height) the pipeline renders for this engine; an engine that
+  serves adapters may render an adapter's pages at the budget it trained with (``page_max_pixels(adapter)``,
+  optional: :func:`page_max_pixels`).
 - ``PageInput.adapter``: the LoRA adapter the job names; engines without adapters refuse such jobs at submit.
-- ``concurrency``: how many ``convert`` calls the pipeline should keep in flight for this engine (the CPU
-  engine: one per PDF worker; vLLM: enough to keep its batch full).
+- ``concurrency``: how many ``convert`` calls to keep in flight for this engine, all running jobs together (the
+  CPU engine: one per PDF worker; vLLM: enough to keep its batch full). One page scheduler per engine fills
+  these slots from the pages of every running job (daemon/ocr/pages.py), plus a small prefetch of rendered
+  pages for an engine that ``needs_image``.
 - ``start``/``stop`` bring up and tear down what the engine owns (a ``vllm serve`` child); both idempotent.
 """
 
@@ -111,6 +115,12 @@ class EngineChoice:
 
 class EngineContractError(OcrError):
     """An engine broke the convert() contract (a bug in the engine, not in the file)."""
+
+
+def page_max_pixels(engine: Engine, adapter: str) -> int | None:
+    """The pixel cap for a page ``adapter`` reads on ``engine``."""
+    per_adapter = getattr(engine, "page_max_pixels", None)
+    return per_adapter(adapter) if per_adapter is not None and adapter else engine.max_pixels
 
 
 async def run_page(

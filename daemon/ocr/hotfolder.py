@@ -25,6 +25,7 @@ import logging
 import os
 import stat
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,7 @@ class _Candidate:
     quiet_since: float
     first_seen: float
     regular: bool  # a link or a pipe is refused at once: no trailer to wait for
+    due: float = 0.0  # when to look at it next (monotonic): candidates are kept in this order
 
 
 class _Handler(FileSystemEventHandler):
@@ -130,7 +132,9 @@ class HotFolder:
         # files whose job is queued or running (they stay in the inbox until it ends), as they were taken:
         # a re-scan does not copy them into the spool again
         self._submitted: dict[Path, tuple[int, int, int, int]] = {}
-        self._candidates: dict[Path, _Candidate] = {}
+        # in the order they are due to be looked at again: each tick looks only at the due ones, so 10,000 files
+        # dropped at once cost one stat each per settle period, not one each per tick
+        self._candidates: OrderedDict[Path, _Candidate] = OrderedDict()
         self._taking: set[Path] = set()
         self._observer: Any = None
         self._watch: ObservedWatch | None = None
@@ -237,9 +241,12 @@ class HotFolder:
         now = time.monotonic()
         c = self._candidates.get(path)
         if c is None:
-            self._candidates[path] = _Candidate(st.st_size, st.st_mtime_ns, now, now, stat.S_ISREG(st.st_mode))
+            self._candidates[path] = _Candidate(st.st_size, st.st_mtime_ns, now, now, stat.S_ISREG(st.st_mode),
+                                                due=now + self.cfg.settle_s)
         elif (c.size, c.mtime_ns) != (st.st_size, st.st_mtime_ns):
             c.size, c.mtime_ns, c.quiet_since = st.st_size, st.st_mtime_ns, now
+            c.due = now + self.cfg.settle_s
+            self._candidates.move_to_end(path)
 
     def _plain_folders(self, path: Path) -> bool:
         """Whether every folder between the inbox and ``path`` is a real one: below a linked folder the file
@@ -261,12 +268,18 @@ class HotFolder:
 
     def _check_candidates(self) -> None:
         now = time.monotonic()
-        for path, c in list(self._candidates.items()):
+        settle = self.cfg.settle_s
+        for _ in range(len(self._candidates)):  # each at most once: a settle of 0 requeues at "now"
+            path, c = next(iter(self._candidates.items()))
+            if c.due > now:
+                break  # the rest are due later
+            c.due = now + settle
+            self._candidates.move_to_end(path)
             self._seen(path)  # picks up changes that sent no event, drops vanished files
-            if path not in self._candidates or now - c.quiet_since < self.cfg.settle_s:
+            if path not in self._candidates or now - c.quiet_since < settle:
                 continue
             if c.regular and not has_pdf_trailer(path) and \
-                    now - c.first_seen < TRAILER_PATIENCE * max(self.cfg.settle_s, 1.0):
+                    now - c.first_seen < TRAILER_PATIENCE * max(settle, 1.0):
                 continue
             del self._candidates[path]
             self._taking.add(path)
@@ -288,6 +301,8 @@ class HotFolder:
             caller = Caller(user=user_name(owner), uid=owner)
             spec = {"spool": spooled.sha256, "name": path.name, "hot_drop": HotDrop(rel_dir=rel_dir, password=password,
                                                                                      dropped=str(rel))}
+            if self.cfg.adapter:
+                spec["adapter"] = self.cfg.adapter
             job = await self._submit(spec, path.name, caller)
             self._submitted[path] = spooled.identity
             self._waiting.discard(path)

@@ -30,10 +30,13 @@ import msgspec
 
 from daemon.core.store import Store, UnknownJob
 from daemon.jobs.base import Caller, JobContext, JobFailed, Resources, SpecError
-from daemon.ocr.engine import Engine, EngineChoice, PageResult, load_page_input, run_page
+from daemon.jobs.queue import order_key
+from daemon.ocr.engine import Engine, EngineChoice, PageResult, load_page_input, page_max_pixels, run_page
 from daemon.ocr.engine import TextDelta as EngineDelta
 from daemon.ocr.errors import OcrError
+from daemon.ocr.pages import PageScheduler
 from daemon.ocr.pdfworker import PdfWorkerPool
+from daemon.ocr.signals import collect as collect_signals
 from daemon.spool.spool import Spool, SpoolError
 from daemon.spool.tree import TreeError, exists_at, opened_dir, safe_name, safe_rel_dir, write_at
 from shared.config import Settings
@@ -120,6 +123,19 @@ class OcrKind:
         self.spool = spool
         self.job_dir = job_dir
         self._pending: dict[str, str] = {}  # token in a new job's spec -> its password
+        self.pages: dict[str, PageScheduler] = {}  # one page queue per engine, made with its first job
+
+    def scheduler(self, engine: Engine) -> PageScheduler:
+        sched = self.pages.get(engine.name)
+        if sched is None:
+            sched = self.pages[engine.name] = PageScheduler(engine.name, lambda: engine.concurrency,
+                                                            prefetch=engine.needs_image)
+        return sched
+
+    def on_priority(self, job: JobInfo) -> None:
+        """A running job's new priority: its waiting pages move to their new turn."""
+        for sched in self.pages.values():
+            sched.set_key(job.id, order_key(job))
 
     # ------------------------------------------------------------------------------------- submit
 
@@ -215,8 +231,10 @@ class OcrKind:
         if job.state in TERMINAL_STATES:
             (self.job_dir(job.id) / PASSWORD_FILE).unlink(missing_ok=True)
 
+    resources_lane = "ocr"
+
     def resources(self, job: JobInfo) -> Resources:
-        return Resources(lane="ocr")
+        return Resources(lane=self.resources_lane)
 
     def resumable(self, job: JobInfo) -> bool:
         return True
@@ -283,27 +301,18 @@ class OcrKind:
         ctx.reset_rate(len(done))
         ctx.progress(len(done), total, "pages", note=f"{len(done)} of {total} pages")
         todo = [n for n in range(1, total + 1) if n not in done]
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for n in todo:
-            queue.put_nowait(n)
         failures: dict[int, str] = {}
         finished = [len(done)]
 
-        async def worker() -> None:
-            while True:
-                try:
-                    n = queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    return
-                await self._convert_page(ctx, engine, spec, src, password, n, total, failures, finished)
+        async def page(n: int) -> None:
+            await self._convert_page(ctx, engine, spec, src, password, n, total, failures, finished)
 
-        workers = [asyncio.create_task(worker()) for _ in range(max(1, min(engine.concurrency, len(todo))))]
-        try:
-            await asyncio.gather(*workers)
-        finally:
-            for w in workers:
-                w.cancel()
-        md_path, sidecar = self._write_outputs(ctx, spec, engine, total)
+        # the pages join the engine's one queue, shared with every running job (daemon/ocr/pages.py)
+        await self.scheduler(engine).run(ctx.job.id, ctx.job.owner, ctx.job.name, order_key(ctx.job), todo, page,
+                                         total, len(done))
+        # per-page doubts for the sidecar (`ftctl ocr-review` sorts a day's pages by them)
+        signals = await collect_signals(self.pool, ctx.store, ctx.job.id, src, password, cfg.page_timeout_s)
+        md_path, sidecar = self._write_outputs(ctx, spec, engine, total, signals)
         ctx.set_artifacts({"markdown": str(md_path), "sidecar": str(sidecar)},
                           what=f"wrote {md_path}")
         if failures:
@@ -328,8 +337,8 @@ class OcrKind:
         try:
             page = await load_page_input(self.pool, job_id=str(job_id), pdf=src, page_no=n - 1, password=password,
                                          needs_image=engine.needs_image, dpi=cfg.dpi,
-                                         max_pixels=engine.max_pixels, timeout=cfg.page_timeout_s,
-                                         adapter=spec.adapter)
+                                         max_pixels=page_max_pixels(engine, spec.adapter),
+                                         timeout=cfg.page_timeout_s, adapter=spec.adapter)
             result: PageResult = await run_page(engine, page, on_delta)
         except OcrError as exc:
             failures[n] = exc.message
@@ -346,7 +355,8 @@ class OcrKind:
 
     # -------------------------------------------------------------------------------------- output
 
-    def _write_outputs(self, ctx: JobContext, spec: OcrSpec, engine: Engine, total: int) -> tuple[Path, Path]:
+    def _write_outputs(self, ctx: JobContext, spec: OcrSpec, engine: Engine, total: int,
+                       signals: dict[int, dict[str, Any]] | None = None) -> tuple[Path, Path]:
         parts: list[str] = []
         pages_meta: list[dict[str, Any]] = []
         infos = {p.page_no: p for p in ctx.store.pages(ctx.job.id)}
@@ -365,6 +375,7 @@ class OcrKind:
                 "timings": p.timings if p is not None else {},
                 "detail": p.error if p is not None else "",
                 "chars": p.chars if p is not None else 0,
+                **(signals or {}).get(n, {}),
             })
         meta = {
             "source": f"{spec.rel_dir}/{spec.name}" if spec.rel_dir else spec.name,
@@ -375,6 +386,8 @@ class OcrKind:
             "engine": engine.name,
             "model": engine.model,
             "adapter": spec.adapter,
+            # what the pages were rendered at: an adapter's recorded training budget, else the engine's
+            "max_pixels": page_max_pixels(engine, spec.adapter),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "page_results": pages_meta,
         }

@@ -21,7 +21,7 @@ from daemon.ocr.pdfworker import PdfWorkerPool
 from daemon.part import Part
 from daemon.spool.spool import Spool
 from shared.config import Settings
-from shared.protocol import JobInfo, OcrOutput, OcrOutputReply
+from shared.protocol import EnginePages, JobInfo, OcrOutput, OcrOutputReply, PageJob, PageQueue, PageQueueReply
 
 # the most a sidecar or Markdown file sent back may be: far above any real document's text
 MAX_OUTPUT_BYTES = 256 * 1024 * 1024
@@ -36,7 +36,9 @@ class OcrPart(Part):
         self.enabled = settings.config.hotfolder.enabled
         self.settings = settings
         self.store = store
+        self.jobs = jobs
         self.kind = OcrKind(settings, pool, engines, store, spool, jobs.job_dir)
+        jobs.priority_hooks.append(self.kind.on_priority)
 
         async def submit(spec: dict[str, Any], name: str, caller: Caller) -> JobInfo:
             return await jobs.submit(self.kind.kind, spec, name, caller)
@@ -48,7 +50,30 @@ class OcrPart(Part):
         return {self.kind.kind: self.kind}
 
     def handlers(self) -> dict[type, Handler]:
-        return {OcrOutput: self.on_output}
+        return {OcrOutput: self.on_output, PageQueue: self.on_page_queue}
+
+    def on_page_queue(self, body: PageQueue, caller: Caller) -> PageQueueReply:
+        engines = []
+        for name, sched in sorted(self.kind.pages.items()):
+            jobs = sched.jobs()
+            engines.append(EnginePages(
+                engine=name, slots=sched.slots, in_flight=sched.in_flight, waiting=sched.waiting,
+                jobs=[PageJob(job_id=j.job_id, owner=j.owner, name=j.name, priority=j.priority,
+                              job_class=j.job_class, in_flight=j.in_flight, waiting=j.waiting, done=j.done,
+                              total=j.total, why=j.why) for j in jobs[:body.limit]],
+                more_jobs=max(0, len(jobs) - body.limit)))
+        lane = self.kind.resources_lane
+        running = sum(1 for r in self.jobs.running.values() if r.resources.lane == lane)
+        limit = self.jobs.lane_limits.get(lane, 1)
+        queued = self.jobs.queue.waiting(lane)
+        why = ""
+        if queued and self.jobs.paused:
+            why = "the queue is paused (`ftctl resume`, an admin)"
+        elif queued and running >= limit:
+            why = (f"{running} documents are open, the most [ocr] max_concurrent_jobs allows; the next opens "
+                   "when one ends (higher priority first, owners in turn)")
+        return PageQueueReply(engines=engines, open_jobs=running, max_open=limit, queued_jobs=queued,
+                              why_queued=why)
 
     async def start(self) -> None:
         if self.enabled:

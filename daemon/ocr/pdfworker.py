@@ -236,6 +236,11 @@ class PdfWorkerPool:
     def busy_pids(self) -> list[int]:
         return sorted(w.pid for w in self._workers if w.busy)
 
+    def renderer(self) -> str:
+        """What renders pages (``pymupdf 1.26.4``), once a worker has started: training pages record it
+        (``dataset from-pages``), since another MuPDF may rasterise the same page differently."""
+        return next((f"pymupdf {w.ready.pymupdf}" for w in self._workers if w.ready is not None), "")
+
     async def _spawn(self) -> _Worker:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._spawn_blocking)

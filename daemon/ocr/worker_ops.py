@@ -125,6 +125,11 @@ class Worker:
                     "Global.log_level": "error",
                     "EngineConfig.onnxruntime.intra_op_num_threads": threads,
                     "EngineConfig.onnxruntime.inter_op_num_threads": 1,
+                    # The angle classifier sees each line squeezed to 192x48 pixels; on long full-width lines
+                    # it called upright text "180" and the recogniser then read the flipped crop as garbage
+                    # ("he rr r r n t s z e y oer"): 8-26 % CER on clean scans (tests/ocrtruth.py's dense
+                    # pages). Lines upside down within an upright page do not occur in documents.
+                    "Global.use_cls": False,
                     # The detector at full page resolution costs ~4 s a page here; capping its input side
                     # keeps body text legible at 144 dpi and halves the time (see README numbers).
                     "Det.limit_type": "max",

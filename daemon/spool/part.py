@@ -90,7 +90,16 @@ class SpoolPart(Part):
             self.spool.touch(digest)
 
     def held(self) -> set[str]:
-        return {str(j.spec["sha256"]) for j in self.store.jobs_in_state(*HOLDING_STATES) if "sha256" in j.spec}
+        """Spool entries a queued or running job still needs: an ``ocr`` job's one file, an ``ocr_eval`` job's
+        PDFs and truth files (``docs``)."""
+        held: set[str] = set()
+        for j in self.store.jobs_in_state(*HOLDING_STATES):
+            if "sha256" in j.spec:
+                held.add(str(j.spec["sha256"]))
+            docs = j.spec.get("docs")
+            if isinstance(docs, list):
+                held.update(str(d[k]) for d in docs if isinstance(d, dict) for k in ("pdf", "truth") if k in d)
+        return held
 
     async def _collect_every(self) -> None:
         while True:

@@ -127,6 +127,10 @@ NEVER: dict[str, str] = {
     "dataset": "datasets are named with --dataset NAME (see `ftctl dataset list`)",
     "eval_dataset": "datasets are named with --dataset NAME (see `ftctl dataset list`)",
 }
+# What a user's own LLaMA-Factory YAML may hold beyond the --set knobs: what the job is (train, eval or
+# export follows from them, spec.job_kind) and the datasets it reads, by their names in the daemon's
+# dataset_info.json (validate.py checks they are there and of the right kind).
+YAML_KEYS = frozenset(("do_train", "do_eval", "do_predict", "dataset", "eval_dataset"))
 # set by the daemon: spec.py says so itself ("output_dir is set by the daemon; remove --set output_dir")
 _FORCED = frozenset(("output_dir", "overwrite_output_dir", "report_to", "dataset_dir", "export_dir"))
 TRUST_KEY = "trust_remote_code"
@@ -162,17 +166,31 @@ def override_problems(overrides: Mapping[str, Any], policy: Policy, catalog_keys
                       ) -> list[str]:
     """One line per ``--set`` key the caller may not set. Keys LLaMA-Factory does not know are left to
     validate.py, which names the closest one; keys the daemon forces are left to spec.py."""
-    allowed = policy.allowed()
+    return _key_problems(overrides, policy.allowed(), policy, catalog_keys, "--set ", "remove it")
+
+
+def yaml_problems(params: Mapping[str, Any], policy: Policy, catalog_keys: Collection[str], name: str,
+                  ) -> list[str]:
+    """The same for the keys of a user's own LLaMA-Factory YAML (``ftctl train --yaml NAME``): the --set knobs,
+    plus :data:`YAML_KEYS`. The keys the daemon picks (output_dir, …) are replaced by spec.py, not refused:
+    every LLaMA-Factory example sets them."""
+    allowed = policy.allowed() | YAML_KEYS
+    return _key_problems(params, allowed, policy, catalog_keys, f"{name}: key ", f"remove it from {name}")
+
+
+def _key_problems(given: Mapping[str, Any], allowed: frozenset[str], policy: Policy, catalog_keys: Collection[str],
+                  prefix: str, fix: str) -> list[str]:
     problems: list[str] = []
-    for key in overrides:
+    for key in given:
         if key in _FORCED or key == TRUST_KEY or key not in catalog_keys or key in allowed:
             continue
+        what = prefix + key
         if key in NEVER:
             extra = "; train.extra_allowed_keys cannot allow it" if key in policy.extra_allowed_keys else ""
-            problems.append(f"--set {key} is refused: {NEVER[key]}{extra}; remove it")
+            problems.append(f"{what} is refused: {NEVER[key]}{extra}; {fix}")
         else:
-            problems.append(f"--set {key} is not a training knob this server takes ({', '.join(_EXAMPLES)}, …: "
-                            f"{len(allowed)} keys, listed in {WHERE_LISTED}); remove it, or ask an admin to add it "
+            problems.append(f"{what} is not a training knob this server takes ({', '.join(_EXAMPLES)}, …: "
+                            f"{len(allowed)} keys, listed in {WHERE_LISTED}); {fix}, or ask an admin to add it "
                             "to train.extra_allowed_keys")
     return problems
 

@@ -335,13 +335,16 @@ def add_dataset(
     replace: bool = False,
     handed: Mapping[str, Path] | None = None,
     shown: str = "",
+    also_keep: Mapping[str, Path] | None = None,
 ) -> DatasetSummary:
     """Check FILE and register it as NAME in ``dataset_dir/dataset_info.json``.
 
     Relative image paths are read from ``images_dir`` (default: FILE's folder). With ``handed`` (a dataset a
     member handed over: FILE and every media file lie in the spool, ``shown`` is FILE's own name) each media
     path the records write must be a key of ``handed``, and the files are kept in ``dataset_dir/media``.
-    Nothing is registered if any record has a problem, and an existing NAME is kept unless ``replace``."""
+    Nothing is registered if any record has a problem, and an existing NAME is kept unless ``replace``.
+    ``also_keep``: more handed-over files the dataset keeps (named as written -> spool entry) that no record
+    names: the documents ``dataset from-pages`` rendered the pages from, for scoring an engine on them."""
     if not _NAME_RE.match(name):
         raise DatasetProblem([f"dataset name '{name}' is not allowed; use letters, digits, '_', '-' or '.' "
                               "(up to 64, starting with a letter or digit)"])
@@ -353,12 +356,10 @@ def add_dataset(
                                   "in the records are relative to"])
     records = load_records(file, shown)
     layout = detect_layout(records)
-    media_dir = dataset_dir / MEDIA_DIR
     keep: dict[Path, Path] = {}  # where a handed-over file is kept -> its spool entry
 
     def kept(entry: Path, written: str) -> Path:
-        suffix = Path(written).suffix.lower()
-        where = media_dir / f"{entry.name}{suffix if _SUFFIX_RE.fullmatch(suffix) else ''}"
+        where = kept_path(dataset_dir, entry, written)
         keep[where] = entry
         return where
 
@@ -377,6 +378,10 @@ def add_dataset(
         write_atomic(dataset_dir / file_name, json.dumps(checked, ensure_ascii=False, indent=1) + "\n", mode=0o600)
         # after the records: validate.py trusts the list only when it is not older than them
         media = dict.fromkeys(p for r in checked for col in ("images", "videos") for p in r.get(col, ()))
+        for written, entry in (also_keep or {}).items():
+            where = kept(entry, written)
+            _keep_media(entry, where)
+            media[str(where)] = None
         write_atomic(dataset_dir / f"{name}{MEDIA_LIST_SUFFIX}", "".join(f"{p}\n" for p in media), mode=0o600)
         info[name] = dataset_info_entry(file_name, layout, summary.ranking,
                                         has_images=any("images" in r for r in checked),
@@ -387,6 +392,12 @@ def add_dataset(
     return DatasetSummary(name=name, file=dataset_dir / file_name, records=summary.records,
                           images=summary.images, ranking=summary.ranking, layout=summary.layout,
                           formats=summary.formats)
+
+
+def kept_path(dataset_dir: Path, entry: Path, written: str) -> Path:
+    """Where a handed-over file (spool ``entry``, named ``written`` by the user) is kept once added."""
+    suffix = Path(written).suffix.lower()
+    return dataset_dir / MEDIA_DIR / f"{entry.name}{suffix if _SUFFIX_RE.fullmatch(suffix) else ''}"
 
 
 def handed_media(spool: Spool, manifest: str, uid: int) -> dict[str, Path]:
@@ -465,9 +476,11 @@ def dataset_file(dataset_dir: Path, entry: Mapping[str, Any]) -> Path | None:
     return Path(file_name) if os.path.isabs(file_name) else dataset_dir / file_name
 
 
-def write_about(dataset_dir: Path, summary: DatasetSummary, *, owner: str, source: Path) -> None:
+def write_about(dataset_dir: Path, summary: DatasetSummary, *, owner: str, source: Path,
+                extra: Mapping[str, Any] | None = None) -> None:
+    """``extra``: more to keep (``dataset from-pages``: how its pages were rendered, its documents)."""
     about = {"owner": owner, "records": summary.records, "images": summary.images, "ranking": summary.ranking,
-             "added": time.time(), "source": str(source)}
+             "added": time.time(), "source": str(source), **(extra or {})}
     write_atomic(dataset_dir / f"{summary.name}{ABOUT_SUFFIX}", json.dumps(about, indent=1) + "\n", mode=0o600)
 
 

@@ -40,9 +40,13 @@ from daemon.children.process import group_members
 from daemon.children.record import reap_recorded, write_record
 from daemon.core.atomic import write_atomic
 from daemon.core.store import Store, UnknownJob
+from daemon.engines.vlm.adapter_budget import budget_of, write_budget
 from daemon.jobs.base import Caller, JobContext, JobFailed, Resources, SpecError
-from daemon.train.access import Policy, override_problems, path_problems
+from daemon.train.access import Policy, override_problems, path_problems, yaml_problems
+from daemon.train.catalogue import CACHE_DIR, CatalogueNotReady, Catalogues
+from daemon.train.datasets import read_about
 from daemon.train.failures import disk_free, explain_failure, read_log_tail
+from daemon.train.from_pages import render_of
 from daemon.train.launch import (
     MODEL_FILES,
     LaunchError,
@@ -57,7 +61,7 @@ from daemon.train.launch import (
 from daemon.train.progress import TRAINER_LOG, LossPoint, TrainerLogTail, seen_keys
 from daemon.train.results import METRICS, PREDICT_RESULTS, ResultsMissing, read_eval_metrics
 from daemon.train.sandbox import trainer_rules
-from daemon.train.spec import RenderedSpec, SpecDefaults, render
+from daemon.train.spec import RenderedSpec, SpecDefaults, render, tensorboard_command, user_yaml
 from daemon.train.validate import KeyCatalog, check_spec, load_catalog
 from shared.config import Settings
 from shared.overrides import SpecProblem, parse_overrides
@@ -94,9 +98,11 @@ class TrainRequest(msgspec.Struct, forbid_unknown_fields=True):
     gpus: int = 1
     min_free_gib: float = 0.0
     adapter_job: int | None = None  # eval/export: the train job whose adapter (and base model) to use
+    yaml: str = ""  # instead of a template: the user's own LLaMA-Factory YAML, read by the client (spec.user_yaml)
+    yaml_name: str = ""  # its file name, for messages
 
 
-REQUEST_KEYS = "template, set, dataset, gpus, min_free_gib, adapter_job"
+REQUEST_KEYS = "template, set, dataset, gpus, min_free_gib, adapter_job, yaml, yaml_name"
 
 
 @dataclass
@@ -110,11 +116,24 @@ class TrainSetup:
     datasets_dir: Path
     jobs_dir: Path
     processes: dict[int, TrainProcess] = field(default_factory=dict)
+    catalogues: Catalogues | None = None  # the catalogue of the configured LLaMA-Factory (catalogue.py)
 
     @classmethod
     def create(cls, settings: Settings, store: Store) -> TrainSetup:
         return cls(settings=settings, store=store, catalog=load_catalog(), templates_dir=templates_dir_of(settings),
-                   datasets_dir=datasets_dir_of(settings), jobs_dir=settings.paths.state_dir / "jobs")
+                   datasets_dir=datasets_dir_of(settings), jobs_dir=settings.paths.state_dir / "jobs",
+                   catalogues=Catalogues(settings.paths.state_dir / CACHE_DIR))
+
+    async def refresh_catalog(self) -> None:
+        """Before a submit is checked: the catalogue of the LLaMA-Factory train.llamafactory_cli runs now."""
+        if self.catalogues is None:
+            return
+        cfg = self.settings.config.train
+        try:
+            self.catalog = await asyncio.to_thread(self.catalogues.current, cfg.llamafactory_cli,
+                                                   child_environ(os.environ, cfg.env))
+        except CatalogueNotReady as exc:
+            raise SpecError(str(exc)) from None
 
     def policy(self) -> Policy:
         """What members may point jobs at (access.py), from the config of this daemon."""
@@ -147,6 +166,7 @@ class LlamaFactoryKind:
     # ------------------------------------------------------------------------------------------- submit
 
     async def validate(self, spec: dict[str, Any], caller: Caller) -> tuple[str, dict[str, Any]]:
+        await self.setup.refresh_catalog()
         req, frozen, rendered = self._render(spec, self.setup.jobs_dir / PENDING_DIR, caller)
         # before anything stats the files: a path the caller may not read is not looked into
         refused = path_problems(rendered.params, policy=self.setup.policy(), caller=caller,
@@ -181,7 +201,18 @@ class LlamaFactoryKind:
             req = msgspec.convert(dict(spec), TrainRequest)
         except msgspec.ValidationError as exc:
             raise SpecError(f"{self.kind} spec: {exc}; the keys are {REQUEST_KEYS}") from None
-        template = req.template or DEFAULT_TEMPLATE.get(self.kind, "")
+        base: dict[str, Any] | None = None
+        if req.yaml:
+            if req.template:
+                raise SpecError(f"give a template or a YAML, not both (template '{req.template}', YAML "
+                                f"{req.yaml_name or '(unnamed)'})")
+            template = req.yaml_name or "job.yaml"
+            try:
+                base = user_yaml(req.yaml, template)
+            except SpecProblem as exc:
+                raise SpecError(_problems_text(exc)) from None
+        else:
+            template = req.template or DEFAULT_TEMPLATE.get(self.kind, "")
         if not template:
             raise SpecError(f"name a template: `ftctl {self.kind} TEMPLATE` (`ftctl templates` lists them)")
         if req.gpus < 0:
@@ -194,16 +225,27 @@ class LlamaFactoryKind:
         datasets = [d for d in datasets if d]
         refused = [] if caller is None else override_problems(overrides, self.setup.policy(),
                                                                self.setup.catalog.keys.keys())
+        if base is not None and caller is not None:
+            refused += yaml_problems(base, self.setup.policy(), self.setup.catalog.keys.keys(), template)
         if req.adapter_job is not None:
             overrides = {**self._from_train_job(req.adapter_job, caller), **overrides}
+        pages_budget = self._pages_budget(datasets)
+        if pages_budget is not None and "image_max_pixels" not in {**(base or {}), **overrides}:
+            # pages built by from-pages are rendered at the serving budget: train (and eval) at it too (unless
+            # the job says otherwise, in --set or its own YAML)
+            overrides = {**overrides, "image_max_pixels": pages_budget}
         try:
             rendered = render(template, templates_dir=self.setup.templates_dir, job_dir=job_dir,
                               dataset_dir=self.setup.datasets_dir, overrides=overrides, datasets=datasets,
-                              gpus=req.gpus, defaults=self.setup.defaults())
+                              gpus=req.gpus, defaults=self.setup.defaults(), base=base)
         except SpecProblem as exc:
             raise SpecError("; ".join([*exc.problems, *refused])) from None
         if refused:
             raise SpecError("; ".join(refused))
+        if rendered.kind != self.kind and base is not None:
+            raise SpecError(f"{template} is {_article(rendered.kind)} {rendered.kind} config, not "
+                            f"{_article(self.kind)} {self.kind} one; submit it with `ftctl {rendered.kind} --yaml "
+                            f"{template}`")
         if rendered.kind != self.kind:
             raise SpecError(f"template '{template}' is {_article(rendered.kind)} {rendered.kind} template, not "
                             f"{_article(self.kind)} {self.kind} one; submit it with `ftctl {rendered.kind} {template}`")
@@ -223,6 +265,16 @@ class LlamaFactoryKind:
         if req.adapter_job is not None:
             frozen["adapter_job"] = req.adapter_job
         return req, frozen, rendered
+
+    def _pages_budget(self, datasets: list[str]) -> int | None:
+        """The largest pixel cap the from-pages datasets among ``datasets`` were rendered with (None: none is
+        one): a page image LLaMA-Factory would shrink again is not the page serving sends."""
+        caps = []
+        for name in datasets:
+            how = render_of(read_about(self.setup.datasets_dir, name)) or {}
+            if isinstance(how.get("max_pixels"), int):
+                caps.append(int(how["max_pixels"]))
+        return max(caps) if caps else None
 
     def _from_train_job(self, job_id: int, caller: Caller | None) -> dict[str, Any]:
         try:
@@ -284,6 +336,9 @@ class LlamaFactoryKind:
         self.setup.processes[ctx.job.id] = proc
         where = f"GPUs {','.join(map(str, ctx.gpus))}" if ctx.gpus else "the CPU"
         ctx.note(f"llamafactory-cli {spec['command']} started on {where} (pid {proc.pid})")
+        tensorboard = tensorboard_command(spec.get("env", {}))
+        if tensorboard:
+            ctx.note(f"TensorBoard logs (report_to: tensorboard): {tensorboard}")
         try:
             try:
                 last = await self._follow(ctx, proc, out)
@@ -382,6 +437,8 @@ class LlamaFactoryKind:
                 outcome = await proc.stop(graceful_s=cfg.graceful_stop_s, term_s=cfg.stop_term_s)
                 if self.kind == "train":
                     state = saved_state(out)
+                    if state.adapter:
+                        self._record_budget(ctx, out)
                     ctx.set_artifacts(_train_artifacts(out, state.adapter, state.describe(),
                                                        state.last_checkpoint))
                     what = state.describe()
@@ -407,6 +464,8 @@ class LlamaFactoryKind:
             if not (state.adapter or state.model):
                 raise JobFailed(f"llamafactory-cli ended without saving a model or adapter in {out}; see "
                                 f"`ftctl logs {ctx.job.id}`")
+            if state.adapter:
+                self._record_budget(ctx, out)
             ctx.set_artifacts(_train_artifacts(out, state.adapter, state.describe(), state.last_checkpoint))
             points = self.setup.store.train_points(ctx.job.id)
             losses = [p for p in points if p.loss is not None]
@@ -426,6 +485,21 @@ class LlamaFactoryKind:
                             f"`ftctl logs {ctx.job.id}`")
         ctx.set_artifacts({"merged": str(out)})
         return f"merged model in {out}"
+
+    def _record_budget(self, ctx: JobContext, out: Path) -> None:
+        """Beside the adapter: the image budget it was trained with, and how its from-pages datasets were
+        rendered, so that deploy can check the engine serves its pages at the resolution it learned
+        (adapter_budget.py)."""
+        rendered: dict[str, dict[str, Any]] = {}
+        for name in ctx.job.spec.get("datasets", ()):
+            how = render_of(read_about(self.setup.datasets_dir, name))
+            if how is not None:
+                rendered[name] = how
+        budget = budget_of(ctx.job.spec.get("params", {}), rendered)
+        try:
+            write_budget(out, budget)
+        except OSError as exc:  # the adapter is still good; deploy then says no budget was recorded
+            ctx.log(f"could not record the adapter's image budget in {out}: {exc}")
 
     def _explain(self, ctx: JobContext, out: Path, rc: int) -> str:
         points = self.setup.store.train_points(ctx.job.id)

@@ -63,20 +63,26 @@ def build_argv(cli: str, command: Literal["train", "export"], yaml_path: Path) -
 def build_env(
     *,
     base: Mapping[str, str],
-    gpus: Sequence[int],
+    gpus: Sequence[int] | int,
     extra: Mapping[str, str] = {},
     spec_env: Mapping[str, str] = {},
     deepspeed: bool = False,
 ) -> dict[str, str]:
     """The child's environment: ``base`` for a child (an inherited LLAMABOARD_* dropped too), plus ``[train]
     env`` from the config, plus what the spec needs (LLAMABOARD_*), with the GPUs the scheduler gave (none:
-    the CPU)."""
+    the CPU; a count: that many, which the cluster node the job lands on picks and names in
+    CUDA_VISIBLE_DEVICES itself, see daemon/cluster)."""
     own = {k: v for k, v in base.items() if not k.startswith("LLAMABOARD_")}
     env = child_environ(own, extra, spec_env)
-    env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+    if isinstance(gpus, int):
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+        count = gpus
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+        count = len(gpus)
     # several GPUs need one process each; DeepSpeed needs torchrun even on one GPU ("Please use
     # `FORCE_TORCHRUN=1` to launch DeepSpeed training.")
-    if len(gpus) > 1 or deepspeed:
+    if count > 1 or deepspeed:
         env["FORCE_TORCHRUN"] = "1"
     else:
         env.pop("FORCE_TORCHRUN", None)

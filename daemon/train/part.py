@@ -4,12 +4,15 @@ templates, eval-compare, deploy). When its jobs start and on which GPUs is the G
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 from daemon.core.store import Store
 from daemon.ctl.server import Handler
 from daemon.gpus.engine_port import GpuEngine
 from daemon.jobs.base import JobKind
 from daemon.part import Part
-from daemon.train.kind import TRAIN_KINDS, TRAIN_LANE, LlamaFactoryKind, TrainSetup
+from daemon.train.kind import TRAIN_KINDS, TRAIN_LANE, KindName, LlamaFactoryKind, TrainSetup
 from daemon.train.requests import TrainRequests
 from shared.config import Settings
 
@@ -17,10 +20,16 @@ from shared.config import Settings
 class TrainingPart(Part):
     lanes = (TRAIN_LANE,)  # its jobs run on GPUs the allocator hands out
 
-    def __init__(self, settings: Settings, store: Store, engine: GpuEngine | None) -> None:
-        """``engine``: the GPU engine `ftctl deploy` loads adapters into (None: nothing to deploy into)."""
+    def __init__(self, settings: Settings, store: Store, engine: GpuEngine | None, *,
+                 make_kind: Callable[[KindName, TrainSetup], JobKind] = LlamaFactoryKind,
+                 jobs_dir: Path | None = None) -> None:
+        """``engine``: the GPU engine `ftctl deploy` loads adapters into (None: nothing to deploy into).
+        ``make_kind``/``jobs_dir``: where the trainers run and write (a cluster's, see daemon/cluster; by
+        default child processes of the daemon writing under its state dir)."""
         self.setup = TrainSetup.create(settings, store)
-        self._kinds: dict[str, JobKind] = {kind: LlamaFactoryKind(kind, self.setup) for kind in TRAIN_KINDS}
+        if jobs_dir is not None:
+            self.setup.jobs_dir = jobs_dir
+        self._kinds: dict[str, JobKind] = {kind: make_kind(kind, self.setup) for kind in TRAIN_KINDS}
         self.requests = TrainRequests(self.setup, store, lambda: engine)
 
     def kinds(self) -> dict[str, JobKind]:

@@ -14,9 +14,14 @@ from typing import Any
 
 from daemon.core.store import Store
 from daemon.engines.vllm_supervisor import adapter_name
+from daemon.engines.vlm.adapter_budget import plan_for, read_budget
+from daemon.engines.vlm.budget import BudgetError, config_limits
+from daemon.engines.vlm.prompts import load_prompt
 from daemon.gpus.engine_port import DeployError, DeployForbidden, GpuEngine
 from daemon.jobs.base import Caller, SpecError
 from daemon.jobs.manager import RequestDenied
+from daemon.ocr.errors import OcrError, PdfError
+from daemon.ocr.pdfworker import PdfWorkerPool
 from daemon.spool.spool import Spool, SpoolError
 from daemon.train.datasets import (
     DatasetProblem,
@@ -30,6 +35,7 @@ from daemon.train.datasets import (
     remove_dataset,
     write_about,
 )
+from daemon.train.from_pages import VAL_SUFFIX, build, handed_documents, serving_render
 from daemon.train.kind import TrainSetup
 from daemon.train.launch import MODEL_FILES, any_present, saved_state
 from daemon.train.results import EvalColumn, ResultsMissing, compare_table, read_eval_metrics
@@ -39,6 +45,7 @@ from shared.protocol import (
     DatasetAdd,
     DatasetAddSpooled,
     DatasetEntry,
+    DatasetFromPages,
     DatasetList,
     DatasetRemove,
     DatasetsReply,
@@ -64,6 +71,7 @@ class TrainRequests:
 
     def handlers(self) -> dict[type, Any]:
         return {DatasetAdd: self.on_dataset_add, DatasetAddSpooled: self.on_dataset_add_spooled,
+                DatasetFromPages: self.on_dataset_from_pages,
                 DatasetRemove: self.on_dataset_remove,
                 DatasetList: self.on_dataset_list, ListTemplates: self.on_templates,
                 EvalCompare: self.on_eval_compare, Deploy: self.on_deploy}
@@ -107,6 +115,40 @@ class TrainRequests:
         entry = DatasetEntry(name=body.name, file=str(summary.file), records=summary.records, images=summary.images,
                              ranking=summary.ranking)
         return DatasetsReply(datasets=[entry], message=summary.message)
+
+    async def on_dataset_from_pages(self, body: DatasetFromPages, caller: Caller) -> DatasetsReply:
+        names = (body.name, f"{body.name}{VAL_SUFFIX}")
+        if body.replace:
+            existing = await asyncio.to_thread(list_datasets, self._dir)
+            for name in names:
+                if name in existing:
+                    self._check_owner(name, caller, "replace")
+        settings = self.setup.settings
+        spool = Spool.of(settings)
+        try:
+            docs = await asyncio.to_thread(handed_documents, spool, body.documents, caller.uid)
+            render = serving_render(settings)
+            # a pool of its own: the engines' workers serve OCR jobs, and these are the same code (worker_ops)
+            async with PdfWorkerPool(size=1, preload=(),
+                                     log_path=settings.paths.state_dir / "pdfworkers.log") as pool:
+                built = await build(body.name, docs, pool=pool, render=render, dataset_dir=self._dir,
+                                    val=body.val, seed=body.seed, replace=body.replace,
+                                    folder=body.folder or "the folder",
+                                    page_timeout_s=settings.config.ocr.page_timeout_s)
+        except (DatasetProblem, SpoolError) as exc:
+            raise SpecError(str(exc)) from None
+        except PdfError as exc:  # the worker itself (a document's own trouble is counted by build)
+            raise RequestDenied("unavailable", f"rendering the pages failed: {exc.message}; see "
+                                               f"{settings.paths.state_dir / 'pdfworkers.log'}") from None
+        entries = []
+        for summary in (built.train, built.val):
+            if summary is None:
+                continue
+            write_about(self._dir, summary, owner=caller.user, source=Path(body.folder),
+                        extra=built.meta.get(summary.name))
+            entries.append(DatasetEntry(name=summary.name, file=str(summary.file), records=summary.records,
+                                        images=summary.images))
+        return DatasetsReply(datasets=entries, message=built.message(body.name))
 
     async def on_dataset_list(self, body: DatasetList, caller: Caller) -> DatasetsReply:
         return await asyncio.to_thread(self._list)
@@ -203,6 +245,8 @@ class TrainRequests:
             name = body.name or f"job{job.id}"
             if not _ADAPTER_NAME_RE.match(name):
                 raise RequestDenied("bad_request", f"adapter name '{name}': use letters, digits, '_', '-' or '.'")
+            # first: an adapter no engine of this config can serve as trained is refused whatever runs now
+            budget_note = await asyncio.to_thread(self._budget_note, job.id, out)
             engine = self._engine_or_explain(f"the adapter is in {out}")
             try:
                 # the adapter is the caller's in the engine: a member's name goes under her own (alice/job7)
@@ -212,7 +256,7 @@ class TrainRequests:
             except DeployError as exc:
                 raise RequestDenied("invalid_state", str(exc)) from None
             served = adapter_name(name, caller.user, caller.is_admin)
-            return Done(message=f"{message}; name it in OCR jobs with --adapter {served}")
+            return Done(message=f"{message}; {budget_note}; name it in OCR jobs with --adapter {served}")
         if job.kind == "export":
             merged = Path(job.spec["output_dir"])
             if job.state != "succeeded" or not any_present(merged, MODEL_FILES):
@@ -229,6 +273,28 @@ class TrainRequests:
             return Done(message=message)
         raise RequestDenied("invalid_state", f"job {job.id} is {_a(job.kind)} {job.kind} job; deploy takes a train "
                                              "job (its adapter) or an export job (its merged model)")
+
+    def _budget_note(self, job_id: int, out: Path) -> str:
+        """One line on the image budget the adapter was trained with (adapter_budget.py), or RequestDenied
+        with the setting to change when the engine of this config cannot serve that budget."""
+        budget = read_budget(out)
+        cfg = self.setup.settings.config
+        if budget is None:
+            return (f"no image budget was recorded with it, so its pages are rendered at vllm.max_pixels "
+                    f"{cfg.vllm.max_pixels}")
+        try:
+            prompt = load_prompt(cfg.ocr.prompt)
+        except OcrError as exc:
+            raise RequestDenied("unavailable", exc.message) from None
+        v = cfg.vllm
+        limits = config_limits(v.max_model_len, v.max_tokens, v.min_pixels, v.max_pixels, prompt)
+        try:
+            plan, notes = plan_for(budget, limits, dpi=cfg.ocr.dpi, prompt=prompt)
+        except BudgetError as exc:
+            raise RequestDenied("invalid_state", f"the adapter of job {job_id} cannot be served as it was "
+                                                 f"trained: {exc}") from None
+        return "; ".join([f"it was trained on pages of at most {plan.max_pixels} pixels (image_max_pixels), "
+                          "which the engine can serve", *notes])
 
     def _engine_or_explain(self, where: str) -> GpuEngine:
         engine = self.engine()

@@ -1,11 +1,15 @@
-"""Render a LLaMA-Factory job spec: a template from configs/llamafactory/ + ``key=value`` overrides + dataset.
+"""Render a LLaMA-Factory job spec: a template from configs/llamafactory/ (or the user's own LLaMA-Factory YAML,
+``ftctl train --yaml my.yaml``) + ``key=value`` overrides + dataset.
 
-The daemon owns where a job writes and how it reports, so some keys are forced and the user may not set
-them (``output_dir`` per job under the state dir, ``overwrite_output_dir: false`` so a restarted job
-resumes from its last checkpoint, ``report_to: none``, ``dataset_dir`` = the daemon's datasets); others
-get a daemon default the user may change (``logging_steps``; ``save_total_limit``, capped so checkpoints
-cannot fill the disk). The result is frozen YAML text, stored with the job and run as is. Which ``--set``
-keys a member may give, and which paths a job may name, is access.py's: the daemon checks both at submit.
+The daemon owns where a job writes, so some keys are forced and the user may not set them (``output_dir``
+per job under the state dir, ``overwrite_output_dir: false`` so a restarted job resumes from its last
+checkpoint, ``dataset_dir`` = the daemon's datasets); a user's YAML may hold them (every LLaMA-Factory example
+does) and they are replaced, as a template's are. ``report_to`` is ``none`` unless the spec asks for
+``tensorboard``, whose logs go into the job's folder (``tensorboard/``); integrations that send metrics off
+the server (wandb, mlflow, …) are refused. Others get a daemon default the user may change
+(``logging_steps``; ``save_total_limit``, capped so checkpoints cannot fill the disk). The result is frozen
+YAML text, stored with the job and run as is. Which ``--set`` keys a member may give, and which paths a job
+may name, is access.py's: the daemon checks both at submit.
 
 Nothing here imports LLaMA-Factory: rendering and validation (validate.py) take milliseconds.
 """
@@ -27,6 +31,10 @@ JobKind = Literal["train", "eval", "export"]
 CliCommand = Literal["train", "export"]
 
 _KEY_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_YAML_BYTES = 256 * 1024  # a LLaMA-Factory config is a few dozen lines
+TENSORBOARD_DIR = "tensorboard"  # in the job's folder, beside output/ (LLaMA-Factory refuses a full output_dir)
+TENSORBOARD_ENV = "TENSORBOARD_LOGGING_DIR"  # transformers' TensorBoardCallback writes there
+REPORT_TO = ("none", "tensorboard")  # what stays on this server
 
 
 @dataclass(frozen=True)
@@ -82,6 +90,43 @@ def load_template(templates_dir: Path, name: str) -> dict[str, Any]:
     return data
 
 
+def user_yaml(text: str, name: str) -> dict[str, Any]:
+    """A user's LLaMA-Factory YAML (what `llamafactory-cli train my.yaml` reads) as params. A key set to null
+    means LLaMA-Factory's default, so it is dropped, as if absent."""
+    if len(text.encode("utf-8", errors="replace")) > MAX_YAML_BYTES:
+        raise SpecProblem([f"{name}: larger than {MAX_YAML_BYTES // 1024} KiB, which no LLaMA-Factory config is; "
+                           "give the YAML you would pass to `llamafactory-cli train`"])
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecProblem([f"{name}: not valid YAML ({_one_line(exc)}); fix the file"]) from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise SpecProblem([f"{name}: a LLaMA-Factory config is a YAML mapping of keys (as for `llamafactory-cli "
+                           f"train {name}`); fix the file"])
+    return {k: v for k, v in data.items() if v is not None}
+
+
+def report_to(value: Any) -> tuple[str, str | None]:
+    """``report_to`` as the job runs it ("none" or "tensorboard"), and a problem line for anything else."""
+    names = [] if value is None else [value] if isinstance(value, str) else value if isinstance(value, list) \
+        else [value]
+    names = [str(n).strip() for part in names for n in str(part).split(",") if str(n).strip()]
+    refused = [n for n in names if n not in REPORT_TO]
+    if refused:
+        what = ("every installed integration, wandb and mlflow included," if "all" in refused
+                else f"{', '.join(refused)}")
+        return "none", (f"report_to {', '.join(refused)}: {what} would send the training metrics and config off "
+                        "this server as the daemon's user; use report_to: tensorboard (logs stay in the job's "
+                        "folder) or none")
+    return ("tensorboard" if "tensorboard" in names else "none"), None
+
+
+def tensorboard_command(env: Mapping[str, str]) -> str | None:
+    """The command that shows a job's TensorBoard logs (`ftctl show`), if it writes any."""
+    folder = env.get(TENSORBOARD_ENV)
+    return f"tensorboard --logdir {folder}" if folder else None
+
+
 def job_kind(template: Mapping[str, Any]) -> JobKind:
     """A template that exports (any ``export_*`` key) runs `llamafactory-cli export`; one that predicts
     without training is an eval; everything else trains."""
@@ -102,11 +147,13 @@ def render(
     datasets: Sequence[str] = (),
     gpus: int = 1,
     defaults: SpecDefaults = SpecDefaults(),
+    base: Mapping[str, Any] | None = None,
 ) -> RenderedSpec:
     """Template + overrides + dataset → the frozen job. ``job_dir`` is this job's directory under the
     state dir; LLaMA-Factory writes into ``job_dir/output`` (or ``job_dir/merged`` for an export), which
-    must hold nothing else: LLaMA-Factory refuses a non-empty output_dir without a checkpoint in it."""
-    params = load_template(templates_dir, template)
+    must hold nothing else: LLaMA-Factory refuses a non-empty output_dir without a checkpoint in it.
+    ``base``: the user's own YAML (:func:`user_yaml`) instead of a template; ``template`` is then its name."""
+    params = dict(base) if base is not None else load_template(templates_dir, template)
     given = overrides if isinstance(overrides, Mapping) else parse_overrides(overrides)
     kind = job_kind(params)
     problems: list[str] = []
@@ -137,28 +184,37 @@ def render(
     if isinstance(ds, str) and ds:
         params["deepspeed"] = str(_resolve_deepspeed(ds, templates_dir.parent / "deepspeed"))
 
+    replaced = sorted(k for k in forced if base is not None and k in base)
     if kind == "export":
         out = job_dir / "merged"
         params["export_dir"] = str(out)
         env: dict[str, str] = {}
     else:
         out = job_dir / "output"
+        reporting, problem = report_to(params.get("report_to", "none"))
+        if problem:
+            raise SpecProblem([problem])
         limit = params.get("save_total_limit")
         if not isinstance(limit, int) or limit <= 0 or limit > defaults.save_total_limit:
             params["save_total_limit"] = defaults.save_total_limit
         params.setdefault("logging_steps", defaults.logging_steps)
         params["output_dir"] = str(out)
         params["overwrite_output_dir"] = False
-        params["report_to"] = "none"
+        params["report_to"] = reporting
         params["dataset_dir"] = str(dataset_dir)
         # LLaMA-Factory's LogCallback installs its SIGABRT handler (stop at the next step and save) only
         # in LlamaBoard mode; the workdir is where that mode writes its running log.
         env = {"LLAMABOARD_ENABLED": "1", "LLAMABOARD_WORKDIR": str(out)}
+        if reporting == "tensorboard":
+            env[TENSORBOARD_ENV] = str(job_dir / TENSORBOARD_DIR)
 
     ds_key = "eval_dataset" if kind == "eval" else "dataset"
     final_names = tuple(n.strip() for n in str(params.get(ds_key) or "").split(",") if n.strip())
-    header = (f"# ftmllm job: template {template} ({kind}), gpus {gpus}\n"
+    source = f"your YAML {template}" if base is not None else f"template {template}"
+    header = (f"# ftmllm job: {source} ({kind}), gpus {gpus}\n"
               f"# overrides: {', '.join(f'{k}={v}' for k, v in given.items()) or '(none)'}\n")
+    if replaced:
+        header += f"# set by the daemon instead of the YAML's own: {', '.join(replaced)}\n"
     text = header + yaml.safe_dump(params, sort_keys=False, allow_unicode=True, default_flow_style=False)
     return RenderedSpec(template=template, kind=kind, command="export" if kind == "export" else "train",
                         params=params, yaml_text=text, output_dir=out, datasets=final_names, gpus=gpus,
@@ -171,7 +227,6 @@ def _forced_keys(kind: JobKind) -> dict[str, str]:
     return {
         "output_dir": "the job's own directory under the state dir",
         "overwrite_output_dir": "always false, so an interrupted job resumes from its last checkpoint",
-        "report_to": "always none; progress reaches ftctl/ftui from trainer_log.jsonl",
         "dataset_dir": "the daemon's datasets; add yours with `ftctl dataset add`",
     }
 

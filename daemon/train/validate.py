@@ -1,8 +1,9 @@
 """Reject in milliseconds what LLaMA-Factory would reject after 15 s of imports.
 
-The valid keys, their types and choices, the chat templates and the stages come from
-``llamafactory_keys.json``, generated once from the real LLaMA-Factory by tools/gen_llamafactory_keys.py (the
-file records the version). Checked here, each problem as one line naming the key or file and the fix:
+The valid keys, their types and choices, the chat templates and the stages come from the key catalogue of the
+LLaMA-Factory that ``train.llamafactory_cli`` runs (catalogue.py: generated from its argument dataclasses and
+cached per version; ``llamafactory_keys.json`` is the copy shipped for one version, and the fallback). Checked
+here, each problem as one line naming the key or file and the fix:
 
 * unknown keys ("Some keys are not used by the HfArgumentParser"), with the closest valid key;
 * values of the wrong type or outside a key's choices (stage, template, finetuning_type, …);
@@ -47,6 +48,8 @@ class KeyCatalog:
     keys: Mapping[str, KeyInfo]
     templates: frozenset[str]
     stages: tuple[str, ...]
+    transformers_version: str = ""
+    tensorboard: bool | None = None  # installed beside that LLaMA-Factory (None: not known)
 
     def accepted(self, command: str) -> frozenset[str]:
         return self.commands[command]
@@ -63,7 +66,8 @@ def load_catalog(path: Path = DEFAULT_CATALOG) -> KeyCatalog:
     commands = {cmd: frozenset(k for g in groups for k in data["groups"][g])
                 for cmd, groups in data["commands"].items()}
     return KeyCatalog(llamafactory_version=data["llamafactory_version"], commands=commands, keys=keys,
-                      templates=frozenset(data["templates"]), stages=tuple(data["stages"]))
+                      templates=frozenset(data["templates"]), stages=tuple(data["stages"]),
+                      transformers_version=str(data.get("transformers_version", "")))
 
 
 def check_spec(spec: RenderedSpec, *, catalog: KeyCatalog, dataset_dir: Path,
@@ -102,6 +106,10 @@ def validate_params(
         problems.append(_bad_choice("template", template, catalog.templates,
                                     f"templates of LLaMA-Factory {catalog.llamafactory_version}"))
     problems += _check_model(params, env)
+    if "tensorboard" in _listed(params.get("report_to")) and catalog.tensorboard is False:
+        problems.append(f"report_to tensorboard: neither tensorboard nor tensorboardX is installed beside "
+                        f"LLaMA-Factory {catalog.llamafactory_version} (train.llamafactory_cli's venv); ask an "
+                        "admin to `pip install tensorboard` there, or remove report_to")
     if command == "train":
         problems += _check_rules(params, catalog)
         problems += _check_datasets(params, dataset_dir, check_media)
@@ -113,6 +121,12 @@ def validate_params(
             problems.append(f"{key}: '{value}' contains '${{', which LLaMA-Factory's config loader (OmegaConf) "
                             "reads as an interpolation; remove it")
     return problems
+
+
+def _listed(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",")]
+    return [str(v) for v in value] if isinstance(value, list) else []
 
 
 def _unknown_key(key: str, accepted: frozenset[str], catalog: KeyCatalog, command: str) -> str:

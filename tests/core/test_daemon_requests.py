@@ -15,6 +15,7 @@ from shared.protocol import (
     Cancel,
     DatasetAdd,
     DatasetAddSpooled,
+    DatasetFromPages,
     DatasetRemove,
     Deploy,
     Done,
@@ -28,6 +29,7 @@ from shared.protocol import (
     JobPages,
     ListJobs,
     LogChunk,
+    OcrEvalResult,
     OcrOutput,
     PagesReply,
     PageText,
@@ -37,6 +39,7 @@ from shared.protocol import (
     RequestBody,
     ResumeQueue,
     Retry,
+    SetPriority,
     ShowJob,
     Snapshot,
     Status,
@@ -112,6 +115,7 @@ REFUSED = {
     ShowJob: "unknown_job",  # no job 1
     Cancel: "unknown_job",
     Retry: "unknown_job",
+    SetPriority: "unknown_job",
     JobLogs: "unknown_job",
     Deploy: "unknown_job",
     PageText: "invalid_state",  # job 1 has no page 1
@@ -122,6 +126,8 @@ REFUSED = {
     Ask: "unavailable",  # the cpu engine answers no questions
     AskSpooled: "unavailable",
     DatasetAddSpooled: "invalid_spec",  # nothing was handed over as "x"
+    DatasetFromPages: "invalid_spec",  # nothing was handed over as "x"
+    OcrEvalResult: "unknown_job",
     OcrOutput: "unknown_job",
 }
 

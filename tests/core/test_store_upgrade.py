@@ -65,3 +65,23 @@ def test_a_store_of_the_previous_version_opens_and_its_interrupted_job_resumes()
 def test_a_new_store_has_no_event_bodies(tmp_path: Path) -> None:
     Store(tmp_path / "new.sqlite").close()
     assert event_columns(tmp_path / "new.sqlite") == ["seq", "ts", "job_id", "what"]
+
+
+def test_an_older_store_gains_job_priorities_that_last(tmp_path: Path) -> None:
+    db_path = tmp_path / "old.sqlite"
+    db = sqlite3.connect(db_path)
+    db.executescript(FIXTURE.read_text())
+    db.close()
+    store = Store(db_path)
+    try:
+        assert [(j.id, j.priority, j.interactive) for j in store.list_jobs()] == [(1, 0, False), (2, 0, False),
+                                                                                  (3, 0, False)]
+        _seq, job = store.update_job(3, "priority 0 → 7", priority=7)
+        assert job.priority == 7
+    finally:
+        store.close()
+    reopened = Store(db_path)
+    try:
+        assert reopened.get_job(3).priority == 7 and reopened.get_job(2).priority == 0
+    finally:
+        reopened.close()

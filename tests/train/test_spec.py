@@ -8,7 +8,17 @@ import pytest
 import yaml
 
 from daemon.core.atomic import write_atomic
-from daemon.train.spec import SpecDefaults, render, template_names
+from daemon.train.access import Policy, override_problems, yaml_problems
+from daemon.train.spec import (
+    TENSORBOARD_ENV,
+    SpecDefaults,
+    render,
+    report_to,
+    template_names,
+    tensorboard_command,
+    user_yaml,
+)
+from daemon.train.validate import load_catalog
 from shared.overrides import SpecProblem, parse_override, parse_overrides
 from shared.overrides import absolutize as absolutize_paths
 
@@ -129,3 +139,86 @@ def test_ftctl_makes_relative_model_paths_absolute(tmp_path: Path) -> None:
                             "learning_rate": 1e-4}, tmp_path)
     assert out["model_name_or_path"] == str(tmp_path / "models" / "m")
     assert out["adapter_name_or_path"] == "Qwen/x" and out["learning_rate"] == 1e-4
+
+
+# ------------------------------------------------------------------------ the user's own YAML, report_to
+
+LF_EXAMPLE = """\
+### model
+model_name_or_path: /models/Qwen2-VL-7B-Instruct
+trust_remote_code: true
+### method
+stage: sft
+do_train: true
+finetuning_type: lora
+lora_target: all
+### dataset
+dataset: mllm_demo,identity
+template: qwen2_vl
+### output
+output_dir: saves/qwen2_vl-7b/lora/sft
+overwrite_output_dir: true
+report_to: none  # choices: [none, wandb, tensorboard, swanlab, mlflow]
+### train
+learning_rate: 1.0e-4
+resume_from_checkpoint: null
+"""
+
+
+def test_a_users_yaml_renders_like_a_template_with_the_daemons_keys_replaced(tmp_path: Path) -> None:
+    base = user_yaml(LF_EXAMPLE, "my.yaml")
+    assert "resume_from_checkpoint" not in base  # null is LLaMA-Factory's default: as if absent
+    spec = render("my.yaml", templates_dir=TEMPLATES, job_dir=tmp_path / "job-7", dataset_dir=tmp_path / "ds",
+                  base=base, overrides=["learning_rate=2e-4"])
+    p = spec.params
+    assert spec.kind == "train" and spec.template == "my.yaml" and spec.datasets == ("mllm_demo", "identity")
+    assert p["output_dir"] == str(tmp_path / "job-7" / "output") and p["overwrite_output_dir"] is False
+    assert p["dataset_dir"] == str(tmp_path / "ds") and p["report_to"] == "none" and p["learning_rate"] == 2e-4
+    assert spec.yaml_text.startswith("# ftmllm job: your YAML my.yaml (train), gpus 1\n")
+    assert "# set by the daemon instead of the YAML's own: output_dir, overwrite_output_dir\n" in spec.yaml_text
+    assert TENSORBOARD_ENV not in spec.env and tensorboard_command(spec.env) is None
+    with_datasets = render("my.yaml", templates_dir=TEMPLATES, job_dir=tmp_path, dataset_dir=tmp_path, base=base,
+                           datasets=["tiny_sft"])
+    assert with_datasets.params["dataset"] == "tiny_sft"  # --dataset wins over the YAML's own
+
+
+@pytest.mark.parametrize(("text", "problem"), [
+    ("stage: [sft\n", "my.yaml: not valid YAML ("),
+    ("- stage: sft\n", "my.yaml: a LLaMA-Factory config is a YAML mapping of keys"),
+    ("x: " + "a" * (256 * 1024) + "\n", "my.yaml: larger than 256 KiB"),
+])
+def test_a_users_yaml_that_is_no_config_is_refused_in_one_line(text: str, problem: str) -> None:
+    with pytest.raises(SpecProblem) as err:
+        user_yaml(text, "my.yaml")
+    [line] = err.value.problems
+    assert line.startswith(problem) and "\n" not in line
+
+
+def test_report_to_tensorboard_logs_into_the_job_folder_and_phoning_out_is_refused(tmp_path: Path) -> None:
+    spec = _render(tmp_path, overrides=["report_to=tensorboard"])
+    assert spec.params["report_to"] == "tensorboard"
+    logdir = tmp_path / "job-7" / "tensorboard"
+    assert spec.env[TENSORBOARD_ENV] == str(logdir)
+    assert tensorboard_command(spec.env) == f"tensorboard --logdir {logdir}"
+    assert _render(tmp_path, overrides=["report_to=[none]"]).params["report_to"] == "none"
+    for value, named in (("wandb", "wandb"), ("[tensorboard, mlflow]", "mlflow"), ("all", "all")):
+        with pytest.raises(SpecProblem) as err:
+            _render(tmp_path, overrides=[f"report_to={value}"])
+        [line] = err.value.problems
+        assert line.startswith(f"report_to {named}: ") and "off this server" in line
+        assert line.endswith("use report_to: tensorboard (logs stay in the job's folder) or none")
+    assert report_to(None) == ("none", None) and report_to([]) == ("none", None)
+
+
+def test_a_users_yaml_keys_pass_the_same_allow_list_as_set_plus_what_the_job_is() -> None:
+    catalog = load_catalog()
+    policy = Policy()
+    base = user_yaml(LF_EXAMPLE, "my.yaml")
+    assert yaml_problems(base, policy, catalog.keys.keys(), "my.yaml") == []  # do_train, dataset, output_dir…
+    assert override_problems({"do_train": True}, policy, catalog.keys.keys())  # not a --set knob
+    refused = yaml_problems({**base, "hub_token": "x", "torch_compile": True}, policy, catalog.keys.keys(), "my.yaml")
+    assert refused[0].startswith("my.yaml: key hub_token is refused: a secret") and refused[0].endswith(
+        "remove it from my.yaml")
+    assert refused[1].startswith("my.yaml: key torch_compile is not a training knob this server takes (")
+    assert yaml_problems({"torch_compile": True}, Policy(extra_allowed_keys=("torch_compile",)),
+                         catalog.keys.keys(), "my.yaml") == []

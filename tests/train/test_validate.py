@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -137,3 +138,24 @@ def test_llamafactory_consistency_rules(env: dict[str, Path]) -> None:
                                                     datasets=("tiny_dpo",))
     assert "a training job needs a dataset" in _problems(env, datasets=())
     assert "OmegaConf" in _problems(env, overrides=("run_name=${oops}",))
+
+
+def test_report_to_tensorboard_needs_tensorboard_beside_the_configured_llamafactory(env: dict[str, Path]) -> None:
+    spec = _spec(env, overrides=("report_to=tensorboard",))
+    missing = dataclasses.replace(CATALOG, tensorboard=False)
+    [line] = validate_params(spec.params, command="train", catalog=missing, dataset_dir=env["ds"], env={})
+    assert line.startswith("report_to tensorboard: neither tensorboard nor tensorboardX is installed beside "
+                           "LLaMA-Factory 0.9.5 (train.llamafactory_cli's venv)")
+    assert line.endswith("or remove report_to")
+    for known in (True, None):  # installed; or not known (the shipped catalogue): left to the trainer
+        catalog = dataclasses.replace(CATALOG, tensorboard=known)
+        assert validate_params(spec.params, command="train", catalog=catalog, dataset_dir=env["ds"], env={}) == []
+    plain = _spec(env)
+    assert validate_params(plain.params, command="train", catalog=missing, dataset_dir=env["ds"], env={}) == []
+
+
+def test_the_shipped_catalogue_records_both_versions_it_was_generated_from() -> None:
+    data = json.loads(DEFAULT_CATALOG.read_text())
+    assert (CATALOG.llamafactory_version, CATALOG.transformers_version) == (data["llamafactory_version"],
+                                                                            data["transformers_version"])
+    assert data["generated_by"] == "daemon/train/keygen.py" and CATALOG.tensorboard is None

@@ -222,3 +222,25 @@ def test_pausing_the_queue_and_switching_the_engine_are_an_admins(site: Site) ->
     assert c.call(Status(), StatusReply).queue_paused is True
     ok(site.ftctl(carol, "resume"))
     assert c.call(Status(), StatusReply).queue_paused is False
+
+
+def test_a_member_may_lower_her_jobs_priority_and_only_an_admin_raises_it(site: Site) -> None:
+    bob, carol = site.users.bob, site.carol
+    c = site.server.d.client()
+    ok(site.ftctl(carol, "pause"))  # the jobs stay queued while their priority changes
+    try:
+        res = site.ftctl(bob, "submit", "selftest", "--priority", "5", "--set", "steps=1")
+        assert res.returncode == EXIT_FORBIDDEN and len(res.stderr.strip().splitlines()) == 1, res.stderr
+        assert "member_max_priority" in res.stderr and "ask an admin" in res.stderr
+        job = json.loads(ok(site.ftctl(bob, "submit", "selftest", "--priority", "-3", "--set", "steps=1",
+                                       "--json")))["id"]
+        assert c.call(ShowJob(job_id=job), JobDetail).job.priority == -3
+        res = site.ftctl(bob, "priority", str(job), "1")
+        assert res.returncode == EXIT_FORBIDDEN and "member_max_priority" in res.stderr, res.stderr
+        assert c.call(ShowJob(job_id=job), JobDetail).job.priority == -3
+        ok(site.ftctl(bob, "priority", str(job), "0"))
+        ok(site.ftctl(carol, "priority", str(job), "50"))
+        assert c.call(ShowJob(job_id=job), JobDetail).job.priority == 50
+        ok(site.ftctl(carol, "cancel", str(job)))
+    finally:
+        ok(site.ftctl(carol, "resume"))

@@ -87,8 +87,9 @@ def finished_total(metrics: str, reason: str) -> float:
     return total
 
 
-def vllm_config(home: Path, **vllm: object) -> str:
-    """TOML for a daemon that serves OCR with vLLM on the tiny model (flags and env that work on CPU)."""
+def vllm_config(home: Path, hotfolder: dict[str, object] | None = None, **vllm: object) -> str:
+    """TOML for a daemon that serves OCR with vLLM on the tiny model (flags and env that work on CPU); its hot
+    folder is off unless ``hotfolder`` gives that section's keys."""
     env = {k: v for k, v in stack.vllm_env(home / "engine", lora=True).items() if k.startswith(_ENV_PREFIXES)}
     # Deep on purpose, as a pytest tmp_path on CI is: vLLM's ipc sockets would not fit under it, and the
     # daemon must notice and give them a short directory (test_engine_stop_… checks that it goes with vLLM).
@@ -112,8 +113,9 @@ def vllm_config(home: Path, **vllm: object) -> str:
         "health_timeout_s": 300.0,
     }
     section.update(vllm)
-    lines = ["[hotfolder]", "enabled = false", "[ocr]", 'engine = "vllm"', "workers = 2", "dpi = 50",
-             "page_timeout_s = 300.0", "[vllm]"]
+    hot: dict[str, object] = {"enabled": False} if hotfolder is None else hotfolder
+    lines = ["[hotfolder]", *(f"{k} = {toml_value(v)}" for k, v in hot.items()),
+             "[ocr]", 'engine = "vllm"', "workers = 2", "dpi = 50", "page_timeout_s = 300.0", "[vllm]"]
     lines += [f"{k} = {toml_value(v)}" for k, v in section.items()]
     return "\n".join(lines) + "\n"
 
@@ -122,7 +124,7 @@ def start_vllm_daemon(**vllm: object) -> VllmDaemon:
     """Start ftmllmd with vLLM as its engine and wait (≤ 400 s) until the engine is ready."""
     d = DaemonProc()
     cfg = d.home / "ftmllm.toml"
-    cfg.write_text(vllm_config(d.home, **vllm))
+    cfg.write_text(vllm_config(d.home, None, **vllm))
     d.config = cfg
     d.start(timeout=60)
     vd = VllmDaemon(proc=d, model=stack.tiny_model_cached())

@@ -19,13 +19,15 @@ import socket
 import stat
 import subprocess
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psutil
 import pymupdf
 import pytest
 
+from daemon.engines.vlm.server_metrics import parse_load
 from shared.client import RemoteError
 from shared.handover import hand_over
 from shared.protocol import (
@@ -36,7 +38,9 @@ from shared.protocol import (
     EngineReply,
     Event,
     JobDetail,
+    JobList,
     JobPages,
+    ListJobs,
     PageChanged,
     PagesReply,
     ShowJob,
@@ -353,3 +357,51 @@ def test_remote_engine_sends_pages_to_the_server_that_answers(vd: VllmDaemon, wo
         assert {p["method"] for p in side["page_results"]} == {"vlm"}  # type: ignore[union-attr]
     finally:
         d.close()
+
+
+def split_pages(pdf: Path, folder: Path) -> list[Path]:
+    """Each page of ``pdf`` as a one-page PDF of its own: the same pixels, prompt and tokens, 32 documents."""
+    folder.mkdir(parents=True, exist_ok=True)
+    src = pymupdf.open(pdf)
+    out = []
+    for n in range(src.page_count):
+        one = pymupdf.open()
+        one.insert_pdf(src, from_page=n, to_page=n)
+        path = folder / f"page{n + 1:02d}.pdf"
+        one.save(path)
+        one.close()
+        out.append(path)
+    src.close()
+    return out
+
+
+def peak_running(vd: VllmDaemon, until: Callable[[], bool], timeout: float) -> int:
+    """The most requests vLLM ran at once (its own gauge, polled) until ``until()`` holds."""
+    peak = 0
+    deadline = time.monotonic() + timeout
+    while not until():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not done after {timeout:.0f}s\n{vd.logs()}")
+        peak = max(peak, parse_load(vd.metrics()).running)
+        time.sleep(0.1)  # the poll's pace, not a synchronisation: the gauge holds while pages run
+    return peak
+
+
+def test_small_pdfs_submitted_at_once_fill_the_server_as_one_long_pdf_does(vd: VllmDaemon, work: Path) -> None:
+    pages = 32
+    big = pdfs.numbered(work / "big.pdf", pages)
+    c = vd.proc.client(timeout=60)
+
+    def all_ended(ids: list[int]) -> Callable[[], bool]:
+        return lambda: all(j.state in TERMINAL_STATES for j in c.call(ListJobs(all=True), JobList).jobs
+                           if j.id in ids)
+
+    one = handed_over(c, big).job
+    peak_one = peak_running(vd, all_ended([one.id]), JOB_TIMEOUT_S)
+    small = [handed_over(c, pdf).job.id for pdf in split_pages(big, work / "split")]
+    peak_small = peak_running(vd, all_ended(small), JOB_TIMEOUT_S)
+    states = {c.call(ShowJob(job_id=i), JobDetail).job.state for i in [one.id, *small]}
+    assert states == {"succeeded"}, vd.logs()
+    # the engine's 8 slots (vllm.max_in_flight here) are full either way; fed per document, two PDFs at a time,
+    # the small ones never had more than 2 requests running
+    assert peak_one >= 6 and peak_small >= peak_one, (peak_one, peak_small)

@@ -62,7 +62,7 @@ def add_parser(commands: Subparsers) -> None:
         "(a PEFT directory) into vLLM at runtime, so that `ftctl submit ocr --adapter NAME` can use it; "
         "unload NAME.")
     sp.set_defaults(fn=cmd_engine)
-    sp.add_argument("action", choices=ACTIONS)
+    sp.add_argument("action", choices=ACTIONS, help="what to do (see above)")
     sp.add_argument("name", nargs="?", help="the adapter's name (load, unload)")
     sp.add_argument("path", nargs="?", help="the adapter's directory (load)")
     sp.add_argument("--json", action="store_true")

@@ -51,7 +51,9 @@ def cmd_submit_ocr(args: argparse.Namespace, c: Client) -> int:
                        ("max_pages", args.pages)):
         if value:
             spec[key] = value
-    job = c.call(Submit(kind="ocr", spec=spec, name=args.name or ""), JobDetail).job
+    body = Submit(kind="ocr", spec=spec, name=args.name or "", priority=args.priority,
+                  interactive=bool(args.wait or args.follow or out_dir))  # someone waits for it
+    job = c.call(body, JobDetail).job
     if not (args.wait or args.follow or out_dir):
         if args.json:
             emit_json(job)

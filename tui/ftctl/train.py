@@ -3,7 +3,9 @@ deploy and templates.
 
     ftctl templates                                   what can be submitted, one line each
     ftctl dataset add NAME FILE.json [--images DIR]   check a sharegpt file and register it
+    ftctl dataset from-pages NAME DIR [--val 0.1]     x.pdf + corrected x.md pairs -> an OCR dataset
     ftctl train TEMPLATE --dataset NAME [--set k=v]… [--gpus N] [--wait|--follow]
+    ftctl train --yaml my.yaml [--dataset NAME] …    your own LLaMA-Factory config, checked like a template
     ftctl eval [TEMPLATE] --adapter JOB|DIR --dataset NAME     BLEU/ROUGE of an adapter (or the base model)
     ftctl export [TEMPLATE] --adapter JOB|DIR                  merge an adapter into its base model
     ftctl eval-compare JOB JOB…                       the metrics of eval jobs side by side
@@ -30,6 +32,7 @@ from shared.handover import Handover, HandoverRefused, HandoverUnavailable
 from shared.overrides import SpecProblem, absolutize, parse_overrides
 from shared.protocol import (
     DatasetAddSpooled,
+    DatasetFromPages,
     DatasetList,
     DatasetRemove,
     DatasetsReply,
@@ -73,6 +76,19 @@ def _spec(args: argparse.Namespace, kind: str) -> dict[str, Any] | None:
             overrides["adapter_name_or_path"] = adapter
     # relative paths mean this shell's directory, not the daemon's
     spec["set"] = absolutize(overrides, Path.cwd())
+    yaml_file = getattr(args, "yaml", None)
+    if yaml_file:
+        if args.template:
+            err.print(f"ftctl: give a template or --yaml {yaml_file}, not both", markup=False)
+            return None
+        loaded = read_user_yaml(Path(yaml_file))
+        if loaded is None:
+            return None
+        spec["yaml"], spec["yaml_name"] = loaded, Path(yaml_file).name
+    elif not args.template and kind == "train":
+        err.print("ftctl: name a template (`ftctl templates`) or give your LLaMA-Factory config with --yaml FILE",
+                  markup=False)
+        return None
     if args.template:
         spec["template"] = args.template
     if args.dataset:
@@ -82,12 +98,38 @@ def _spec(args: argparse.Namespace, kind: str) -> dict[str, Any] | None:
     return spec
 
 
+def read_user_yaml(path: Path) -> str | None:
+    """The user's LLaMA-Factory YAML, read here with her own rights (the daemon reads no path a client names),
+    with relative paths made absolute against this shell's directory, as `llamafactory-cli train` reads them.
+    The daemon checks the keys and paths again, against what she may use."""
+    import yaml  # only this command needs it: `ftctl status` starts without it
+
+    try:
+        text = path.expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        err.print(f"ftctl: cannot read {path}: {why}; give the YAML you would pass to `llamafactory-cli train`",
+                  markup=False)
+        return None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        err.print(f"ftctl: {path}: not valid YAML ({' '.join(str(exc).split())}); fix the file", markup=False)
+        return None
+    if not isinstance(data, dict):
+        err.print(f"ftctl: {path}: a LLaMA-Factory config is a YAML mapping of keys; fix the file", markup=False)
+        return None
+    return yaml.safe_dump(absolutize(data, Path.cwd()), sort_keys=False, allow_unicode=True)
+
+
 def cmd_submit_llamafactory(args: argparse.Namespace, c: Client) -> int:
     kind = args.lf_kind
     spec = _spec(args, kind)
     if spec is None:
         return EXIT_USAGE
-    job = c.call(Submit(kind=kind, spec=spec, name=args.name or ""), JobDetail).job
+    body = Submit(kind=kind, spec=spec, name=args.name or "", priority=getattr(args, "priority", 0),
+                  interactive=bool(args.wait or args.follow))  # someone waits for it
+    job = c.call(body, JobDetail).job
     if not (args.wait or args.follow):
         if args.json:
             emit_json(job)
@@ -181,6 +223,10 @@ def report_end(c: Client, job: JobInfo) -> None:
 
 
 def cmd_eval_compare(args: argparse.Namespace, c: Client) -> int:
+    if c.call(ShowJob(job_id=args.jobs[0]), JobDetail).job.kind == "ocr_eval":
+        # OCR runs are scored by CER/WER/tables, not BLEU: the same table `ftctl ocr-compare` prints
+        from tui.ftctl.quality import cmd_ocr_compare
+        return cmd_ocr_compare(args, c)
     reply = c.call(EvalCompare(job_ids=args.jobs), EvalCompareReply)
     if args.json:
         emit_json(reply.columns)
@@ -192,7 +238,10 @@ def cmd_eval_compare(args: argparse.Namespace, c: Client) -> int:
 def cmd_deploy(args: argparse.Namespace, c: Client) -> int:
     # loading an adapter into a busy engine, or restarting it, takes a while
     reply = c.call(Deploy(job_id=args.job, name=args.name or ""), Done, timeout=max(args.timeout, 600.0))
-    out.print(reply.message, markup=False)
+    if args.json:
+        emit_json(reply)
+    else:
+        out.print(reply.message, markup=False)
     return EXIT_OK
 
 
@@ -277,7 +326,7 @@ def _hand_over_media(handover: Handover, file: Path, root: Path) -> tuple[dict[s
     return media, problems
 
 
-def _hand_over_manifest(handover: Handover, media: dict[str, str]) -> str:
+def _hand_over_manifest(handover: Handover, media: dict[str, Any], name: str = "media.json") -> str:
     """Which handed-over file each path stands for, itself handed over (a dataset may name more files than
     one request may carry)."""
     fd = os.memfd_create("ftmllm-media", os.MFD_CLOEXEC)
@@ -286,9 +335,50 @@ def _hand_over_manifest(handover: Handover, media: dict[str, str]) -> str:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        return handover.fd(fd, "media.json").sha256
+        return handover.fd(fd, name).sha256
     finally:
         os.close(fd)
+
+
+def cmd_dataset_from_pages(args: argparse.Namespace, c: Client) -> int:
+    """Every x.pdf of DIR and its truth x.md are opened here, with the user's own rights, and handed to the
+    daemon (shared/handover.py), which renders the pages as serving does (daemon/train/from_pages.py)."""
+    folder = Path(args.dir).expanduser().absolute()
+    try:
+        names = sorted(p.name for p in folder.iterdir() if p.suffix.lower() == ".pdf" and p.is_file())
+    except PermissionError:
+        err.print(f"ftctl: you cannot read the folder {folder} (permission denied); give a folder of yours, or "
+                  "ask its owner to share it", markup=False)
+        return EXIT_USAGE
+    except OSError as exc:
+        err.print(f"ftctl: {folder}: {exc.strerror}; give the folder that holds x.pdf + x.md pairs", markup=False)
+        return EXIT_USAGE
+    if not names:
+        err.print(f"ftctl: {folder} holds no .pdf files; put each x.pdf there with its corrected x.md",
+                  markup=False)
+        return EXIT_USAGE
+    try:
+        with Handover(c.paths) as handover:
+            documents: dict[str, dict[str, str]] = {}
+            for name in names:
+                md = folder / (name[: -len(".pdf")] + ".md")
+                documents[name] = {"pdf": handover.file(folder / name).sha256,
+                                   "md": handover.file(md).sha256 if md.exists() else ""}
+            manifest = _hand_over_manifest(handover, documents, "documents.json")
+    except HandoverRefused as exc:
+        err.print(f"ftctl: {exc}", markup=False)
+        return EXIT_USAGE
+    except HandoverUnavailable as exc:
+        err.print(f"ftctl: {exc}", markup=False)
+        return EXIT_NO_DAEMON
+    body = DatasetFromPages(name=args.name, documents=manifest, folder=str(folder), val=args.val, seed=args.seed,
+                            replace=args.replace)
+    reply = c.call(body, DatasetsReply, timeout=max(args.timeout, DATASET_ADD_TIMEOUT_S))
+    if args.json:
+        emit_json(reply)
+    else:
+        out.print(reply.message, markup=False)
+    return EXIT_OK
 
 
 def cmd_dataset_list(args: argparse.Namespace, c: Client) -> int:
@@ -309,7 +399,11 @@ def cmd_dataset_list(args: argparse.Namespace, c: Client) -> int:
 
 
 def cmd_dataset_rm(args: argparse.Namespace, c: Client) -> int:
-    out.print(c.call(DatasetRemove(name=args.name), Done).message, markup=False)
+    reply = c.call(DatasetRemove(name=args.name), Done)
+    if args.json:
+        emit_json(reply)
+    else:
+        out.print(reply.message, markup=False)
     return EXIT_OK
 
 
@@ -321,7 +415,8 @@ _KIND_HELP = {
               "template with your --set overrides and --dataset, checks every key, dataset and path in under a "
               "second, queues the job and runs `llamafactory-cli train` on the GPUs it assigns (the CPU when "
               "there are none). Example: ftctl train qwen2vl_lora_sft --dataset mydocs --set "
-              "model_name_or_path=/models/Qwen2-VL-7B-Instruct --set num_train_epochs=2 --gpus 2 --wait"),
+              "model_name_or_path=/models/Qwen2-VL-7B-Instruct --set num_train_epochs=2 --gpus 2 --wait. "
+              "Or bring the YAML you give `llamafactory-cli train`: ftctl train --yaml my.yaml"),
     "eval": ("score an adapter (or the base model) with BLEU-4/ROUGE on a dataset",
              "Predict on a dataset and score BLEU-4 and ROUGE-1/2/L (template qwen2vl_eval unless named). "
              "--adapter JOB takes a train job's adapter and its base model; leave it out to score the base "
@@ -336,9 +431,14 @@ def _add_llamafactory_parser(parsers: Subparsers, kind: str) -> None:
     short, long = _KIND_HELP[kind]
     sp = parsers.add_parser(kind, help=short, description=long)
     sp.set_defaults(fn=cmd_submit_llamafactory, lf_kind=kind)
-    sp.add_argument("template", nargs=None if kind == "train" else "?", default="",
-                    help="a template name (`ftctl templates`)" + ("" if kind == "train" else
+    sp.add_argument("template", nargs="?", default="",
+                    help="a template name (`ftctl templates`)" + ("; or --yaml" if kind == "train" else
                                                                     f"; default qwen2vl_{kind}"))
+    sp.add_argument("--yaml", metavar="FILE",
+                    help="your own LLaMA-Factory config instead of a template (as for `llamafactory-cli "
+                         f"{'export' if kind == 'export' else 'train'} FILE`), read with your rights and checked "
+                         "like a template: keys, paths, the --set allow-list; output_dir and dataset_dir are the "
+                         "daemon's; report_to: tensorboard or none")
     sp.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a template key (repeatable); KEY= removes it; values are YAML (1e-4, true)")
     if kind != "export":
@@ -372,11 +472,11 @@ def add_parsers(commands: Subparsers) -> None:
     sp.set_defaults(fn=cmd_templates)
     sp.add_argument("--json", action="store_true")
 
-    sp = commands.add_parser("eval-compare", help="eval jobs' BLEU-4/ROUGE side by side",
+    sp = commands.add_parser("eval-compare", help="eval jobs' BLEU-4/ROUGE (or ocr_eval jobs' CER/WER) side by side",
                              description="Print the metrics of finished eval jobs side by side (base model vs "
-                             "adapters on the same dataset).")
+                             "adapters on the same dataset); ocr_eval jobs give the `ftctl ocr-compare` table.")
     sp.set_defaults(fn=cmd_eval_compare)
-    sp.add_argument("jobs", type=int, nargs="+", metavar="JOB")
+    sp.add_argument("jobs", type=int, nargs="+", metavar="JOB", help="eval job ids, compared side by side")
     sp.add_argument("--json", action="store_true")
 
     sp = commands.add_parser("deploy", help="serve a train job's adapter (or an export's model) in vLLM",
@@ -384,7 +484,8 @@ def add_parsers(commands: Subparsers) -> None:
                              "as a runtime LoRA named --name (default jobN); an export job's merged model becomes "
                              "the engine's model (vLLM restarts; admins only).")
     sp.set_defaults(fn=cmd_deploy)
-    sp.add_argument("job", type=int)
+    sp.add_argument("job", type=int, help="a finished train or export job's id")
+    sp.add_argument("--json", action="store_true")
     sp.add_argument("--name", help="the adapter's name in requests (OCR jobs: --adapter NAME)")
 
     ds = commands.add_parser("dataset", help="register, list and remove training datasets",
@@ -397,16 +498,32 @@ def add_parsers(commands: Subparsers) -> None:
                          "file and every image it names are read by ftctl with your rights and handed to the "
                          "daemon, which keeps its own copy.")
     sp.set_defaults(fn=cmd_dataset_add)
-    sp.add_argument("name")
-    sp.add_argument("file")
+    sp.add_argument("name", help="the name to submit it with (--dataset NAME)")
+    sp.add_argument("file", help="the sharegpt records: a .json list or .jsonl")
     sp.add_argument("--images", metavar="DIR", help="the folder relative image paths are in (default: the file's)")
     sp.add_argument("--ranking", action=argparse.BooleanOptionalAction, default=None,
                     help="ranking data (chosen/rejected) for dpo/rm (default: detected from the first record)")
     sp.add_argument("--replace", action="store_true", help="replace a dataset of the same name (yours)")
+    sp.add_argument("--json", action="store_true")
+    sp = dsub.add_parser("from-pages", help="build an OCR dataset from x.pdf + corrected x.md pairs",
+                         description="Every x.pdf in DIR with its truth x.md (the outbox's Markdown with its "
+                         "'<!-- page N -->' markers, corrected) becomes one sample per page: the page rendered "
+                         "exactly as the engine renders it for serving (dpi, pixel budget, prompt), answered by "
+                         "the page's truth. Documents are split into NAME (training) and NAME.val (validation); "
+                         "pages without truth are skipped and counted. The files are read by ftctl with your "
+                         "rights and handed to the daemon.")
+    sp.set_defaults(fn=cmd_dataset_from_pages)
+    sp.add_argument("name", help="the training dataset's name; the validation pages become NAME.val")
+    sp.add_argument("dir", metavar="DIR", help="the folder of x.pdf files, each with its truth x.md beside it")
+    sp.add_argument("--val", type=float, default=0.1, metavar="SHARE",
+                    help="share of the documents kept for validation (default 0.1, at least one of two or more)")
+    sp.add_argument("--seed", type=int, default=0, help="which documents go to validation (default 0)")
+    sp.add_argument("--replace", action="store_true", help="replace datasets of the same names (yours)")
     sp.add_argument("--json", action="store_true")
     sp = dsub.add_parser("list", help="the registered datasets")
     sp.set_defaults(fn=cmd_dataset_list)
     sp.add_argument("--json", action="store_true")
     sp = dsub.add_parser("rm", help="unregister a dataset (yours) and delete the daemon's copy")
     sp.set_defaults(fn=cmd_dataset_rm)
-    sp.add_argument("name")
+    sp.add_argument("name", help="the dataset's name (`ftctl dataset list`)")
+    sp.add_argument("--json", action="store_true")

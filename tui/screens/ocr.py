@@ -15,10 +15,19 @@ from textual.widget import Widget
 from textual.widgets import Markdown, Static
 from textual.widgets.markdown import MarkdownStream
 
-from shared.protocol import TERMINAL_STATES, JobInfo, PageInfo, PageText, PageTextReply
+from shared.protocol import (
+    TERMINAL_STATES,
+    JobInfo,
+    PageInfo,
+    PageQueue,
+    PageQueueReply,
+    PageText,
+    PageTextReply,
+)
 from tui.format import duration
 from tui.messages import JobHighlighted, Replied, RequestFailed
 from tui.screens.base import FtScreen
+from tui.screens.ocr_eval import OcrEvalScreen
 from tui.state import Changes, TextStream
 from tui.widgets.follow_scroll import FollowScroll
 from tui.widgets.job_table import JobTable
@@ -26,6 +35,35 @@ from tui.widgets.keyed_table import Cell, Column, KeyedTable
 
 PAGE_STYLE = {"pending": "dim", "running": "cyan", "done": "green", "failed": "red"}
 METHOD_SHORT = {"text_layer": "text", "fallback": "fallback", "ocr": "ocr", "vlm": "vlm"}
+QUEUE_TAG = "page-queue"
+
+
+def queue_line(reply: PageQueueReply, job_id: int | None) -> Text:
+    """The engines' page queues in one line, and where the selected job stands in its queue."""
+    parts: list[Text] = []
+    for e in reply.engines:
+        t = Text()
+        t.append(f"{e.engine}: ", style="bold")
+        t.append(f"{e.in_flight}/{e.slots} pages in flight", style="cyan" if e.in_flight else "dim")
+        t.append(f", {e.waiting} waiting", style="dim")
+        parts.append(t)
+    if reply.queued_jobs:
+        t = Text(f"{reply.queued_jobs} document(s) not open yet ({reply.open_jobs}/{reply.max_open} open)",
+                 style="yellow")
+        if reply.why_queued:
+            t.append(f": {reply.why_queued}", style="dim")
+        parts.append(t)
+    mine = next((j for e in reply.engines for j in e.jobs if j.job_id == job_id), None)
+    if mine is not None:
+        t = Text(f"job {mine.job_id}: {mine.in_flight} in flight, {mine.waiting} waiting", style="bold")
+        t.append(f" ({mine.job_class}, priority {mine.priority})", style="dim")
+        if mine.why:
+            t.append(f" — {mine.why}", style="yellow")
+        parts.append(t)
+    line = Text(" · ", style="dim").join(parts)
+    line.no_wrap = True
+    line.overflow = "ellipsis"
+    return line
 
 
 def page_time(page: PageInfo) -> float | None:
@@ -65,6 +103,7 @@ class OcrScreen(FtScreen):
             "goes back to following the live page. n submits a file.")
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("f", "follow", "Follow live"),
+        Binding("e", "scores", "OCR scores", show=False, tooltip="ocr_eval runs compared; worst pages as a diff"),
         Binding("tab", "app.focus_next", "Next pane", show=False),
     ]
 
@@ -78,9 +117,14 @@ class OcrScreen(FtScreen):
         self._stream: MarkdownStream | None = None
         self._follow_lock = asyncio.Lock()
         self.opened_page: int | None = None
+        self.queue: PageQueueReply | None = None
 
     def compose_body(self) -> Iterable[Widget]:
         yield JobTable(self.ocr_jobs, self.now, id="ocr-jobs")
+        # shown once the daemon says how its page queue stands (and while OCR jobs are open)
+        queue = Static(id="ocr-queue")
+        queue.display = False
+        yield queue
         with Horizontal(id="ocr-body"):
             yield PageTable(id="ocr-pages")
             with Vertical(id="ocr-view"):
@@ -99,6 +143,7 @@ class OcrScreen(FtScreen):
 
     async def refresh_all(self) -> None:
         self.query_one(JobTable).sync_now()
+        self._ask_queue()
         if self.job_id is not None:
             self.host.want_pages(self.job_id)
         self._pages()
@@ -114,6 +159,23 @@ class OcrScreen(FtScreen):
 
     def tick(self) -> None:
         self.query_one(JobTable).request_sync()
+        self._ask_queue()
+
+    def _ask_queue(self) -> None:
+        if any(j.state in ("queued", "running") for j in self.ocr_jobs()):
+            self.host.send(PageQueue(), reply_to=self, tag=QUEUE_TAG, announce=False)
+        elif self.queue is not None:
+            self.queue = None
+            self._show_queue()
+
+    def _show_queue(self) -> None:
+        bar = self.query_one("#ocr-queue", Static)
+        reply = self.queue
+        if reply is None or not (reply.queued_jobs or any(e.jobs for e in reply.engines)):
+            bar.display = False
+            return
+        bar.update(queue_line(reply, self.job_id))
+        bar.display = True
 
     def selected_job(self) -> JobInfo | None:
         return self.st.job(self.job_id)
@@ -135,6 +197,7 @@ class OcrScreen(FtScreen):
         if self.job_id is not None:
             self.host.want_pages(self.job_id)
         self._pages()
+        self._show_queue()
         await self._reset_view()
         await self._follow()
 
@@ -199,6 +262,9 @@ class OcrScreen(FtScreen):
         t.append(f"  {stream.total} chars", style="dim")
         return t
 
+    def action_scores(self) -> None:
+        self.app.push_screen(OcrEvalScreen())
+
     def action_follow(self) -> None:
         self.following = True
         self.opened_page = None
@@ -219,6 +285,10 @@ class OcrScreen(FtScreen):
                        tag=f"page:{self.job_id}:{page_no}", announce=False)
 
     async def on_replied(self, message: Replied) -> None:
+        if message.tag == QUEUE_TAG and isinstance(message.reply, PageQueueReply):
+            self.queue = message.reply
+            self._show_queue()
+            return
         if not message.tag.startswith("page:") or not isinstance(message.reply, PageTextReply):
             return
         page = message.reply.page
@@ -237,5 +307,8 @@ class OcrScreen(FtScreen):
         self.query_one("#ocr-md-scroll", VerticalScroll).scroll_home(animate=False)
 
     def on_request_failed(self, message: RequestFailed) -> None:
+        if message.tag == QUEUE_TAG:  # an older daemon, or none: no queue line
+            self.queue = None
+            self._show_queue()
         if message.tag.startswith("page:"):
             self.query_one("#ocr-page-title", Static).update(Text(message.message, style="red"))

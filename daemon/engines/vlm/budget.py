@@ -142,3 +142,38 @@ def estimate_prompt_tokens(prompt: str) -> int:
     """An upper bound for the templated prompt without a tokenizer: one token per UTF-8 byte, plus the chat
     template's system turn (≈ 20 tokens for Qwen2-VL). Used until the server's /tokenize has answered."""
     return len(prompt.encode("utf-8")) + 32
+
+
+def config_limits(max_model_len: int, max_tokens: int, min_pixels: int, max_pixels: int, prompt: str) -> Limits:
+    """The limits a VLM engine starts with, from the config and its prompt (before the server has counted
+    the templated prompt): what pages are rendered for and what ``dataset from-pages`` renders training
+    pages with, so both see the same pixels."""
+    return Limits(max_model_len=max_model_len, max_tokens=max_tokens, min_pixels=min_pixels,
+                  max_pixels=max_pixels, prompt_tokens=estimate_prompt_tokens(prompt))
+
+
+def adapter_plan(limits: Limits, image_max_pixels: int) -> RenderPlan:
+    """The render plan for pages read by an adapter trained at ``image_max_pixels``: its pages are rendered
+    at that budget, never larger (the model never saw larger) and never smaller (the point of recording it).
+    A short ``max_model_len`` shortens the answer, down to :data:`MIN_ANSWER_TOKENS`, rather than the image.
+
+    Raises :class:`BudgetError` with the setting to change when the engine cannot serve that budget."""
+    lim = limits
+    if image_max_pixels > lim.max_pixels:
+        raise BudgetError(f"the adapter was trained on pages of up to {image_max_pixels} pixels but vllm.max_pixels "
+                          f"is {lim.max_pixels}, so the engine would shrink its pages; set vllm.max_pixels = "
+                          f"{image_max_pixels} and restart ftmllmd, or train again with --set "
+                          f"image_max_pixels={lim.max_pixels}")
+    room = lim.max_model_len - lim.prompt_tokens - SAFETY_TOKENS - VISION_MARKERS
+    image = image_max_pixels // (FACTOR * FACTOR)
+    if room - image >= lim.max_tokens:
+        return RenderPlan(image_max_pixels, lim.max_tokens, "")
+    floor = min(MIN_ANSWER_TOKENS, lim.max_tokens)
+    if room - image < floor:
+        need = image + lim.prompt_tokens + SAFETY_TOKENS + VISION_MARKERS + floor
+        raise BudgetError(f"vllm.max_model_len {lim.max_model_len} cannot hold a page at the adapter's "
+                          f"{image_max_pixels} pixels ({image} image tokens), the prompt ({lim.prompt_tokens} "
+                          f"tokens) and a {floor}-token answer; set vllm.max_model_len to at least {need}")
+    return RenderPlan(image_max_pixels, room - image,
+                      f"the answer was limited to {room - image} tokens (max_tokens {lim.max_tokens}) so that a "
+                      f"page at the adapter's {image_max_pixels} pixels fits max_model_len {lim.max_model_len}")

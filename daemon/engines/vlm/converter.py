@@ -286,7 +286,7 @@ class VlmConverter:
             shown = False
             try:
                 async with contextlib.aclosing(self._attempt(adapter, question, url, self.sampling.temperature,
-                                                             max_tokens, clock)) as items:
+                                                             max_tokens, clock, first=True)) as items:
                     async for item in items:
                         if isinstance(item, _Attempt):
                             result = item
@@ -310,10 +310,11 @@ class VlmConverter:
             return
 
     async def _attempt(self, adapter: str, prompt: str, image: str, temperature: float, max_tokens: int,
-                       clock: dict[str, float]) -> AsyncGenerator[TextDelta | _Attempt, None]:
-        """One request: its text as deltas, then an :class:`_Attempt` saying how it ended."""
+                       clock: dict[str, float], first: bool = False) -> AsyncGenerator[TextDelta | _Attempt, None]:
+        """One request: its text as deltas, then an :class:`_Attempt` saying how it ended. ``first``: a question
+        someone waits for, sent before the pages waiting for a slot."""
         t = time.monotonic()
-        async with self.limiter.slot():
+        async with self.limiter.slot(first=first):
             target = await self.backend.target(adapter)
             try:
                 clock["wait_s"] += time.monotonic() - t

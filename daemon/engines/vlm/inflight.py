@@ -29,6 +29,7 @@ class InFlight:
         self.minimum = max(1, min(minimum, self.maximum))
         self.limit = self.maximum
         self.active = 0
+        self._first = 0  # waiters for whom someone waits (slot(first=True))
         self._cond: asyncio.Condition | None = None
         self._running: deque[int] = deque(maxlen=PEAK_WINDOW)
         self._saturated = 0
@@ -40,17 +41,31 @@ class InFlight:
         return self._cond
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def slot(self, first: bool = False) -> AsyncIterator[None]:
+        """``first``: someone waits for this one request (ftui's Try): it takes the next free slot before the
+        pages already waiting (the page scheduler keeps those few, daemon/ocr/pages.py)."""
         cond = self._condition()
         async with cond:
-            await cond.wait_for(lambda: self.active < self.limit)
+            if first:
+                self._first += 1
+                try:
+                    await cond.wait_for(lambda: self.active < self.limit)
+                finally:
+                    self._first -= 1
+            else:
+                await cond.wait_for(lambda: self.active < self.limit and not self._first)
             self.active += 1
+            if first and not self._first and self.active < self.limit:
+                cond.notify(1)  # a page passed over while this one waited may go now
         try:
             yield
         finally:
             self.active -= 1
             async with cond:
-                cond.notify(1)
+                if self._first:
+                    cond.notify_all()  # a plain waiter woken would only wait on: reach the urgent one
+                else:
+                    cond.notify(1)
 
     @staticmethod
     def reserve(running: int) -> int:

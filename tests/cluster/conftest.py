@@ -1,0 +1,53 @@
+"""Fixtures for the Ray backend tests: a real two-node Ray cluster on this machine (ray_cluster.py) and the
+tiny model and dataset the local training tests use (tests/train_daemon/support.py)."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster.ray_cluster import RayTestCluster, start_cluster
+from tests.train_daemon.support import Box, TrainDaemon, build_box, start_daemon
+
+
+@pytest.fixture(scope="module")  # per module: the node-loss test leaves a dead node behind
+def ray_cluster() -> Iterator[RayTestCluster]:
+    cluster = start_cluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster_box() -> Iterator[Box]:
+    root = Path(tempfile.mkdtemp(prefix="ftrc", dir="/tmp"))
+    try:
+        yield build_box(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def rayd(cluster_box: Box, ray_cluster: RayTestCluster) -> Iterator[TrainDaemon]:
+    """A real ftmllmd with [cluster] backend = "ray" on the module's cluster, the tiny dataset added."""
+    shared = ray_cluster.root / "shared"
+    d = start_daemon(cluster_box, "ray", cluster={"backend": "ray", "address": ray_cluster.address,
+                                                  "shared_dir": str(shared),
+                                                  "auth_token_file": str(ray_cluster.token_file)},
+                     scheduler={"gpu_poll_s": 0.5}, train={"graceful_stop_s": 60.0})
+    try:
+        r = d.ftctl("dataset", "add", "tiny_sft", str(cluster_box.src / "tiny_sft.json"))
+        assert r.returncode == 0, r.stderr
+        yield d
+    finally:
+        d.close()
+
+
+def ray_job(cluster: RayTestCluster, submission_id: str) -> object:
+    """Ray's own record of a submission (JobDetails), asked of the cluster directly."""
+    return cluster.job_client().get_job_info(submission_id)
