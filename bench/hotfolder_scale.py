@@ -4,13 +4,18 @@ For each size (default 100, 1,000 and 10,000; ``--sizes 100,1000,3000`` for fewe
 drop; the bench reports pages/s from the first file in to the last one in done/, the daemon process's own CPU
 per file (its PDF workers not counted: the daemon itself must not be the bottleneck) and its peak RSS.
 Goals (issue 13): pages/s at the largest size ≥ 0.9× at 100, the daemon's CPU per file flat, its RSS < 300 MB.
-Last line: scale_ratio=… daemon_cpu_ms_per_file=… daemon_rss_mb=… (CPU and RSS at the largest size).
+Then the same largest drop once more with the daemon killed (SIGKILL) at a random moment of the drain and
+started again: every file must end with exactly one output, none in failed/, none refused as a duplicate
+(``--no-kill`` skips it).
+Last line: scale_ratio=… daemon_cpu_ms_per_file=… daemon_rss_mb=… (CPU and RSS at the largest size)
+kill9_outputs=<outputs>/<files>.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import sys
 import tempfile
 import time
@@ -88,16 +93,56 @@ def run(n: int, scratch: Path) -> dict[str, float]:
     return out
 
 
+def killed_midway(n: int, scratch: Path, seed: int) -> int:
+    """Drop ``n`` files, SIGKILL the daemon when a random share of them is done, restart it; the outputs."""
+    srcs = Path(tempfile.mkdtemp(prefix=f"kill{n}-", dir=scratch))
+    files = [make_pdf(srcs / f"scan{k:06d}.pdf", k) for k in range(n)]
+    at = random.Random(seed).uniform(0.05, 0.95)
+    d = DaemonProc()
+    cfg = d.home / "ftmllm.toml"
+    cfg.write_text(CONFIG)
+    d.config = cfg
+    try:
+        d.start()
+        inbox, done = d.paths.inbox, d.paths.done
+        inbox.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            os.rename(f, inbox / f.name)
+        wait_for(lambda: sum(1 for _ in os.scandir(done)) >= int(n * at), 60 + n * 2.0,
+                 f"{at:.0%} of the drop to be done", interval=0.05)
+        d.kill9()
+        at_kill = sum(1 for _ in os.scandir(done))
+        d.start()
+        wait_for(lambda: sum(1 for p in os.scandir(done) if p.name.endswith(".pdf")) >= n
+                 and not any(p.name.endswith(".pdf") for p in os.scandir(inbox)), 60 + n * 2.0,
+                 "the drop to be done after the restart", interval=0.2)
+        outputs = sorted(p.name for p in os.scandir(d.paths.outbox) if p.name.endswith(".md"))
+        failed = sum(1 for _ in os.scandir(d.paths.failed)) if d.paths.failed.exists() else 0
+        notes = sum(1 for p in os.scandir(done) if p.name.endswith(".note.txt"))
+        expected = [f"scan{k:06d}.md" for k in range(n)]
+        print(f"kill -9 at {at_kill}/{n} done: {len(outputs)} outputs after the restart, {failed} in failed/, "
+              f"{notes} refused as duplicates, names {'as expected' if outputs == expected else 'NOT as expected'}",
+              flush=True)
+        if outputs != expected or failed or notes:
+            raise SystemExit(f"kill -9 mid-drain lost or repeated files (see {d.log_path})")
+        return len(outputs)
+    finally:
+        d.close()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="100,1000,10000", help="comma-separated drop sizes (default %(default)s)")
+    ap.add_argument("--no-kill", action="store_true", help="skip the kill -9 run at the largest size")
+    ap.add_argument("--seed", type=int, default=int(time.time()), help="when the kill comes (default: now)")
     args = ap.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory(prefix="hfscale", dir="/tmp") as tmp:
         results = [run(n, Path(tmp)) for n in sizes]
+        kill = "skipped" if args.no_kill else f"{killed_midway(sizes[-1], Path(tmp), args.seed)}/{sizes[-1]}"
     first, last = results[0], results[-1]
     print(f"scale_ratio={last['pps'] / first['pps']:.2f} daemon_cpu_ms_per_file={last['cpu_ms_per_file']:.1f} "
-          f"daemon_rss_mb={last['rss_mb']:.0f}")
+          f"daemon_rss_mb={last['rss_mb']:.0f} kill9_outputs={kill}")
 
 
 if __name__ == "__main__":

@@ -117,6 +117,20 @@ class EngineContractError(OcrError):
     """An engine broke the convert() contract (a bug in the engine, not in the file)."""
 
 
+def job_adapter(engine: Engine, adapter: str, user: str) -> str:
+    """The adapter a job of ``user`` names, as the engine serves it: a bare name is her own when she has one
+    (names are namespaced by owner). SpecError at submit when the engine cannot use it."""
+    if not adapter:
+        return ""
+    check = getattr(engine, "check_adapter", None)
+    problem = check(adapter, user) if check is not None else (
+        f"engine {engine.name} cannot use LoRA adapters; name --engine vllm (or leave out --adapter)")
+    if problem:
+        raise SpecError(problem)
+    resolved: str = engine.resolve_adapter(adapter, user)  # type: ignore[attr-defined]
+    return resolved
+
+
 def page_max_pixels(engine: Engine, adapter: str) -> int | None:
     """The pixel cap for a page ``adapter`` reads on ``engine``."""
     per_adapter = getattr(engine, "page_max_pixels", None)

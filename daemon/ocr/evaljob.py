@@ -31,7 +31,7 @@ from daemon.ctl.server import Handler
 from daemon.jobs.base import Caller, JobContext, JobFailed, JobKind, Resources, SpecError
 from daemon.jobs.manager import RequestDenied
 from daemon.jobs.queue import order_key
-from daemon.ocr.engine import Engine, EngineChoice, load_page_input, page_max_pixels, run_page
+from daemon.ocr.engine import Engine, EngineChoice, job_adapter, load_page_input, page_max_pixels, run_page
 from daemon.ocr.errors import OcrError
 from daemon.ocr.pages import PageScheduler
 from daemon.ocr.pdfworker import PdfWorkerPool
@@ -118,14 +118,7 @@ class OcrEvalKind:
                     raise SpecError(f"ocr_eval: {exc}") from None
             docs.append(EvalDoc(pdf=d.pdf, truth=d.truth, name=safe_name(d.name, "document.pdf")))
         engine = self.choice.get(s.engine)
-        adapter = s.adapter
-        if adapter:
-            check = getattr(engine, "check_adapter", None)
-            problem = check(adapter, caller.user) if check is not None else (
-                f"engine {engine.name} cannot use LoRA adapters; name --engine vllm (or leave out --adapter)")
-            if problem:
-                raise SpecError(problem)
-            adapter = engine.resolve_adapter(adapter, caller.user)  # type: ignore[attr-defined]
+        adapter = job_adapter(engine, s.adapter, caller.user)
         frozen = OcrEvalSpec(docs=docs, dataset=dataset, engine=engine.name, adapter=adapter,
                              source=dataset or s.source[:256])
         name = f"{frozen.source or docs[0].name} · {engine.name}{' + ' + adapter if adapter else ''}"

@@ -31,7 +31,15 @@ import msgspec
 from daemon.core.store import Store, UnknownJob
 from daemon.jobs.base import Caller, JobContext, JobFailed, Resources, SpecError
 from daemon.jobs.queue import order_key
-from daemon.ocr.engine import Engine, EngineChoice, PageResult, load_page_input, page_max_pixels, run_page
+from daemon.ocr.engine import (
+    Engine,
+    EngineChoice,
+    PageResult,
+    job_adapter,
+    load_page_input,
+    page_max_pixels,
+    run_page,
+)
 from daemon.ocr.engine import TextDelta as EngineDelta
 from daemon.ocr.errors import OcrError
 from daemon.ocr.pages import PageScheduler
@@ -160,15 +168,7 @@ class OcrKind:
         if s.max_pages < 0:
             raise SpecError(f"ocr spec: max_pages {s.max_pages}: give 0 (all pages) or a positive number")
         engine = self.choice.get(s.engine)  # an unknown engine is a submit error, not a failed job
-        adapter = s.adapter
-        if adapter:
-            check = getattr(engine, "check_adapter", None)
-            problem = check(adapter, caller.user) if check is not None else (
-                f"engine {engine.name} cannot use LoRA adapters; name --engine vllm (or leave out --adapter)")
-            if problem:
-                raise SpecError(problem)
-            # a bare name is the caller's own adapter when she has one (names are namespaced by owner)
-            adapter = engine.resolve_adapter(adapter, caller.user)  # type: ignore[attr-defined]
+        adapter = job_adapter(engine, s.adapter, caller.user)
         if not s.force:
             self._refuse_duplicate(name, s.spool)
         password = drop.password if drop is not None else s.password

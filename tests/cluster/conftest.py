@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.ray_cluster import RayTestCluster, start_cluster
-from tests.train_daemon.support import Box, TrainDaemon, build_box, start_daemon
+from tests.train_daemon.support import Box, TrainDaemon, build_box, daemon_with_dataset
 
 
 @pytest.fixture(scope="module")  # per module: the node-loss test leaves a dead node behind
@@ -36,16 +36,11 @@ def cluster_box() -> Iterator[Box]:
 def rayd(cluster_box: Box, ray_cluster: RayTestCluster) -> Iterator[TrainDaemon]:
     """A real ftmllmd with [cluster] backend = "ray" on the module's cluster, the tiny dataset added."""
     shared = ray_cluster.root / "shared"
-    d = start_daemon(cluster_box, "ray", cluster={"backend": "ray", "address": ray_cluster.address,
-                                                  "shared_dir": str(shared),
-                                                  "auth_token_file": str(ray_cluster.token_file)},
-                     scheduler={"gpu_poll_s": 0.5}, train={"graceful_stop_s": 60.0})
-    try:
-        r = d.ftctl("dataset", "add", "tiny_sft", str(cluster_box.src / "tiny_sft.json"))
-        assert r.returncode == 0, r.stderr
+    with daemon_with_dataset(cluster_box, "ray", cluster={"backend": "ray", "address": ray_cluster.address,
+                                                          "shared_dir": str(shared),
+                                                          "auth_token_file": str(ray_cluster.token_file)},
+                             scheduler={"gpu_poll_s": 0.5}, train={"graceful_stop_s": 60.0}) as d:
         yield d
-    finally:
-        d.close()
 
 
 def ray_job(cluster: RayTestCluster, submission_id: str) -> object:

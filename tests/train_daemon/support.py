@@ -4,6 +4,7 @@ Shared by tests/train_daemon and bench/train_queue.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -12,7 +13,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,6 +137,19 @@ def start_daemon(box: Box, name: str, **extra: dict[str, Any]) -> TrainDaemon:
     home = Path(tempfile.mkdtemp(prefix=f"ft{name}", dir="/tmp"))
     d = TrainDaemon(home=home, config=box.config(home / "ftmllm.toml", **extra))
     return d.start()  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def daemon_with_dataset(box: Box, name: str, **extra: dict[str, Any]) -> Iterator[TrainDaemon]:
+    """:func:`start_daemon` with the tiny dataset added as ``tiny_sft`` (what a module's jobs train on);
+    closed at the end."""
+    d = start_daemon(box, name, **extra)
+    try:
+        r = d.ftctl("dataset", "add", "tiny_sft", str(box.src / "tiny_sft.json"))
+        assert r.returncode == 0, r.stderr
+        yield d
+    finally:
+        d.close()
 
 
 @dataclass

@@ -20,7 +20,7 @@ import yaml
 from tests.daemon_proc import wait_for
 from tests.engines import stack
 from tests.train import lf_stub
-from tests.train_daemon.support import Box, TrainDaemon, start_daemon
+from tests.train_daemon.support import Box, TrainDaemon, daemon_with_dataset
 from tests.train_daemon.test_yaml_job import EXAMPLE, ftctl_in
 
 pytestmark = pytest.mark.llamafactory
@@ -40,14 +40,10 @@ def stub_cli() -> Iterator[Path]:
 @pytest.fixture(scope="module")
 def newer(box: Box, stub_cli: Path) -> Iterator[TrainDaemon]:
     # an admin who upgraded LLaMA-Factory lets members use the knob it added
-    d = start_daemon(box, "lfnew", train={"llamafactory_cli": str(stub_cli), "extra_allowed_keys": [lf_stub.NEW_KEY],
-                                          "trusted_models": [str(box.model)]})
-    try:
-        r = d.ftctl("dataset", "add", "tiny_sft", str(box.src / "tiny_sft.json"))
-        assert r.returncode == 0, r.stderr
+    with daemon_with_dataset(box, "lfnew", train={"llamafactory_cli": str(stub_cli),
+                                                  "extra_allowed_keys": [lf_stub.NEW_KEY],
+                                                  "trusted_models": [str(box.model)]}) as d:
         yield d
-    finally:
-        d.close()
 
 
 def test_a_key_added_in_a_newer_llamafactory_is_accepted_when_that_version_is_configured(

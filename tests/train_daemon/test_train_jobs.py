@@ -17,20 +17,15 @@ import pytest
 from shared.client import RemoteError
 from shared.protocol import JobDetail, JobInfo, Status, StatusReply, Submit
 from tests.engines import stack
-from tests.train_daemon.support import Box, Recorder, TrainDaemon, job_id_of, start_daemon
+from tests.train_daemon.support import Box, Recorder, TrainDaemon, daemon_with_dataset, job_id_of
 
 pytestmark = pytest.mark.llamafactory
 
 
 @pytest.fixture(scope="module")
 def lfd(box: Box) -> Iterator[TrainDaemon]:
-    d = start_daemon(box, "tr")
-    try:
-        r = d.ftctl("dataset", "add", "tiny_sft", str(box.src / "tiny_sft.json"))
-        assert r.returncode == 0, r.stderr
+    with daemon_with_dataset(box, "tr") as d:
         yield d
-    finally:
-        d.close()
 
 
 @dataclass

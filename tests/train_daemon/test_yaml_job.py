@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from tests.daemon_proc import ROOT
-from tests.train_daemon.support import RUN_TIMEOUT_S, Box, TrainDaemon, job_id_of, start_daemon
+from tests.train_daemon.support import RUN_TIMEOUT_S, Box, TrainDaemon, daemon_with_dataset, job_id_of
 
 pytestmark = pytest.mark.llamafactory
 
@@ -78,13 +78,8 @@ NAME = "qwen2vl_lora_sft.yaml"
 @pytest.fixture(scope="module")
 def yd(box: Box) -> Iterator[TrainDaemon]:
     # the example sets trust_remote_code: true, which only an admin-trusted model folder may have
-    d = start_daemon(box, "yaml", train={"trusted_models": [str(box.model)]})
-    try:
-        r = d.ftctl("dataset", "add", "tiny_sft", str(box.src / "tiny_sft.json"))
-        assert r.returncode == 0, r.stderr
+    with daemon_with_dataset(box, "yaml", train={"trusted_models": [str(box.model)]}) as d:
         yield d
-    finally:
-        d.close()
 
 
 @pytest.fixture()
