@@ -3,15 +3,12 @@ tiny model and dataset the local training tests use (tests/train_daemon/support.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.cluster.ray_cluster import RayTestCluster, start_cluster
-from tests.train_daemon.support import Box, TrainDaemon, build_box, daemon_with_dataset
+from tests.train_daemon.support import Box, TrainDaemon, daemon_with_dataset
 
 
 @pytest.fixture(scope="module")  # per module: the node-loss test leaves a dead node behind
@@ -23,20 +20,11 @@ def ray_cluster() -> Iterator[RayTestCluster]:
         cluster.stop()
 
 
-@pytest.fixture(scope="session")
-def cluster_box() -> Iterator[Box]:
-    root = Path(tempfile.mkdtemp(prefix="ftrc", dir="/tmp"))
-    try:
-        yield build_box(root)
-    finally:
-        shutil.rmtree(root, ignore_errors=True)
-
-
 @pytest.fixture(scope="module")
-def rayd(cluster_box: Box, ray_cluster: RayTestCluster) -> Iterator[TrainDaemon]:
+def rayd(box: Box, ray_cluster: RayTestCluster) -> Iterator[TrainDaemon]:
     """A real ftmllmd with [cluster] backend = "ray" on the module's cluster, the tiny dataset added."""
     shared = ray_cluster.root / "shared"
-    with daemon_with_dataset(cluster_box, "ray", cluster={"backend": "ray", "address": ray_cluster.address,
+    with daemon_with_dataset(box, "ray", cluster={"backend": "ray", "address": ray_cluster.address,
                                                           "shared_dir": str(shared),
                                                           "auth_token_file": str(ray_cluster.token_file)},
                              scheduler={"gpu_poll_s": 0.5}, train={"graceful_stop_s": 60.0}) as d:

@@ -22,10 +22,10 @@ pytestmark = pytest.mark.llamafactory
 
 
 def test_a_job_whose_node_dies_resumes_from_its_checkpoint_on_the_other_node(
-        rayd: TrainDaemon, cluster_box: Box, ray_cluster: RayTestCluster) -> None:
+        rayd: TrainDaemon, box: Box, ray_cluster: RayTestCluster) -> None:
     worker = ray_cluster.node_id(WORKER_IP)
     recorder = Recorder(rayd.client(), ("train.",)).start()
-    sets = [a for s in cluster_box.train_sets("max_steps=10", "save_steps=2") for a in ("--set", s)]
+    sets = [a for s in box.train_sets("max_steps=10", "save_steps=2") for a in ("--set", s)]
     job_id = rayd.submit_id("train", "qwen2vl_lora_sft", "--dataset", "tiny_sft", *sets)
     # worker GPUs come first in the allocator's numbering, so the first job lands on the worker node
     wait_for(lambda: rayd.job(job_id).job.artifacts.get("node"), RUN_TIMEOUT_S, "the job's node", interval=0.2)

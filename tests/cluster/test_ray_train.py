@@ -30,9 +30,9 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def sft(rayd: TrainDaemon, cluster_box: Box) -> Run:
+def sft(rayd: TrainDaemon, box: Box) -> Run:
     recorder = Recorder(rayd.client(), ("train.", "job.")).start()
-    sets = [a for s in cluster_box.train_sets("max_steps=6", "save_steps=3", "gradient_accumulation_steps=1")
+    sets = [a for s in box.train_sets("max_steps=6", "save_steps=3", "gradient_accumulation_steps=1")
             for a in ("--set", s)]
     r = rayd.ftctl("train", "qwen2vl_lora_sft", "--dataset", "tiny_sft", "--gpus", "1", *sets)
     job_id = job_id_of(r.stderr) if "queued" in r.stderr else int(r.stdout.strip().splitlines()[-1])
@@ -95,9 +95,9 @@ def test_ftctl_status_lists_the_nodes_and_ftctl_jobs_has_a_node_column(rayd: Tra
 
 
 def test_cancel_stops_the_ray_job_gracefully_and_the_adapter_is_saved(
-        rayd: TrainDaemon, cluster_box: Box, ray_cluster: RayTestCluster, sft: Run) -> None:
+        rayd: TrainDaemon, box: Box, ray_cluster: RayTestCluster, sft: Run) -> None:
     recorder = Recorder(rayd.client(), ("train.",)).start()
-    sets = [a for s in cluster_box.train_sets("max_steps=400", "save_steps=1000") for a in ("--set", s)]
+    sets = [a for s in box.train_sets("max_steps=400", "save_steps=1000") for a in ("--set", s)]
     job_id = rayd.submit_id("train", "qwen2vl_lora_sft", "--dataset", "tiny_sft", *sets)
     recorder.wait(lambda: any(p.step >= 2 for _, p in recorder.train_points(job_id)), RUN_TIMEOUT_S, "step 2")
     r = rayd.ftctl("cancel", str(job_id), "--wait", timeout=300)
@@ -114,9 +114,9 @@ def test_cancel_stops_the_ray_job_gracefully_and_the_adapter_is_saved(
 
 
 def test_a_daemon_killed_mid_run_leaves_its_ray_job_which_the_next_daemon_stops_and_resumes(
-        rayd: TrainDaemon, cluster_box: Box, ray_cluster: RayTestCluster, sft: Run) -> None:
+        rayd: TrainDaemon, box: Box, ray_cluster: RayTestCluster, sft: Run) -> None:
     recorder = Recorder(rayd.client(), ("train.",)).start()
-    sets = [a for s in cluster_box.train_sets("max_steps=400", "save_steps=2", "gradient_accumulation_steps=1")
+    sets = [a for s in box.train_sets("max_steps=400", "save_steps=2", "gradient_accumulation_steps=1")
             for a in ("--set", s)]
     job_id = rayd.submit_id("train", "qwen2vl_lora_sft", "--dataset", "tiny_sft", *sets)
     out = Path(rayd.job(job_id).job.spec["output_dir"])
