@@ -38,7 +38,13 @@ class Tmux:
         self.run("send-keys", "-t", self.session, *keys)
 
     def screen(self) -> str:
-        return self.run("capture-pane", "-p", "-t", self.session)
+        """The pane's text; "" once the session has ended (ftui quit), even if it ends during the capture."""
+        res = subprocess.run([*self.base, "capture-pane", "-p", "-t", self.session], capture_output=True, text=True)
+        if res.returncode == 0:
+            return res.stdout
+        if not self.alive():
+            return ""
+        raise subprocess.CalledProcessError(res.returncode, res.args, res.stdout, res.stderr)
 
     def alive(self) -> bool:
         return subprocess.run([*self.base, "has-session", "-t", self.session], capture_output=True).returncode == 0
@@ -46,7 +52,7 @@ class Tmux:
     def wait_for(self, condition: Callable[[str], bool], what: str, timeout: float = 20.0) -> str:
         deadline = time.monotonic() + timeout
         while True:
-            text = self.screen() if self.alive() else ""
+            text = self.screen()
             if condition(text):
                 return text
             if time.monotonic() > deadline:
