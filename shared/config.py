@@ -115,6 +115,9 @@ class VllmConfig(_Section, frozen=True):
     # vLLM in a network namespace of its own: its internal TCP ports reachable by no other local user
     private_network: bool = True
     max_in_flight: int = 64
+    # tokens vLLM gathers per streamed chunk (--stream-interval): one chunk per token costs the server and the
+    # daemon a message each; text still shows as it comes. 0 leaves the flag out (vLLM releases before it)
+    stream_interval: int = 8
     gpus: int = 1
     # with [cluster] backend = "ray": this many `vllm serve` replicas as Ray jobs on GPU nodes; 0 = one local engine
     replicas: int = 0

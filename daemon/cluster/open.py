@@ -54,18 +54,21 @@ def open_cluster(settings: Settings) -> RayCluster | None:
     from ray.job_submission import JobSubmissionClient
 
     try:
+        # a ray:// address: Ray asks the cluster (a short Ray Client session) for its dashboard's URL
         client = JobSubmissionClient(cfg.address)
     except Exception as exc:  # ConnectionError, or a head that is not a Ray dashboard
         raise ConfigError(f"{settings.source}: the Ray cluster at [cluster] address {cfg.address} does not answer "
                           f"({type(exc).__name__}); start its head (`ray start --head --dashboard-host ...`) or "
                           "fix the address") from None
+    # the dashboard's URL, where the state API (nodes) and the replicas' Ray jobs are asked
+    address = str(client.get_address())
     shared = Path(cfg.shared_dir)
     try:
         (shared / "jobs").mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"{settings.source}: cannot create {shared / 'jobs'} in [cluster] shared_dir "
                           f"({exc.strerror}); mount the shared folder there or fix the path") from None
-    return RayCluster(address=cfg.address, shared_dir=shared, client=client, gpus=RayGpus(cfg.address))
+    return RayCluster(address=address, shared_dir=shared, client=client, gpus=RayGpus(address))
 
 
 def use_token(path: str, source: str) -> None:

@@ -11,7 +11,9 @@
   SIGTERM for itself and, by inheritance, for the trainer, and turns the SIGTERM it gets into SIGABRT for the
   processes under it that catch SIGABRT; the job's wait time is the config's graceful_stop_s.
 * A job whose node dies ends FAILED without an exit code (its supervisor actor died with the node): that is
-  :attr:`RayRun.node_lost`, not the trainer's failure.
+  :attr:`RayRun.node_lost`, not the trainer's failure. Where the node's machine lives on (only its raylet
+  died, or it was cut off), the wrapper sees its parent, Ray's supervisor, go and kills the trainer: the job
+  runs again elsewhere from its checkpoint, and two trainers must never write one job's folder.
 """
 
 from __future__ import annotations
@@ -32,8 +34,31 @@ NODE_ID_LABEL = "ray.io/node-id"  # every Ray node carries its id as this label
 
 # Run as `python -c STOP_WRAPPER argv...` on the node (stdlib only: the node needs nothing of ftmllm).
 STOP_WRAPPER = r"""
-import os, signal, subprocess, sys
+import os, signal, subprocess, sys, threading, time
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited: Ray's SIGTERM reaches the trainer too
+# LLaMA-Factory runs `torchrun` by name: the one of its own venv, whatever the node's PATH
+os.environ['PATH'] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', os.defpath)
+port_file = os.environ.get('FTMLLM_PORT_FILE')
+if port_file:  # a multi-node job: rank 0 picks a free port on its node and tells the others (shared_dir)
+    if os.environ.get('NODE_RANK') == '0':
+        import socket
+        with socket.socket() as s:
+            s.bind(('', 0))
+            port = str(s.getsockname()[1])
+        with open(port_file + '.tmp', 'w') as f:
+            f.write(port)
+        os.replace(port_file + '.tmp', port_file)
+    else:
+        deadline = time.monotonic() + float(os.environ.get('FTMLLM_PORT_WAIT_S', '600'))
+        while not os.path.exists(port_file):
+            if time.monotonic() > deadline:
+                sys.exit('ftmllm: rank 0 did not start within FTMLLM_PORT_WAIT_S; see its log')
+            time.sleep(0.2)
+        with open(port_file) as f:
+            port = f.read().strip()
+    os.environ['MASTER_PORT'] = port
+    print(f"ftmllm: node rank {os.environ.get('NODE_RANK')} of {os.environ.get('NNODES')}, master "
+          f"{os.environ.get('MASTER_ADDR')}:{port}", flush=True)
 child = subprocess.Popen(sys.argv[1:])
 def under(root):
     kids = {}
@@ -66,6 +91,20 @@ def stop(_sig, _frame):
             except ProcessLookupError:
                 pass
 signal.signal(signal.SIGTERM, stop)
+def orphaned(parent):
+    # Ray's supervisor (our parent) gone: the node left the cluster (its raylet died) and the job runs again
+    # elsewhere from its last checkpoint; a trainer left here would write into the same shared folder
+    while child.poll() is None:
+        if os.getppid() != parent:
+            print('ftmllm: the Ray node this job ran on left the cluster: stopping the trainer here', flush=True)
+            for pid in reversed(under(child.pid)):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            return
+        time.sleep(1.0)
+threading.Thread(target=orphaned, args=(os.getppid(),), daemon=True).start()
 rc = child.wait()
 sys.exit(128 - rc if rc < 0 else rc)
 """
@@ -103,7 +142,8 @@ class RayRun:
         """``node_id``: run it on that node (the one whose GPUs the allocator chose), else where Ray likes."""
         runtime_env: dict[str, Any] = {"env_vars": dict(env)}
         if cwd is not None:
-            command = f"cd {shlex.quote(str(cwd))} && {command}"
+            # exec: the wrapper's parent is Ray's job supervisor itself, whose end the wrapper watches
+            command = f"cd {shlex.quote(str(cwd))} && exec {command}"
         await asyncio.to_thread(client.submit_job, entrypoint=command, submission_id=submission_id,
                                 runtime_env=runtime_env, entrypoint_num_gpus=gpus or None, entrypoint_num_cpus=1,
                                 entrypoint_label_selector={NODE_ID_LABEL: node_id} if node_id else None)

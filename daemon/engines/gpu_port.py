@@ -17,16 +17,16 @@ class SupervisedVllm:
     def __init__(self, supervisor: VllmSupervisor) -> None:
         self.sup = supervisor
 
-    def view(self) -> EngineView:
+    def view(self, pids: bool = True) -> EngineView:
         sup = self.sup
         state: EngineState = ("sleeping" if sup.state == "sleeping" else
                               "running" if sup.state in ("ready", "starting", "restarting") or sup.running else
                               "stopped")
         pid = sup.pid
         # vLLM's engine core is a child in the server's process group: its GPU memory is the engine's too
-        pids = tuple(group_members(pid)) if pid is not None else ()
+        members = tuple(group_members(pid)) if pid is not None and pids else ()
         return EngineView(gpus=tuple(sup.gpu_indices), state=state, can_sleep=sup.cfg.enable_sleep_mode,
-                          parked=sup.parked, pids=pids)
+                          parked=sup.parked, pids=members)
 
     async def park(self, how: Literal["sleep", "stop"], reason: str) -> None:
         if how == "sleep":

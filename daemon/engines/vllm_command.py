@@ -55,6 +55,8 @@ def build_command(cfg: VllmConfig, executable: str, uds: str, served_name: str, 
         argv += ["--enable-lora", "--max-lora-rank", str(cfg.max_lora_rank)]
     if cfg.enable_sleep_mode:
         argv += ["--enable-sleep-mode"]
+    if cfg.stream_interval > 0 and not any(a.startswith("--stream-interval") for a in cfg.extra_args):
+        argv += ["--stream-interval", str(cfg.stream_interval)]
     if gpus > 1 and not any(a in ("-tp", "--tensor-parallel-size") or a.startswith("--tensor-parallel-size=")
                             for a in cfg.extra_args):
         argv += ["--tensor-parallel-size", str(gpus)]

@@ -142,7 +142,7 @@ class GpuAllocator(Part):
                 jobs_on.setdefault(gpu, []).append(job_id)
             if snap.gpus:
                 job_of_pid.update(dict.fromkeys(self.pids_of(job_id), job_id))
-        engine = self.engine_view()
+        engine = self.engine_view(pids=False)
         engine_gpus = set(engine.gpus) if engine.state in ("running", "sleeping") else set()
         out = []
         for g in snap.gpus:
@@ -155,8 +155,8 @@ class GpuAllocator(Part):
 
     # ---------------------------------------------------------------------------------------- admission
 
-    def engine_view(self) -> EngineView:
-        return self.engine.view() if self.engine is not None else EngineView()
+    def engine_view(self, pids: bool) -> EngineView:
+        return self.engine.view(pids=pids) if self.engine is not None else EngineView()
 
     def _plan(self, running: dict[int, RunningJob]) -> Decisions:
         snap = self.snapshot
@@ -164,12 +164,13 @@ class GpuAllocator(Part):
             snap = self.snapshot = self._take()
         # the manager's index, in its start order (priority first): a backlog of OCR files in other lanes
         # costs nothing here
-        queue = [QueuedJob(job_id=job_id, gpus=res.gpus, min_free_gib=res.min_free_gib)
+        queue = [QueuedJob(job_id=job_id, gpus=res.gpus, min_free_gib=res.min_free_gib, nodes=res.nodes)
                  for job_id, res in self.jobs.queue.queued_in(self.lanes)]
         placed = [PlacedJob(job_id=jid, gpus=tuple(r.gpus), min_free_gib=r.resources.min_free_gib,
                               pids=tuple(self.pids_of(jid)) if snap.gpus else ())
                    for jid, r in running.items() if r.resources.lane in self.lanes]
-        return plan(queue, placed, snap, self.engine_view(), self.policy, own_pids=(os.getpid(),))
+        return plan(queue, placed, snap, self.engine_view(pids=bool(snap.gpus)), self.policy,
+                    own_pids=(os.getpid(),))
 
     def admit(self, job: JobInfo, res: Resources, running: dict[int, RunningJob]) -> list[int] | None:
         """The job manager's admission hook (see the module docstring)."""
@@ -196,7 +197,12 @@ class GpuAllocator(Part):
 
     def on_job_end(self, job: JobInfo) -> None:
         """A job ended: its GPUs are free, so the engine may come back (nothing queued asks the manager)."""
-        self._waiting.pop(job.id, None)
+        waited = self._waiting.pop(job.id, None) is not None
+        if not job.gpus and not waited:
+            return  # it held no GPU and waited for none (an OCR page job, say): nothing here changed
+        if job.state == "interrupted":
+            # its machine went away under it (a Ray node): it is placed again at once, on a fresh view
+            self.snapshot = None
         self._republish()
         if self.engine is None:
             return

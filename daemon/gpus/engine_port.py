@@ -25,9 +25,10 @@ class DeployForbidden(DeployError):
 
 
 class GpuEngine(Protocol):
-    def view(self) -> EngineView:
+    def view(self, pids: bool = True) -> EngineView:
         """Where the engine sits now: its GPUs, state (running/sleeping/stopped/absent), whether it can
-        sleep (vLLM's sleep mode; not on CPU), whether the scheduler parked it, and its processes' pids."""
+        sleep (vLLM's sleep mode; not on CPU), whether the scheduler parked it, and (``pids``) its processes'
+        pids (a scan of /proc: asked for only when there are GPU processes to tell apart)."""
         ...
 
     async def park(self, how: Literal["sleep", "stop"], reason: str) -> None:

@@ -46,6 +46,7 @@ class GpuSample(msgspec.Struct, frozen=True, kw_only=True):
     memory_free_mib: float = 0.0
     utilization_pct: float | None = None
     processes: tuple[GpuProcessSample, ...] = ()
+    node: str = ""  # the cluster node it is on (daemon/gpus/ray_source.py); "" on one machine
 
 
 class GpuSnapshot(msgspec.Struct, frozen=True, kw_only=True):

@@ -25,6 +25,9 @@ The rules:
   queued job waits for one, an engine the scheduler parked is woken.
 * No GPUs at all (NVML absent): jobs run on the CPU, one at a time. A snapshot that failed after GPUs were
   seen starts nothing that needs a GPU.
+* A cluster (GPUs that name their node, daemon/gpus/ray_source.py): a job's process runs on one node, so its
+  GPUs are taken on one node; a job of ``nodes`` > 1 takes ``gpus / nodes`` on each of that many distinct
+  nodes (the nodes with the best GPUs first, by the same ranking).
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ MIB_PER_GIB = 1024.0
 @dataclass(frozen=True)
 class QueuedJob:
     job_id: int
-    gpus: int  # 0: runs on the CPU
+    gpus: int  # 0: runs on the CPU; with nodes > 1 the total, gpus // nodes on each
     min_free_gib: float = 0.0
+    nodes: int = 1
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,17 @@ def plan(
             out.starts.append(Start(job.job_id, ()))
             continue
         need_mib = (job.min_free_gib or policy.min_free_gib) * MIB_PER_GIB
-        if job.gpus > len(gpus):
+        clustered = any(g.info.node for g in gpus.values())
+        if clustered:
+            misfit, never = _cluster_misfit(job, gpus)
+            if misfit:
+                (out.impossible if never else out.waiting)[job.job_id] = misfit
+                continue
+        elif job.nodes > 1:
+            out.impossible[job.job_id] = (f"spans {job.nodes} nodes; this daemon plans one machine: set [cluster] "
+                                          "backend = \"ray\" or submit it without --nodes")
+            continue
+        elif job.gpus > len(gpus):
             out.impossible[job.job_id] = (f"asks for {job.gpus} GPUs; this machine has {len(gpus)}: submit it "
                                           f"with --gpus {len(gpus)} or fewer")
             continue
@@ -153,7 +167,7 @@ def plan(
             # after the head: GPUs the head cannot use first, then the head's within the budget
             usable = ([g for g in usable if g.info.index not in head_gpus]
                       + [g for g in usable if g.info.index in head_gpus][:head_budget])
-        chosen = usable[: job.gpus]
+        chosen = _per_node(usable, job) if clustered else usable[: job.gpus]
         if len(chosen) == job.gpus:
             if head_budget is not None:
                 head_budget -= sum(1 for g in chosen if g.info.index in head_gpus)
@@ -245,6 +259,39 @@ def _ranked(gpus: list[_Gpu]) -> list[_Gpu]:
     return sorted(gpus, key=rank)
 
 
+def _per_node(usable: list[_Gpu], job: QueuedJob) -> list[_Gpu]:
+    """On a cluster: ``gpus / nodes`` GPUs on each of ``nodes`` distinct nodes, from ``usable`` in its order (the
+    nodes whose best GPU ranks first); fewer than the job needs when no such set is usable now."""
+    each = job.gpus // job.nodes
+    by_node: dict[str, list[_Gpu]] = {}
+    for g in usable:
+        by_node.setdefault(g.info.node, []).append(g)
+    fitting = [on[:each] for on in by_node.values() if len(on) >= each]
+    if len(fitting) < job.nodes:
+        return []
+    return [g for on in fitting[: job.nodes] for g in on]
+
+
+def _cluster_misfit(job: QueuedJob, gpus: dict[int, _Gpu]) -> tuple[str, bool]:
+    """Why ``job`` does not fit the cluster's alive nodes ("" when it does), and whether that is for good: more
+    GPUs on one node than the largest node has never fits (nodes are alike as a rule); too few such nodes may
+    change as nodes join, so the job waits."""
+    per_node: dict[str, int] = {}
+    for g in gpus.values():
+        per_node[g.info.node] = per_node.get(g.info.node, 0) + 1
+    if job.gpus % job.nodes:
+        return f"asks for {job.gpus} GPUs on {job.nodes} nodes, which does not divide: give --gpus per node", True
+    each, most = job.gpus // job.nodes, max(per_node.values())
+    if each > most:
+        return (f"asks for {each} GPUs on one node; the largest node of the cluster has {most}: submit it with "
+                f"--gpus {most} or fewer" + (", over several nodes with --nodes" if job.nodes == 1 else "")), True
+    big_enough = sum(1 for n in per_node.values() if n >= each)
+    if big_enough >= job.nodes:
+        return "", False
+    return (f"waiting for nodes: it spans {job.nodes} nodes with {each} GPU(s) each; {big_enough} of the "
+            f"{len(per_node)} alive nodes have that many (cancel it, or it starts when enough nodes join)"), False
+
+
 def _backfill_budget(missing: int, running: Sequence[PlacedJob], started: Sequence[Start]) -> int:
     """How many of the head's usable GPUs later jobs may take without delaying the head in any order
     the running jobs finish (see the module docstring). Nothing running that could ever free enough:
@@ -268,6 +315,8 @@ def _why_waiting(job: QueuedJob, gpus: dict[int, _Gpu], need_mib: float, policy:
             busy.append(f"GPU {g.info.index}: {g.free_mib / MIB_PER_GIB:.0f} GiB free < "
                         f"{need_mib / MIB_PER_GIB:.0f} GiB")
     shown = "; ".join(busy[:4]) + (f"; +{len(busy) - 4} more" if len(busy) > 4 else "")
+    if job.nodes > 1:
+        return f"needs {job.gpus // job.nodes} GPU(s) on each of {job.nodes} nodes, {usable} usable now ({shown})"
     return f"needs {job.gpus} GPU(s), {usable} usable now ({shown})"
 
 

@@ -44,9 +44,10 @@ def require_ray() -> ModuleType:
 
 def check_cluster_config(cfg: ClusterConfig, source: str) -> None:
     """What the ray backend cannot start without, as one line naming the key."""
-    if not cfg.address.startswith(("http://", "https://")):
+    if not cfg.address.startswith(("http://", "https://", "ray://")):
         raise ConfigError(f"{source}: [cluster] address must be the Ray dashboard's URL, e.g. "
-                          f"\"http://head:8265\" (got {cfg.address!r}); see README \"Beyond one machine\"")
+                          f"\"http://head:8265\", or a Ray Client address, \"ray://head:10001\" (got "
+                          f"{cfg.address!r}); see README \"Beyond one machine\"")
     if not cfg.shared_dir.startswith("/"):
         raise ConfigError(f"{source}: [cluster] shared_dir must be an absolute path every node mounts "
                           f"(got {cfg.shared_dir!r}); see README \"Beyond one machine\"")
@@ -126,7 +127,7 @@ class RayGpus:
                 continue
             for k in range(node.gpus):
                 gpus.append(GpuSample(index=first + k, uuid=f"ray-{node.node_id}-{k}",
-                                      name=f"node {node.short} GPU {k}"))
+                                      name=f"node {node.short} GPU {k}", node=node.node_id))
         self.nodes = nodes
         dead = [n.short for n in nodes if not n.alive]
         alive = len(nodes) - len(dead)

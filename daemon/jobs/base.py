@@ -36,11 +36,21 @@ class JobFailed(Exception):
     """A job ended badly; the message is the one line a person reads to act on it."""
 
 
+class JobInterrupted(Exception):
+    """The job's machine went away under it (a Ray node died), not the job's fault: it ends ``interrupted``
+    and, with ``requeue``, goes back to the queue at once, to be placed again and resume from what it saved."""
+
+    def __init__(self, message: str, requeue: bool) -> None:
+        super().__init__(message)
+        self.requeue = requeue
+
+
 @dataclass(frozen=True)
 class Resources:
     lane: str = "default"  # jobs of one lane share its concurrency limit (ocr, train, selftest)
-    gpus: int = 0
+    gpus: int = 0  # in all: with nodes > 1, gpus // nodes on each node
     min_free_gib: float = 0.0
+    nodes: int = 1  # cluster nodes it spans (a multi-node train job on the ray backend)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,16 @@ from typing import Any
 
 from daemon.core.events import EventBus
 from daemon.core.store import Store
-from daemon.jobs.base import Caller, JobContext, JobEndHook, JobFailed, JobKind, Resources, SpecError
+from daemon.jobs.base import (
+    Caller,
+    JobContext,
+    JobEndHook,
+    JobFailed,
+    JobInterrupted,
+    JobKind,
+    Resources,
+    SpecError,
+)
 from daemon.jobs.queue import JobQueue
 from shared.config import Settings
 from shared.protocol import TERMINAL_STATES, JobChanged, JobInfo, Progress, QueueChanged
@@ -335,6 +344,13 @@ class JobManager:
                                                     "next start", "")
         except JobFailed as exc:
             self._finish(job_id, "failed", f"failed: {exc}", str(exc))
+        except JobInterrupted as exc:
+            self._finish(job_id, "interrupted", f"interrupted: {exc}", str(exc))
+            if exc.requeue and not self._stopping:
+                # its GPUs were given back by the end hooks: the allocator places it again like any queued job
+                self._update(job_id, "queued again: it resumes from what it saved", state="queued", error="",
+                             finished=None)
+                self.kick()
         except Exception as exc:  # a bug in a kind must fail its job, never the daemon
             log.exception("job %d crashed", job_id)
             msg = f"internal error ({type(exc).__name__}: {exc}); see the daemon log (journalctl -u ftmllmd)"

@@ -44,6 +44,7 @@ from daemon.ocr.engine import TextDelta as EngineDelta
 from daemon.ocr.errors import OcrError
 from daemon.ocr.pages import PageScheduler
 from daemon.ocr.pdfworker import PdfWorkerPool
+from daemon.ocr.signals import checks_layer, page_signals
 from daemon.ocr.signals import collect as collect_signals
 from daemon.spool.spool import Spool, SpoolError
 from daemon.spool.tree import TreeError, exists_at, opened_dir, safe_name, safe_rel_dir, write_at
@@ -303,15 +304,17 @@ class OcrKind:
         todo = [n for n in range(1, total + 1) if n not in done]
         failures: dict[int, str] = {}
         finished = [len(done)]
+        signals: dict[int, dict[str, Any]] = {}
 
         async def page(n: int) -> None:
-            await self._convert_page(ctx, engine, spec, src, password, n, total, failures, finished)
+            await self._convert_page(ctx, engine, spec, src, password, n, total, failures, finished, signals)
 
         # the pages join the engine's one queue, shared with every running job (daemon/ocr/pages.py)
         await self.scheduler(engine).run(ctx.job.id, ctx.job.owner, ctx.job.name, order_key(ctx.job), todo, page,
                                          total, len(done))
         # per-page doubts for the sidecar (`ftctl ocr-review` sorts a day's pages by them)
-        signals = await collect_signals(self.pool, ctx.store, ctx.job.id, src, password, cfg.page_timeout_s)
+        signals = await collect_signals(self.pool, ctx.store, ctx.job.id, src, password, cfg.page_timeout_s,
+                                        signals)
         md_path, sidecar = self._write_outputs(ctx, spec, engine, total, signals)
         ctx.set_artifacts({"markdown": str(md_path), "sidecar": str(sidecar)},
                           what=f"wrote {md_path}")
@@ -323,7 +326,8 @@ class OcrKind:
         return f"succeeded: {total} page(s) → {md_path}"
 
     async def _convert_page(self, ctx: JobContext, engine: Engine, spec: OcrSpec, src: Path, password: str | None,
-                            n: int, total: int, failures: dict[int, str], finished: list[int]) -> None:
+                            n: int, total: int, failures: dict[int, str], finished: list[int],
+                            signals: dict[int, dict[str, Any]]) -> None:
         cfg = self.settings.config.ocr
         job_id = ctx.job.id
         key = f"{job_id}:{n}"
@@ -348,8 +352,12 @@ class OcrKind:
             return
         ctx.stream(TextDelta(key=key, text="", job_id=job_id, page_no=n, final=True))
         timings = {**result.timings, "total_s": time.monotonic() - t0}
-        ctx.set_page(PageInfo(job_id=job_id, page_no=n, state="done", method=result.method, timings=timings,
-                              chars=len(result.text), error=result.detail), result.text)
+        info = PageInfo(job_id=job_id, page_no=n, state="done", method=result.method, timings=timings,
+                        chars=len(result.text), error=result.detail)
+        ctx.set_page(info, result.text)
+        # the sidecar's signals now, while the rendered page's text layer is at hand (no second read of it)
+        usable = checks_layer(info) and page.text_layer_usable
+        signals[n] = page_signals(info, result.text, page.text_layer if usable else None)
         finished[0] += 1
         ctx.progress(finished[0], total, "pages", note=f"page {n} done ({result.method}, {timings['total_s']:.1f}s)")
 

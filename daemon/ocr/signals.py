@@ -63,16 +63,25 @@ def page_signals(page: PageInfo, output_md: str, text_layer: str | None) -> dict
             "aborted_attempts": max(0, aborted), "fallback": fallback, "empty": empty, "risk": round(risk, 4)}
 
 
+def checks_layer(page: PageInfo) -> bool:
+    """Whether a page's signals compare it with its text layer: the cpu engine OCRs only pages whose layer is
+    unusable, so only a page a VLM read can have a usable layer to check."""
+    return page.state == "done" and page.method == "vlm"
+
+
 async def collect(pool: PdfWorkerPool, store: Store, job_id: int, pdf: Path, password: str | None,
-                  timeout: float) -> dict[int, dict[str, Any]]:
-    """Signals of every stored page (1-based) of a conversion. The text layer is read only for pages a VLM
-    wrote; a page whose layer cannot be read goes without that signal."""
+                  timeout: float, known: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Signals of every stored page (1-based) of a conversion. ``known``: those computed as their pages were
+    converted in this run (the layer came with the rendering); the others (done in an earlier run) read the
+    text layer again, only for pages a VLM wrote; a page whose layer cannot be read goes without that signal."""
     found: dict[int, dict[str, Any]] = {}
     for p in store.pages(job_id):
+        if p.state == "done" and p.page_no in known:
+            found[p.page_no] = known[p.page_no]
+            continue
         layer: str | None = None
         text = store.page_text(job_id, p.page_no)[1] if p.state == "done" else ""
-        # the cpu engine OCRs only pages whose layer is unusable: only a VLM reads pages a usable layer could check
-        if p.state == "done" and p.method == "vlm":
+        if checks_layer(p):
             try:
                 r = await pool.page_text(pdf, p.page_no - 1, password, timeout=timeout)
             except OcrError as exc:

@@ -100,9 +100,10 @@ class TrainRequest(msgspec.Struct, forbid_unknown_fields=True):
     adapter_job: int | None = None  # eval/export: the train job whose adapter (and base model) to use
     yaml: str = ""  # instead of a template: the user's own LLaMA-Factory YAML, read by the client (spec.user_yaml)
     yaml_name: str = ""  # its file name, for messages
+    nodes: int = 1  # train on the ray backend: torchrun over this many nodes, `gpus` on each
 
 
-REQUEST_KEYS = "template, set, dataset, gpus, min_free_gib, adapter_job, yaml, yaml_name"
+REQUEST_KEYS = "template, set, dataset, gpus, min_free_gib, adapter_job, yaml, yaml_name, nodes"
 
 
 @dataclass
@@ -158,6 +159,8 @@ class TrainSetup:
 
 class LlamaFactoryKind:
     """One of ``train``, ``eval``, ``export`` (see the module docstring)."""
+
+    max_nodes = 1  # one machine; the ray backend's train kind spans nodes (daemon/cluster/train.py)
 
     def __init__(self, kind: KindName, setup: TrainSetup) -> None:
         self.kind: str = kind
@@ -217,6 +220,7 @@ class LlamaFactoryKind:
             raise SpecError(f"name a template: `ftctl {self.kind} TEMPLATE` (`ftctl templates` lists them)")
         if req.gpus < 0:
             raise SpecError(f"gpus must be 0 or more (got {req.gpus}); use --gpus N")
+        self._check_nodes(req)
         try:
             overrides = parse_overrides(req.set) if isinstance(req.set, list) else dict(req.set)
         except SpecProblem as exc:
@@ -255,6 +259,7 @@ class LlamaFactoryKind:
             "overrides": overrides,
             "datasets": list(rendered.datasets),
             "gpus": req.gpus,
+            "nodes": req.nodes,
             "min_free_gib": req.min_free_gib,
             "command": rendered.command,
             "params": rendered.params,
@@ -265,6 +270,22 @@ class LlamaFactoryKind:
         if req.adapter_job is not None:
             frozen["adapter_job"] = req.adapter_job
         return req, frozen, rendered
+
+    def _check_nodes(self, req: TrainRequest) -> None:
+        if req.nodes == 1:
+            return
+        if req.nodes < 1:
+            raise SpecError(f"nodes must be 1 or more (got {req.nodes}); use --nodes N")
+        if self.max_nodes == 1:
+            raise SpecError(f"--nodes {req.nodes}: this daemon trains on one machine; spanning nodes needs "
+                            "[cluster] backend = \"ray\" (README \"Beyond one machine\"), or drop --nodes")
+        if self.kind != "train":
+            raise SpecError(f"--nodes {req.nodes}: only train jobs span nodes; run the {self.kind} on one node "
+                            "(drop --nodes)")
+        if req.gpus < 1:
+            raise SpecError(f"--nodes {req.nodes} needs --gpus 1 or more (GPUs on each node)")
+        if req.nodes > self.max_nodes:
+            raise SpecError(f"--nodes {req.nodes} is more than the {self.max_nodes} a job may span; lower it")
 
     def _pages_budget(self, datasets: list[str]) -> int | None:
         """The largest pixel cap the from-pages datasets among ``datasets`` were rendered with (None: none is
@@ -297,8 +318,9 @@ class LlamaFactoryKind:
         return {**taken, "adapter_name_or_path": str(out)}
 
     def resources(self, job: JobInfo) -> Resources:
-        return Resources(lane=TRAIN_LANE, gpus=int(job.spec.get("gpus", 1)),
-                         min_free_gib=float(job.spec.get("min_free_gib", 0.0)))
+        nodes = int(job.spec.get("nodes", 1))
+        return Resources(lane=TRAIN_LANE, gpus=int(job.spec.get("gpus", 1)) * nodes,
+                         min_free_gib=float(job.spec.get("min_free_gib", 0.0)), nodes=nodes)
 
     def resumable(self, job: JobInfo) -> bool:
         return True  # train continues from its last checkpoint; eval and export simply run again
@@ -322,6 +344,9 @@ class LlamaFactoryKind:
             return finished
         env = build_env(base=os.environ, gpus=ctx.gpus, extra=cfg.env, spec_env=spec.get("env", {}),
                         deepspeed=bool(spec["params"].get("deepspeed")))
+        # LLaMA-Factory starts several GPUs (and DeepSpeed) as `torchrun`, looked up on PATH: the one beside
+        # its cli, though the daemon's PATH may not hold that venv
+        env["PATH"] = os.pathsep.join([str(Path(cli).parent), env.get("PATH", os.defpath)])
         # Landlock: the trainer reads only what its job names and writes only its own folder (sandbox.py)
         rules = trainer_rules(cli=cli, job_dir=ctx.dir, params=spec["params"], policy=self.setup.policy(),
                               datasets_dir=self.setup.datasets_dir, env=env)

@@ -72,6 +72,13 @@ class RayNodeProc:
                     return pid
         raise AssertionError(f"no raylet for {self.name}")
 
+    def power_off(self) -> None:
+        """Every process of this node killed at once, as when its machine goes away (the raylet, Ray's workers
+        and the jobs they run)."""
+        for p in self.procs().values():
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+
     def stop(self) -> None:
         # taken before the stop: a helper whose parent ends is reparented and no longer descends from it
         before = self.procs()
@@ -116,6 +123,7 @@ class RayTestCluster:
     root: Path
     gcs_port: int
     dashboard_port: int
+    client_port: int  # Ray Client's server on the head (ray://)
     nodes: list[RayNodeProc] = field(default_factory=list)
 
     @property
@@ -170,7 +178,7 @@ class RayTestCluster:
     def start(self, timeout: float = 120.0) -> RayTestCluster:
         self._start("head", ["--head", f"--node-ip-address={HEAD_IP}", f"--port={self.gcs_port}",
                              "--include-dashboard=true", f"--dashboard-host={HEAD_IP}",
-                             f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={free_port()}"])
+                             f"--dashboard-port={self.dashboard_port}", f"--ray-client-server-port={self.client_port}"])
         self.wait_nodes(1, timeout)
         self._start("worker", [f"--address={HEAD_IP}:{self.gcs_port}", f"--node-ip-address={WORKER_IP}"])
         self.wait_nodes(2, timeout)
@@ -214,7 +222,7 @@ class RayTestCluster:
 
 def start_cluster() -> RayTestCluster:
     root = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
-    cluster = RayTestCluster(root=root, gcs_port=free_port(), dashboard_port=free_port())
+    cluster = RayTestCluster(root=root, gcs_port=free_port(), dashboard_port=free_port(), client_port=free_port())
     cluster.token_file.write_text(secrets.token_hex(32))
     cluster.token_file.chmod(0o600)
     try:

@@ -41,8 +41,9 @@ def test_without_ray_installed_the_daemon_says_in_one_line_what_to_install(tmp_p
 
 
 def test_a_ray_backend_without_a_dashboard_url_or_a_shared_dir_is_refused_naming_the_key(tmp_path: Path) -> None:
-    r = _daemon(tmp_path, f'backend = "ray"\naddress = "ray://head:10001"\nshared_dir = "{tmp_path}"\n')
+    r = _daemon(tmp_path, f'backend = "ray"\naddress = "head:8265"\nshared_dir = "{tmp_path}"\n')
     assert r.returncode == EXIT_CONFIG and "[cluster] address" in r.stderr and "http://head:8265" in r.stderr
+    assert "ray://head:10001" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     r = _daemon(tmp_path, 'backend = "ray"\naddress = "http://127.0.0.1:1"\n')
     assert r.returncode == EXIT_CONFIG and "[cluster] shared_dir" in r.stderr

@@ -1,12 +1,11 @@
-"""A node dies under a Ray training job: the worker node's raylet is killed mid-run (as when the machine goes
-away); the job resumes from its last complete checkpoint on the other node, as the same ftmllm job, and ends
-with the requested number of steps, each reported once. The dead node stays visible in the cluster view."""
+"""A node dies under a Ray training job: every process of the worker node is killed mid-run (as when the machine
+goes away); the job ends interrupted, goes back to the queue and resumes from its last complete checkpoint on
+the other node, as the same ftmllm job, and ends with the requested number of steps, each reported once. The
+dead node stays visible in the cluster view."""
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 from pathlib import Path
 
 import pytest
@@ -32,13 +31,16 @@ def test_a_job_whose_node_dies_resumes_from_its_checkpoint_on_the_other_node(
     assert rayd.job(job_id).job.artifacts["node"] == worker[:8]
     out = Path(rayd.job(job_id).job.spec["output_dir"])
     wait_for(lambda: len(saved_state(out).checkpoints) >= 2, RUN_TIMEOUT_S, "checkpoint-4", interval=0.2)
-    os.kill(ray_cluster.worker.raylet_pid(), signal.SIGKILL)
+    ray_cluster.worker.power_off()
 
     job = rayd.wait_job(job_id)
     history = " ".join(rayd.history(job_id))
     assert job.state == "succeeded", f"{job.error}\n{history}\n{rayd.log_tail(job_id)}"
-    assert f"Ray node {worker[:8]} left while job {job_id} ran" in history
-    assert "it runs again from checkpoint-" in history
+    # the job ended interrupted, went back to the queue and was placed again by the allocator
+    assert f"interrupted: Ray node {worker[:8]} left while job {job_id} ran" in history
+    assert "it runs again from checkpoint-" in history and "queued again: it resumes from what it saved" in history
+    assert "resuming from checkpoint-" in history, f"{history}\n{rayd.log_tail(job_id, 12000)}"
+    assert str(getattr(ray_job(ray_cluster, f"{job_id}.2"), "status", "")).endswith("SUCCEEDED")
     head = ray_cluster.node_id(ray_cluster_head_ip(ray_cluster))
     assert job.artifacts["node"] == head[:8]
     assert saved_state(out).finished and job.artifacts["saved"].endswith("after all 10 steps")

@@ -5,6 +5,7 @@ the adapter lands in shared_dir; a cancel stops it through Ray so that the adapt
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,9 +15,9 @@ import pytest
 from daemon.train.launch import saved_state
 from shared.protocol import JobInfo, Status, StatusReply
 from tests.cluster.conftest import ray_job
-from tests.cluster.ray_cluster import GPUS_PER_NODE, RayTestCluster
+from tests.cluster.ray_cluster import GPUS_PER_NODE, HEAD_IP, RayTestCluster
 from tests.daemon_proc import wait_for
-from tests.train_daemon.support import RUN_TIMEOUT_S, Box, Recorder, TrainDaemon, job_id_of
+from tests.train_daemon.support import RUN_TIMEOUT_S, Box, Recorder, TrainDaemon, job_id_of, start_daemon
 
 pytestmark = pytest.mark.llamafactory
 
@@ -136,9 +137,51 @@ def test_a_daemon_killed_mid_run_leaves_its_ray_job_which_the_next_daemon_stops_
     assert job.state == "canceled", history
     assert f"stopped Ray job {job_id}, which the previous daemon left running" in history
     assert str(getattr(ray_job(ray_cluster, str(job_id)), "status", "")).endswith("STOPPED")
-    assert str(getattr(ray_job(ray_cluster, f"{job_id}.2.0"), "status", "")).endswith("STOPPED")
+    assert str(getattr(ray_job(ray_cluster, f"{job_id}.2"), "status", "")).endswith("STOPPED")
     steps = [p.step for p in rayd.points(job_id)]
     assert steps == list(range(1, len(steps) + 1)) and steps[-1] > step  # each step once, across both runs
+
+
+def test_a_job_over_two_nodes_runs_torchrun_across_them_with_one_ray_job_per_node(
+        rayd: TrainDaemon, box: Box, ray_cluster: RayTestCluster, sft: Run) -> None:
+    sets = [a for s in box.train_sets("max_steps=4", "save_steps=2", "gradient_accumulation_steps=1",
+                                      "per_device_train_batch_size=1") for a in ("--set", s)]
+    job_id = rayd.submit_id("train", "qwen2vl_lora_sft", "--dataset", "tiny_sft", "--gpus", "1", "--nodes", "2",
+                            *sets)
+    job = rayd.wait_job(job_id)
+    history = " ".join(rayd.history(job_id))
+    assert job.state == "succeeded", f"{job.error}\n{history}\n{rayd.log_tail(job_id, 6000)}"
+    # one Ray job per node, on the two nodes the allocator chose (rank 0 on the first)
+    ranks = [ray_job(ray_cluster, str(job_id)), ray_job(ray_cluster, f"{job_id}-rank1")]
+    assert all(str(getattr(r, "status", "")).endswith("SUCCEEDED") for r in ranks)
+    nodes = [str(getattr(r, "driver_node_id", "")) for r in ranks]
+    assert sorted(nodes) == sorted(str(n["id"]) for n in ray_cluster.alive_nodes())
+    assert job.artifacts["node"] == ",".join(n[:8] for n in nodes)
+    assert f"started as Ray jobs {job_id}, {job_id}-rank1… on nodes {job.artifacts['node']}" in history
+    log = rayd.log_tail(job_id, 40000)
+    assert "node rank 0 of 2" in log and "Multi-node training enabled: num nodes: 2" in log
+    rank1 = rayd.paths.state_dir / "jobs" / str(job_id) / "rank1.log"  # beside job.log
+    assert "node rank 1 of 2" in rank1.read_text()
+    # data parallel over the two nodes: each step reads one record per rank, so 4 steps are the 8 records once
+    out = Path(job.spec["output_dir"])
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 4 and state["epoch"] == pytest.approx(1.0)
+    assert (out / "adapter_model.safetensors").is_file()
+    assert [p.step for p in rayd.points(job_id)] == [1, 2, 3, 4]
+
+
+def test_a_ray_client_address_finds_the_clusters_dashboard(box: Box, ray_cluster: RayTestCluster) -> None:
+    d = start_daemon(box, "rayclient", cluster={"backend": "ray", "address": f"ray://{HEAD_IP}:{ray_cluster.client_port}",
+                                                "shared_dir": str(ray_cluster.root / "shared"),
+                                                "auth_token_file": str(ray_cluster.token_file)})
+    try:
+        r = d.ftctl("status")
+        assert r.returncode == 0, r.stderr
+        # Ray told the daemon where its dashboard is: nodes and GPUs come from there
+        assert f"cluster:   ray at {ray_cluster.address}" in r.stdout
+        assert len(re.findall(r"^node \w{8}: alive", r.stdout, re.M)) == 2, r.stdout
+    finally:
+        d.close()
 
 
 def test_the_cluster_refuses_a_client_without_its_token(ray_cluster: RayTestCluster) -> None:

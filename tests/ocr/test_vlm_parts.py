@@ -139,6 +139,11 @@ def test_vllm_argv_has_the_flags_from_the_config() -> None:
     quiet = build_command(VllmConfig(model="m", enable_lora=False, enable_sleep_mode=False), "vllm", "/s", "m", 1)
     assert "--enable-lora" not in quiet and "--enable-sleep-mode" not in quiet
     assert "--tensor-parallel-size" not in quiet
+    # chunks of 8 tokens by default; 0 leaves the flag out; a flag of the user's own wins
+    assert argv[argv.index("--stream-interval") + 1] == "8" and "--stream-interval" not in build_command(
+        VllmConfig(model="m", stream_interval=0), "vllm", "/s", "m", 1)
+    own = build_command(VllmConfig(model="m", extra_args=["--stream-interval=2"]), "vllm", "/s", "m", 1)
+    assert "--stream-interval" not in own and own[-1] == "--stream-interval=2"
 
 
 def test_a_deep_tmpdir_is_noticed_before_vllm_dies_of_it() -> None:

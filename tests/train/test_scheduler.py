@@ -187,3 +187,34 @@ def test_backfill_never_delays_the_head(sit: tuple[GpuSnapshot, list[RunningJob]
     for subset in chain.from_iterable(combinations(holders, k) for k in range(len(holders) + 1)):
         if free_now + sum(subset) >= head.gpus:  # the head could start when these end…
             assert free_now - later + sum(subset) >= head.gpus  # …and still can, with the backfilled jobs
+
+
+def cluster(*gpus_per_node: int) -> GpuSnapshot:
+    """A Ray cluster's snapshot as daemon/gpus/ray_source.py builds it: each GPU names its node, no memory known."""
+    from daemon.gpus.nvml import GpuSample
+
+    samples, index = [], 0
+    for n, count in enumerate(gpus_per_node):
+        for k in range(count):
+            samples.append(GpuSample(index=index, name=f"node n{n} GPU {k}", node=f"n{n}"))
+            index += 1
+    return GpuSnapshot(gpus=tuple(samples))
+
+
+def test_on_a_cluster_a_job_takes_its_gpus_on_one_node_and_a_multi_node_job_on_distinct_nodes() -> None:
+    two_by_two = cluster(2, 2)
+    # one GPU taken on node 0: a 2-GPU job cannot straddle the nodes, it goes whole to node 1
+    d = plan([QueuedJob(1, 2)], [RunningJob(9, (0,))], two_by_two)
+    assert d.starts == [Start(1, (2, 3))]
+    # 1 GPU on each of 2 nodes; 2 on each of 2 nodes
+    assert plan([QueuedJob(2, 2, nodes=2)], [], two_by_two).starts == [Start(2, (0, 2))]
+    assert plan([QueuedJob(3, 4, nodes=2)], [], two_by_two).starts == [Start(3, (0, 1, 2, 3))]
+    # node 1 busy: a two-node job waits (nodes come and go), and says why
+    d = plan([QueuedJob(4, 2, nodes=2)], [RunningJob(9, (2, 3))], two_by_two)
+    assert d.starts == [] and d.waiting[4].startswith("needs 1 GPU(s) on each of 2 nodes, 2 usable now (GPU 2: job 9")
+    # more nodes than are alive: waits for nodes; more GPUs on a node than any node has: never
+    d = plan([QueuedJob(5, 3, nodes=3), QueuedJob(6, 3), QueuedJob(7, 3, nodes=2)], [], two_by_two)
+    assert d.waiting[5].startswith("waiting for nodes: it spans 3 nodes with 1 GPU(s) each; 2 of the 2 alive")
+    assert "the largest node of the cluster has 2" in d.impossible[6] and "does not divide" in d.impossible[7]
+    # one machine (no node names): --nodes cannot be honoured
+    assert "set [cluster] backend" in plan([QueuedJob(8, 2, nodes=2)], [], IDLE).impossible[8]

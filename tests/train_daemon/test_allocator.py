@@ -53,9 +53,9 @@ class ParkableEngine:
     state: EngineState = "running"
     calls: list[str] = field(default_factory=list)
 
-    def view(self) -> EngineView:
+    def view(self, pids: bool = True) -> EngineView:
         return EngineView(gpus=(0, 1), state=self.state, can_sleep=True, parked=self.state == "sleeping",
-                          pids=(7301, 7302))
+                          pids=(7301, 7302) if pids else ())
 
     async def park(self, how: Literal["sleep", "stop"], reason: str) -> None:
         self.calls.append(f"{how}: {reason}")

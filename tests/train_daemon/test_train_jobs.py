@@ -135,6 +135,8 @@ BAD_SPECS = [
     ("stage unknown", "train", {"set": ["stage=sfft"]}, "stage: 'sfft' is not one of the allowed values"),
     ("stage and dataset do not fit", "train", {"set": ["stage=dpo"]}, "stage dpo needs ranking data"),
     ("eval template as train", "train", {"template": "qwen2vl_eval"}, "submit it with `ftctl eval qwen2vl_eval`"),
+    ("nodes on one machine", "train", {"nodes": 2},
+     "--nodes 2: this daemon trains on one machine; spanning nodes needs [cluster] backend = \"ray\""),
 ]
 
 

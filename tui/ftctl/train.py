@@ -95,6 +95,8 @@ def _spec(args: argparse.Namespace, kind: str) -> dict[str, Any] | None:
         spec["dataset"] = args.dataset
     if args.min_free_gib:
         spec["min_free_gib"] = args.min_free_gib
+    if getattr(args, "nodes", 1) != 1:
+        spec["nodes"] = args.nodes
     return spec
 
 
@@ -449,7 +451,12 @@ def _add_llamafactory_parser(parsers: Subparsers, kind: str) -> None:
     if kind != "train":
         sp.add_argument("--adapter", metavar="JOB|DIR", help="a train job's id (its adapter and base model) or an "
                                                             "adapter directory")
-    sp.add_argument("--gpus", type=int, default=1, help="GPUs the job needs (default 1; ignored without GPUs)")
+    sp.add_argument("--gpus", type=int, default=1, help="GPUs the job needs (default 1; ignored without GPUs)"
+                    + ("; with --nodes, on each node" if kind == "train" else ""))
+    if kind == "train":
+        sp.add_argument("--nodes", type=int, default=1,
+                        help="train over this many cluster nodes at once, --gpus on each (torchrun across them; "
+                             "needs [cluster] backend = \"ray\"; default 1)")
     sp.add_argument("--min-free-gib", dest="min_free_gib", type=float, default=0.0,
                     help="free memory it needs on each GPU (default: the daemon's [scheduler] min_free_gib)")
     sp.add_argument("--follow", action="store_true", help="wait, and print every loss point as it arrives")

@@ -1,0 +1,62 @@
+"""The wrapper every Ray job of ftmllm runs under (daemon/cluster/ray_jobs.py STOP_WRAPPER), without a cluster:
+real processes stand where Ray's job supervisor and the trainer would be."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from daemon.cluster.ray_jobs import STOP_WRAPPER
+from tests.daemon_proc import wait_for
+
+# stands for Ray's job supervisor: starts the wrapper (around a long `sleep`, the trainer) and says its pid
+SUPERVISOR = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', sys.argv[1], 'sleep', '300'], "
+              "stdout=open(sys.argv[2], 'w'), stderr=subprocess.STDOUT); print(p.pid, flush=True); sys.stdin.read()")
+
+
+@dataclass
+class Wrapped:
+    supervisor: subprocess.Popen[str]
+    wrapper: psutil.Process
+    trainer: psutil.Process
+    log: Path
+
+
+@pytest.fixture
+def wrapped(tmp_path: Path) -> Iterator[Wrapped]:
+    log = tmp_path / "wrapper.log"
+    supervisor = subprocess.Popen([sys.executable, "-c", SUPERVISOR, STOP_WRAPPER, str(log)],
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert supervisor.stdout is not None
+        wrapper = psutil.Process(int(supervisor.stdout.readline()))
+        trainer = wait_for(lambda: next((c for c in wrapper.children() if c.name() == "sleep"), None), 30,
+                           "the trainer under the wrapper", interval=0.05)
+        assert isinstance(trainer, psutil.Process)
+        yield Wrapped(supervisor=supervisor, wrapper=wrapper, trainer=trainer, log=log)
+    finally:
+        if supervisor.poll() is None:
+            supervisor.kill()
+            supervisor.wait(timeout=10)
+
+
+def test_a_trainer_whose_ray_supervisor_died_is_stopped_by_its_wrapper(wrapped: Wrapped) -> None:
+    # a node cut off from the cluster (its raylet dead) while its machine runs on: the job runs again elsewhere,
+    # so the trainer left here must not go on writing into the job's shared folder
+    wrapped.supervisor.kill()
+    wrapped.supervisor.wait(timeout=10)
+    gone, _ = psutil.wait_procs([wrapped.trainer, wrapped.wrapper], timeout=15)
+    assert len(gone) == 2
+    assert "left the cluster: stopping the trainer here" in wrapped.log.read_text()
+
+
+def test_a_trainer_whose_supervisor_lives_is_left_alone(wrapped: Wrapped) -> None:
+    _gone, alive = psutil.wait_procs([wrapped.trainer], timeout=2.5)  # two of the wrapper's checks pass
+    assert alive == [wrapped.trainer] and "left the cluster" not in wrapped.log.read_text()
+    wrapped.trainer.kill()
