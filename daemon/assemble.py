@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from daemon.cluster.open import open_cluster
 from daemon.cluster.part import ClusterPart
+from daemon.cluster.replica_port import ReplicaGpus
 from daemon.core.sdnotify import Notifier
 from daemon.daemon import Daemon
 from daemon.engines.control import EngineControl
@@ -26,14 +27,16 @@ def assemble(settings: Settings, notifier: Notifier | None = None) -> Daemon:
     store, bus, jobs = daemon.store, daemon.bus, daemon.jobs
     scheduler = settings.config.scheduler
     gpus_seen = cluster.gpus if cluster is not None else open_gpu_source(scheduler)
-    engines = EngineControl(settings, store, bus, gpus_seen,
-                            fleet=cluster.vllm_replicas(settings) if cluster is not None else None)
+    fleet = cluster.vllm_replicas(settings) if cluster is not None else None
+    engines = EngineControl(settings, store, bus, gpus_seen, fleet=fleet)
+    # the engine whose GPUs training borrows: the local vLLM, or the replicas on the cluster's nodes
+    gpu_engine = engines.gpu_engine if fleet is None or cluster is None else ReplicaGpus(fleet, cluster.gpus)
     if cluster is not None:
-        training = TrainingPart(settings, store, engines.gpu_engine, make_kind=cluster.train_kind,
+        training = TrainingPart(settings, store, gpu_engine, make_kind=cluster.train_kind,
                                 jobs_dir=cluster.jobs_dir)
     else:
-        training = TrainingPart(settings, store, engines.gpu_engine)
-    gpus = GpuAllocator(scheduler, store, bus, jobs, monitor=gpus_seen, engine=engines.gpu_engine,
+        training = TrainingPart(settings, store, gpu_engine)
+    gpus = GpuAllocator(scheduler, store, bus, jobs, monitor=gpus_seen, engine=gpu_engine,
                         lanes=training.lanes, pids_of=training.pids)
     spool = Spool.of(settings)
     # first: handover.sock is open before the hot folder takes its first file

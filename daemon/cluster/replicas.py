@@ -103,6 +103,7 @@ class VllmReplicas:
         self.size = cfg.replicas
         self.api_key = secrets.token_urlsafe(32)
         self.replicas: list[Replica] = []
+        self.parked: list[RayNode] = []  # the nodes of replicas stopped for a training job (replica_port.py)
         self.adapters: dict[str, str] = {}  # name -> path, loaded on every replica, new ones included
         self.error = ""
         self.replaced = 0
@@ -135,8 +136,33 @@ class VllmReplicas:
             await self._http.aclose()
             self._http = None
 
+    async def park(self, per_node: dict[str, int], stop_s: float) -> None:
+        """Stop ``per_node[node id]`` replicas on each of those nodes (training needs their GPUs) and keep them
+        stopped until :meth:`unpark`; the others serve on. Pages they had in flight are sent again elsewhere."""
+        chosen: list[Replica] = []
+        for node_id, count in per_node.items():
+            on_node = [r for r in self.replicas if r.node.node_id == node_id]
+            on_node.sort(key=lambda r: bool(r.root))  # one still starting goes first: it serves nobody yet
+            chosen += on_node[:count]
+        for r in chosen:
+            self.replicas.remove(r)
+            self.parked.append(r.node)
+            if r.task is not None:
+                r.task.cancel()
+        self._record()
+        await asyncio.gather(*(r.run.stop(term_s=stop_s) for r in chosen), return_exceptions=True)
+        for r in chosen:
+            r.run.close()
+
+    def unpark(self) -> None:
+        """The parked replicas start again (:meth:`_keep` places them, on the nodes with the fewest)."""
+        self.parked.clear()
+
     def describe(self) -> str:
         parts = [f"{len(self.roots())} of {self.size} vLLM replicas on Ray serving"]
+        if self.parked:
+            parts.append(f"{len(self.parked)} stopped for training on node(s) "
+                         f"{', '.join(sorted({n.short for n in self.parked}))}")
         parts += [f"{r.submission_id} on node {r.node.short}: {r.root or r.run.status.lower()}"
                   for r in self.replicas]
         if self.replaced:
@@ -192,7 +218,7 @@ class VllmReplicas:
                 self.error = f"replica {r.submission_id} on node {r.node.short} ended ({r.run.status}" + (
                     f", exit {r.run.exit_code}" if r.run.exit_code is not None else "") + f"; {r.run.message[:120]})"
                 log.warning("vLLM %s; starting another", self.error)
-            missing = self.size - len(self.replicas)
+            missing = self.size - len(self.replicas) - len(self.parked)
             if missing > 0:
                 if self._fails:  # replicas that never served: something is wrong with them, not a node
                     await asyncio.sleep(min(60.0, 2.0 ** self._fails))

@@ -118,7 +118,7 @@ class RayTrainKind(LlamaFactoryKind):
         try:
             for r, node in enumerate(placed):
                 rank_env = {**env, "FORCE_TORCHRUN": "1", "NNODES": str(nodes), "NODE_RANK": str(r),
-                            "NPROC_PER_NODE": str(count), "MASTER_ADDR": placed[0].ip,
+                            "NPROC_PER_NODE": str(max(1, count)), "MASTER_ADDR": placed[0].ip,
                             "FTMLLM_PORT_FILE": str(port_file)}
                 log = ctx.log_path if r == 0 else ctx.log_path.with_name(f"rank{r}.log")
                 ranks.append(await RayRun.submit(self.client, submission_id=sids[r], command=command, gpus=count,

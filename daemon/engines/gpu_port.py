@@ -28,7 +28,7 @@ class SupervisedVllm:
         return EngineView(gpus=tuple(sup.gpu_indices), state=state, can_sleep=sup.cfg.enable_sleep_mode,
                           parked=sup.parked, pids=members)
 
-    async def park(self, how: Literal["sleep", "stop"], reason: str) -> None:
+    async def park(self, how: Literal["sleep", "stop"], reason: str, gpus: tuple[int, ...] = ()) -> None:
         if how == "sleep":
             await self.sup.sleep()
         else:

@@ -221,7 +221,7 @@ class GpuAllocator(Part):
                 if action.action == "wake":
                     await engine.unpark(action.reason)
                 else:
-                    await engine.park(action.action, action.reason)
+                    await engine.park(action.action, action.reason, action.gpus)
                 log.info("engine %s: %s", action.action, action.reason)
                 await self.sample()  # what the GPUs look like now, before the queue is looked at again
             except Exception:

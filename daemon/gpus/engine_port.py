@@ -31,9 +31,10 @@ class GpuEngine(Protocol):
         pids (a scan of /proc: asked for only when there are GPU processes to tell apart)."""
         ...
 
-    async def park(self, how: Literal["sleep", "stop"], reason: str) -> None:
+    async def park(self, how: Literal["sleep", "stop"], reason: str, gpus: tuple[int, ...] = ()) -> None:
         """Free the engine's GPUs for a job (sleep keeps the model in host memory; stop ends the server).
-        Requests wait until :meth:`unpark`."""
+        Requests wait until :meth:`unpark`. ``gpus``: the ones the job needs; an engine of several servers
+        parks only those on them (the others serve on), a single server parks whole."""
         ...
 
     async def unpark(self, reason: str) -> None:

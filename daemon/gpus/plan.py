@@ -67,6 +67,9 @@ class EngineView:
     can_sleep: bool = True
     parked: bool = False  # asleep or stopped because the scheduler asked (so the scheduler wakes it)
     pids: tuple[int, ...] = ()
+    # an engine of several servers (vLLM replicas on a cluster) parks the ones on the GPUs a job needs: those
+    # GPUs (among ``gpus``) are parked while the engine runs on the others
+    parked_gpus: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class Start:
 class EngineAction:
     action: Literal["sleep", "stop", "wake"]
     reason: str
+    gpus: tuple[int, ...] = ()  # sleep/stop: the engine's GPUs the waiting jobs need (all of it may go)
 
 
 @dataclass
@@ -190,10 +194,12 @@ def plan(
 
     if needs_engine and engine.state == "running":
         action: Literal["sleep", "stop"] = "sleep" if engine.can_sleep else "stop"
-        out.engine = EngineAction(action, f"job {needs_engine[0]} needs GPU(s) the engine holds")
-    elif engine.parked and engine.state in ("sleeping", "stopped") and not needs_engine:
+        wanted = tuple(sorted({gi for g in gpus.values() if g.engine and g.holders & set(needs_engine)
+                               for gi in (g.info.index,)}))
+        out.engine = EngineAction(action, f"job {needs_engine[0]} needs GPU(s) the engine holds", wanted)
+    elif engine.parked and (engine.state in ("sleeping", "stopped") or engine.parked_gpus) and not needs_engine:
         in_use = {gi for r in running for gi in r.gpus} | {gi for s in out.starts for gi in s.gpus}
-        if not in_use & set(engine.gpus):
+        if not in_use & set(engine.parked_gpus or engine.gpus):
             out.engine = EngineAction("wake", "no job uses the engine's GPUs any more")
     return out
 
@@ -217,8 +223,9 @@ def _gpu_table(snapshot: GpuSnapshot, running: Sequence[PlacedJob], engine: Engi
     table: dict[int, _Gpu] = {}
     for info in snapshot.gpus:
         g = _Gpu(info=info)
-        g.engine = info.index in engine_on and engine.state == "running"
-        g.engine_parked = info.index in engine_on and engine.state != "running"
+        parked_here = info.index in engine.parked_gpus
+        g.engine = info.index in engine_on and engine.state == "running" and not parked_here
+        g.engine_parked = info.index in engine_on and (engine.state != "running" or parked_here)
         foreign = [p for p in info.processes if p.pid not in known]
         if foreign:
             p = foreign[0]

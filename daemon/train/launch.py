@@ -84,8 +84,12 @@ def build_env(
     # `FORCE_TORCHRUN=1` to launch DeepSpeed training.")
     if count > 1 or deepspeed:
         env["FORCE_TORCHRUN"] = "1"
+        # one process per GPU given; LLaMA-Factory's default (the devices torch sees) is 0 on a Ray node whose
+        # GPUs are logical, and counts every GPU of a node whose CUDA_VISIBLE_DEVICES Ray did not narrow
+        env["NPROC_PER_NODE"] = str(max(1, count))
     else:
         env.pop("FORCE_TORCHRUN", None)
+        env.pop("NPROC_PER_NODE", None)
     env.setdefault("PYTHONUNBUFFERED", "1")  # log lines reach the file as they happen
     return env
 

@@ -35,8 +35,9 @@ SERVE_DEADLINE_S = 400.0
 REPLICA_RE = re.compile(r"(ftmllm-vllm-\w+-\d+) on node (\w+): (http://[\d.]+:\d+)")
 
 
-def replica_config(home: Path, cluster: RayTestCluster, **overrides: object) -> str:
-    """TOML for a daemon whose OCR engine is ``vllm.replicas = 2`` on ``cluster`` (the tiny model, CPU flags)."""
+def replica_sections(home: Path, cluster: RayTestCluster, **overrides: object) -> dict[str, dict[str, object]]:
+    """The config sections of a daemon whose OCR engine is ``vllm.replicas = 2`` on ``cluster`` (the tiny model,
+    CPU flags)."""
     env = {k: v for k, v in stack.vllm_env(home / "engine", lora=True).items()
            if k.startswith(("VLLM_", "HF_", "TORCHINDUCTOR_", "TRANSFORMERS_", "TOKENIZERS_", "TMPDIR"))}
     vllm: dict[str, object] = {
@@ -46,12 +47,18 @@ def replica_config(home: Path, cluster: RayTestCluster, **overrides: object) -> 
         "env": env, "start_timeout_s": SERVE_DEADLINE_S, "max_tokens": 64, "max_in_flight": 2,
         "sampling": {"min_tokens": 24, "stop": STOPS}, "replicas": 2}
     vllm.update(overrides)
-    cfg = {"address": cluster.address, "shared_dir": str(cluster.root / "shared"),
-           "auth_token_file": str(cluster.token_file)}
-    lines = ["[hotfolder]", "enabled = false", "[ocr]", 'engine = "vllm"', "workers = 2", "dpi = 50",
-             "page_timeout_s = 300.0", "[cluster]", 'backend = "ray"']
-    lines += [f"{k} = {toml_value(v)}" for k, v in cfg.items()]
-    lines += ["[vllm]"] + [f"{k} = {toml_value(v)}" for k, v in vllm.items()]
+    return {"hotfolder": {"enabled": False},
+            "ocr": {"engine": "vllm", "workers": 2, "dpi": 50, "page_timeout_s": 300.0},
+            "cluster": {"backend": "ray", "address": cluster.address, "shared_dir": str(cluster.root / "shared"),
+                        "auth_token_file": str(cluster.token_file)},
+            "vllm": vllm}
+
+
+def replica_config(home: Path, cluster: RayTestCluster, **overrides: object) -> str:
+    """:func:`replica_sections` as TOML."""
+    lines = []
+    for name, values in replica_sections(home, cluster, **overrides).items():
+        lines += [f"[{name}]"] + [f"{k} = {toml_value(v)}" for k, v in values.items()]
     return "\n".join(lines) + "\n"
 
 

@@ -155,6 +155,9 @@ def test_env_drops_systemd_vars_and_sets_gpus_and_torchrun() -> None:
     assert "NOTIFY_SOCKET" not in one and "WATCHDOG_USEC" not in one
     assert one["HF_HOME"] == "/hf" and one["LLAMABOARD_WORKDIR"] == "/job/output"
     assert build_env(base=base, gpus=[0, 5])["FORCE_TORCHRUN"] == "1"
+    # one process per GPU given, whatever torch counts on the node (0 with Ray's logical GPUs)
+    assert build_env(base=base, gpus=[0, 5])["NPROC_PER_NODE"] == "2" and build_env(base={}, gpus=3)[
+        "NPROC_PER_NODE"] == "3" and "NPROC_PER_NODE" not in one
     assert build_env(base=base, gpus=[1], deepspeed=True)["FORCE_TORCHRUN"] == "1"
     assert build_env(base=base, gpus=[])["CUDA_VISIBLE_DEVICES"] == ""  # CPU: no GPU visible
 

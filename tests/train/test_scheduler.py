@@ -59,7 +59,7 @@ def test_backfill_uses_gpus_the_head_can_spare() -> None:
 
 def test_job_needing_the_engines_gpus_puts_it_to_sleep_then_runs_then_wakes_it() -> None:
     d = plan([QueuedJob(1, 7)], [], ENGINE, VLLM)
-    assert d.starts == [] and d.engine == EngineAction("sleep", "job 1 needs GPU(s) the engine holds")
+    assert d.starts == [] and d.engine == EngineAction("sleep", "job 1 needs GPU(s) the engine holds", (0, 1))
     assert d.waiting[1] == "waiting for the vLLM engine to sleep (it holds GPU 0,1)"
     asleep = EngineView(gpus=(0, 1), state="sleeping", parked=True, pids=(7301, 7302))
     d = plan([QueuedJob(1, 7)], [], ENGINE_ASLEEP, asleep)
@@ -73,7 +73,7 @@ def test_job_needing_the_engines_gpus_puts_it_to_sleep_then_runs_then_wakes_it()
 def test_engine_without_sleep_mode_is_stopped_and_small_jobs_leave_it_alone() -> None:
     no_sleep = EngineView(gpus=(0, 1), state="running", can_sleep=False, pids=(7301, 7302))
     assert plan([QueuedJob(1, 7)], [], ENGINE, no_sleep).engine == EngineAction(
-        "stop", "job 1 needs GPU(s) the engine holds")
+        "stop", "job 1 needs GPU(s) the engine holds", (0, 1))
     d = plan([QueuedJob(2, 5)], [], ENGINE, VLLM)
     assert d.starts == [Start(2, (2, 3, 4, 5, 7))] and d.engine is None
     assert "pid 61002" in plan([QueuedJob(3, 8)], [], ENGINE, VLLM).waiting[3]
@@ -218,3 +218,17 @@ def test_on_a_cluster_a_job_takes_its_gpus_on_one_node_and_a_multi_node_job_on_d
     assert "the largest node of the cluster has 2" in d.impossible[6] and "does not divide" in d.impossible[7]
     # one machine (no node names): --nodes cannot be honoured
     assert "set [cluster] backend" in plan([QueuedJob(8, 2, nodes=2)], [], IDLE).impossible[8]
+
+
+def test_an_engine_of_replicas_parks_only_the_servers_on_the_gpus_a_job_needs_and_wakes_them_after() -> None:
+    # two replicas, one GPU each, on GPU 1 of node 0 and GPU 3 of node 1 (daemon/cluster/replica_port.py)
+    fleet = EngineView(gpus=(1, 3), state="running", can_sleep=False)
+    d = plan([QueuedJob(1, 2)], [], cluster(2, 2), fleet)
+    # the job goes whole to one node, whose replica's GPU it needs: that replica stops, the other serves on
+    assert d.starts == [] and d.engine == EngineAction("stop", "job 1 needs GPU(s) the engine holds", (1,))
+    parked = EngineView(gpus=(1, 3), state="running", can_sleep=False, parked=True, parked_gpus=(1,))
+    d = plan([QueuedJob(1, 2)], [], cluster(2, 2), parked)
+    assert d.starts == [Start(1, (0, 1))] and d.engine is None
+    # while the job holds GPU 1 the replica stays parked; once it has ended, it comes back
+    assert plan([], [RunningJob(1, (0, 1))], cluster(2, 2), parked).engine is None
+    assert plan([], [], cluster(2, 2), parked).engine == EngineAction("wake", "no job uses the engine's GPUs any more")

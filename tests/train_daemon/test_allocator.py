@@ -57,7 +57,7 @@ class ParkableEngine:
         return EngineView(gpus=(0, 1), state=self.state, can_sleep=True, parked=self.state == "sleeping",
                           pids=(7301, 7302) if pids else ())
 
-    async def park(self, how: Literal["sleep", "stop"], reason: str) -> None:
+    async def park(self, how: Literal["sleep", "stop"], reason: str, gpus: tuple[int, ...] = ()) -> None:
         self.calls.append(f"{how}: {reason}")
         self.state = "sleeping"
         self.source.path = FIXTURES / "box8_engine_asleep.json"
