@@ -160,8 +160,9 @@ def plan(
             out.impossible[job.job_id] = (f"asks for {job.gpus} GPUs; this machine has {len(gpus)}: submit it "
                                           f"with --gpus {len(gpus)} or fewer")
             continue
+        # a cluster node without NVML reports no memory (0): a need is not held against what is unknown
         biggest = max(g.info.memory_total_mib for g in gpus.values())
-        if need_mib > biggest:
+        if need_mib > biggest > 0:
             out.impossible[job.job_id] = (f"asks for {need_mib / MIB_PER_GIB:.0f} GiB free per GPU; the largest "
                                           f"GPU here has {biggest / MIB_PER_GIB:.0f} GiB: lower min_free_gib")
             continue
@@ -249,7 +250,7 @@ def _gpu_table(snapshot: GpuSnapshot, running: Sequence[PlacedJob], engine: Engi
 def _usable(g: _Gpu, need_mib: float, policy: Policy) -> bool:
     if g.engine:  # its memory is the engine's until it sleeps; the next plan sees the real free memory
         return not g.holders and not g.foreign
-    if g.free_mib < need_mib:
+    if g.free_mib < need_mib and g.info.memory_total_mib > 0:  # 0: unknown (daemon/gpus/ray_source.py)
         return False
     if not g.holders and not g.foreign:
         return True

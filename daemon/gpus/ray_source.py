@@ -7,8 +7,10 @@ against every alive node's logical GPUs, so the ftmllm queue still never over-co
   an index that stays the same while the daemon runs: nodes are numbered in the order this source first saw
   them (worker nodes before the head), and node k's GPUs follow node k-1's. A node that died keeps its
   indices but its GPUs leave the snapshot, so nothing is planned on them.
-* Ray knows GPUs as counts, not as devices with memory: a GPU's memory is reported as unknown (0), so a job's
-  ``min_free_gib`` cannot be planned on a cluster. Ray work that ftmllm did not submit is not seen as using
+* Ray knows GPUs as counts, not as devices with memory: a GPU's memory is reported as unknown (0), and the
+  plan does not hold a job's ``min_free_gib`` against it. (The dashboard's node summary has each node's
+  devices from NVML, but Ray does not say which device a job got, so their memory cannot be put on the GPUs
+  numbered here.) Ray work that ftmllm did not submit is not seen as using
   a GPU (Ray itself still will not over-commit it: such a job then waits in Ray's own queue).
 """
 

@@ -232,3 +232,8 @@ def test_an_engine_of_replicas_parks_only_the_servers_on_the_gpus_a_job_needs_an
     # while the job holds GPU 1 the replica stays parked; once it has ended, it comes back
     assert plan([], [RunningJob(1, (0, 1))], cluster(2, 2), parked).engine is None
     assert plan([], [], cluster(2, 2), parked).engine == EngineAction("wake", "no job uses the engine's GPUs any more")
+
+
+def test_on_a_cluster_min_free_gib_is_not_held_against_unknown_memory() -> None:
+    # Ray counts GPUs and knows no memory (0): the need is not refused as "more than the largest GPU has"
+    assert plan([QueuedJob(3, 1, min_free_gib=40)], [], cluster(2)).starts == [Start(3, (0,))]
