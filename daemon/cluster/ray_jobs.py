@@ -12,8 +12,8 @@
   processes under it that catch SIGABRT; the job's wait time is the config's graceful_stop_s.
 * A job whose node dies ends FAILED without an exit code (its supervisor actor died with the node): that is
   :attr:`RayRun.node_lost`, not the trainer's failure. Where the node's machine lives on (only its raylet
-  died, or it was cut off), the wrapper sees its parent, Ray's supervisor, go and kills the trainer: the job
-  runs again elsewhere from its checkpoint, and two trainers must never write one job's folder.
+  died), the wrapper sees the raylet or its parent, Ray's supervisor, go and kills the trainer: the job runs
+  again elsewhere from its checkpoint, and two trainers must never write one job's folder.
 """
 
 from __future__ import annotations
@@ -30,6 +30,8 @@ from typing import Any
 from daemon.children.process import StopHow, StopOutcome
 
 POLL_S = 0.5
+# what the wrapper exits with when it stopped the trainer because its node left the cluster (EX_TEMPFAIL)
+NODE_LEFT_EXIT = 75
 NODE_ID_LABEL = "ray.io/node-id"  # every Ray node carries its id as this label
 
 # Run as `python -c STOP_WRAPPER argv...` on the node (stdlib only: the node needs nothing of ftmllm).
@@ -91,12 +93,24 @@ def stop(_sig, _frame):
             except ProcessLookupError:
                 pass
 signal.signal(signal.SIGTERM, stop)
+def stat(pid):
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            fields = f.read().rsplit(')', 1)[1].split()
+        # parent pid; start time, or None once it is a zombie (dead, not yet reaped by its own parent)
+        return int(fields[1]), None if fields[0] == 'Z' else fields[19]
+    except (OSError, IndexError, ValueError):
+        return None, None
 def orphaned(parent):
-    # Ray's supervisor (our parent) gone: the node left the cluster (its raylet died) and the job runs again
-    # elsewhere from its last checkpoint; a trainer left here would write into the same shared folder
+    # Ray's supervisor (our parent) or its raylet (the supervisor's parent) gone: the node left the cluster and
+    # the job runs again elsewhere from its last checkpoint; a trainer left here would write into the same
+    # shared folder. (A supervisor outlives its killed raylet for as long as it likes.)
+    raylet = stat(parent)[0]
+    raylet_started = stat(raylet)[1] if raylet else None
     while child.poll() is None:
-        if os.getppid() != parent:
+        if os.getppid() != parent or (raylet and stat(raylet)[1] != raylet_started):
             print('ftmllm: the Ray node this job ran on left the cluster: stopping the trainer here', flush=True)
+            left.append(True)
             for pid in reversed(under(child.pid)):
                 try:
                     os.kill(pid, signal.SIGKILL)
@@ -104,10 +118,13 @@ def orphaned(parent):
                     pass
             return
         time.sleep(1.0)
+left = []
 threading.Thread(target=orphaned, args=(os.getppid(),), daemon=True).start()
 rc = child.wait()
+if left:
+    sys.exit(NODE_LEFT_EXIT)
 sys.exit(128 - rc if rc < 0 else rc)
-"""
+""".replace("NODE_LEFT_EXIT", str(NODE_LEFT_EXIT))
 
 
 def entrypoint(python: str, argv: Sequence[str]) -> str:
@@ -168,8 +185,9 @@ class RayRun:
 
     @property
     def node_lost(self) -> bool:
-        """Ended FAILED with no exit code after it had started: its node (or its supervisor) died."""
-        return self.status == "FAILED" and self.exit_code is None and bool(self.node_id)
+        """Ended FAILED with no exit code after it had started (its node, or its supervisor, died), or with the
+        wrapper's :data:`NODE_LEFT_EXIT` (the node's raylet died and the wrapper stopped the trainer)."""
+        return self.status == "FAILED" and bool(self.node_id) and self.exit_code in (None, NODE_LEFT_EXIT)
 
     def alive(self) -> bool:
         return not self.terminal

@@ -89,6 +89,8 @@ class RayTrainKind(LlamaFactoryKind):
             if not run.alive():
                 (ctx.dir / RAY_RECORD).unlink(missing_ok=True)
         if run.node_lost:
+            for node_id in self._lost_nodes(run):
+                self.gpus.suspect(node_id)  # the job's next placement must not pick it again
             lost = ", ".join(sorted({n[:8] for n in self._lost_nodes(run)})) or run.node_id[:8]
             if ctx.job.attempts > NODE_LOSS_RETRIES:
                 raise JobFailed(f"the Ray nodes running job {ctx.job.id} died {ctx.job.attempts} times "

@@ -26,6 +26,7 @@ from daemon.gpus.nvml import GpuSample, GpuSnapshot
 from shared.config import ClusterConfig, ConfigError
 
 STATE_TIMEOUT_S = 10
+SUSPECT_S = 120.0  # how long a node a job lost stays out of the plan while Ray still calls it alive
 
 
 def ray_missing_message() -> str:
@@ -96,6 +97,7 @@ class RayGpus:
         self._next = 0
         self._lock = threading.Lock()
         self.nodes: list[RayNode] = []
+        self._suspects: dict[str, float] = {}  # node id -> until when nothing is planned on it
 
     def first_index(self, node: RayNode) -> int:
         with self._lock:
@@ -111,6 +113,20 @@ class RayGpus:
                 return node
         return None
 
+    def suspect(self, node_id: str, seconds: float = SUSPECT_S) -> None:
+        """A job lost this node: plan nothing on it for ``seconds``, though Ray may still call it alive (Ray
+        takes a while to declare a node dead; a job placed there meanwhile would wait in Ray for ever)."""
+        with self._lock:
+            self._suspects[node_id] = time.monotonic() + seconds
+
+    def _suspected(self, node: RayNode) -> bool:
+        with self._lock:
+            until = self._suspects.get(node.node_id)
+            if until is not None and (not node.alive or time.monotonic() > until):
+                del self._suspects[node.node_id]  # Ray has said what became of it, or had long enough
+                return False
+            return until is not None
+
     def snapshot(self) -> GpuSnapshot:
         try:
             nodes = list_ray_nodes(self.address)
@@ -125,7 +141,7 @@ class RayGpus:
         gpus = []
         for node in nodes:
             first = self.first_index(node)
-            if not node.alive:
+            if not node.alive or self._suspected(node):
                 continue
             for k in range(node.gpus):
                 gpus.append(GpuSample(index=first + k, uuid=f"ray-{node.node_id}-{k}",

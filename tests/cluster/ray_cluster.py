@@ -72,13 +72,6 @@ class RayNodeProc:
                     return pid
         raise AssertionError(f"no raylet for {self.name}")
 
-    def power_off(self) -> None:
-        """Every process of this node killed at once, as when its machine goes away (the raylet, Ray's workers
-        and the jobs they run)."""
-        for p in self.procs().values():
-            with contextlib.suppress(psutil.Error):
-                p.kill()
-
     def stop(self) -> None:
         # taken before the stop: a helper whose parent ends is reparented and no longer descends from it
         before = self.procs()

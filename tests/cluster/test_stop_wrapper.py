@@ -3,6 +3,7 @@ real processes stand where Ray's job supervisor and the trainer would be."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,11 +19,15 @@ from tests.daemon_proc import wait_for
 # stands for Ray's job supervisor: starts the wrapper (around a long `sleep`, the trainer) and says its pid
 SUPERVISOR = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', sys.argv[1], 'sleep', '300'], "
               "stdout=open(sys.argv[2], 'w'), stderr=subprocess.STDOUT); print(p.pid, flush=True); sys.stdin.read()")
+# stands for the node's raylet, the supervisor's parent: starts it and says its pid
+RAYLET = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', *sys.argv[1:]]); "
+          "print(p.pid, flush=True); sys.stdin.read()")
 
 
 @dataclass
 class Wrapped:
-    supervisor: subprocess.Popen[str]
+    raylet: subprocess.Popen[str]
+    supervisor: psutil.Process
     wrapper: psutil.Process
     trainer: psutil.Process
     log: Path
@@ -31,28 +36,37 @@ class Wrapped:
 @pytest.fixture
 def wrapped(tmp_path: Path) -> Iterator[Wrapped]:
     log = tmp_path / "wrapper.log"
-    supervisor = subprocess.Popen([sys.executable, "-c", SUPERVISOR, STOP_WRAPPER, str(log)],
-                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    raylet = subprocess.Popen([sys.executable, "-c", RAYLET, SUPERVISOR, STOP_WRAPPER, str(log)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    supervisor: psutil.Process | None = None
     try:
-        assert supervisor.stdout is not None
-        wrapper = psutil.Process(int(supervisor.stdout.readline()))
+        assert raylet.stdout is not None
+        supervisor = psutil.Process(int(raylet.stdout.readline()))
+        wrapper = psutil.Process(int(raylet.stdout.readline()))  # the supervisor prints on the same stdout
         trainer = wait_for(lambda: next((c for c in wrapper.children() if c.name() == "sleep"), None), 30,
                            "the trainer under the wrapper", interval=0.05)
         assert isinstance(trainer, psutil.Process)
-        yield Wrapped(supervisor=supervisor, wrapper=wrapper, trainer=trainer, log=log)
+        yield Wrapped(raylet=raylet, supervisor=supervisor, wrapper=wrapper, trainer=trainer, log=log)
     finally:
-        if supervisor.poll() is None:
-            supervisor.kill()
-            supervisor.wait(timeout=10)
+        for p in (raylet, supervisor):
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                p.kill()
+        raylet.wait(timeout=10)
 
 
-def test_a_trainer_whose_ray_supervisor_died_is_stopped_by_its_wrapper(wrapped: Wrapped) -> None:
-    # a node cut off from the cluster (its raylet dead) while its machine runs on: the job runs again elsewhere,
-    # so the trainer left here must not go on writing into the job's shared folder
-    wrapped.supervisor.kill()
-    wrapped.supervisor.wait(timeout=10)
-    gone, _ = psutil.wait_procs([wrapped.trainer, wrapped.wrapper], timeout=15)
-    assert len(gone) == 2
+@pytest.mark.parametrize("dies", ["supervisor", "raylet", "raylet, not yet reaped"])
+def test_a_trainer_whose_ray_supervisor_or_raylet_died_is_stopped_by_its_wrapper(wrapped: Wrapped, dies: str) -> None:
+    # the node left the cluster while its machine runs on: the job runs again elsewhere, so the trainer left here
+    # must not go on writing into the job's shared folder (a supervisor may well outlive its raylet, and a dead
+    # raylet stays a zombie until `ray start` reaps it)
+    if dies == "supervisor":
+        wrapped.supervisor.kill()
+    else:
+        wrapped.raylet.kill()
+        if dies == "raylet":
+            wrapped.raylet.wait(timeout=10)
+    gone, _ = psutil.wait_procs([wrapped.trainer], timeout=15)
+    assert gone == [wrapped.trainer]
     assert "left the cluster: stopping the trainer here" in wrapped.log.read_text()
 
 
