@@ -219,6 +219,9 @@ class AsyncClient:
         import zmq.asyncio
 
         self.ctx = zmq.asyncio.Context()
+        # every socket of it, the handshake monitor's too: a client a caller forgot to close must not hang its
+        # process at exit, when the garbage collector terms the context (seen: a test run that never ended)
+        self.ctx.setsockopt(zmq.LINGER, 0)
         self._dealer: zmq.asyncio.Socket | None = None
         self._monitor: Any = None
         self._monitor_owner: Any = None
@@ -444,6 +447,7 @@ class Client:
         if self._dealer is None:
             check_listening(self.paths)
             self._ctx = zmq.Context()
+            self._ctx.setsockopt(zmq.LINGER, 0)  # as in AsyncClient: nothing may hold the process at exit
             sock = self._ctx.socket(zmq.DEALER)
             sock.linger = 0
             sock.reconnect_ivl = 100
