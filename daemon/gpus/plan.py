@@ -188,15 +188,14 @@ def plan(
                 out.starts.append(Start(job.job_id, idx))
             continue
 
-        out.waiting[job.job_id] = _why_waiting(job, gpus, need_mib, policy, len(usable))
+        out.waiting[job.job_id] = _why_waiting(job, gpus, need_mib, policy, len(usable), clustered)
         if head_budget is None and not policy.share_gpus:
             head_gpus = {g.info.index for g in usable}
             head_budget = _backfill_budget(job.gpus - len(usable), running, out.starts)
 
     if needs_engine and engine.state == "running":
         action: Literal["sleep", "stop"] = "sleep" if engine.can_sleep else "stop"
-        wanted = tuple(sorted({gi for g in gpus.values() if g.engine and g.holders & set(needs_engine)
-                               for gi in (g.info.index,)}))
+        wanted = tuple(sorted(g.info.index for g in gpus.values() if g.engine and g.holders & set(needs_engine)))
         out.engine = EngineAction(action, f"job {needs_engine[0]} needs GPU(s) the engine holds", wanted)
     elif engine.parked and (engine.state in ("sleeping", "stopped") or engine.parked_gpus) and not needs_engine:
         in_use = {gi for r in running for gi in r.gpus} | {gi for s in out.starts for gi in s.gpus}
@@ -312,7 +311,8 @@ def _backfill_budget(missing: int, running: Sequence[PlacedJob], started: Sequen
     return min(enough) if enough else 1 << 30
 
 
-def _why_waiting(job: QueuedJob, gpus: dict[int, _Gpu], need_mib: float, policy: Policy, usable: int) -> str:
+def _why_waiting(job: QueuedJob, gpus: dict[int, _Gpu], need_mib: float, policy: Policy, usable: int,
+                 clustered: bool) -> str:
     busy = []
     for g in sorted(gpus.values(), key=lambda x: x.info.index):
         if g.holders:
@@ -325,6 +325,8 @@ def _why_waiting(job: QueuedJob, gpus: dict[int, _Gpu], need_mib: float, policy:
     shown = "; ".join(busy[:4]) + (f"; +{len(busy) - 4} more" if len(busy) > 4 else "")
     if job.nodes > 1:
         return f"needs {job.gpus // job.nodes} GPU(s) on each of {job.nodes} nodes, {usable} usable now ({shown})"
+    if clustered and job.gpus > 1:
+        return f"needs {job.gpus} GPU(s) on one node, {usable} usable now across the cluster ({shown})"
     return f"needs {job.gpus} GPU(s), {usable} usable now ({shown})"
 
 

@@ -206,6 +206,8 @@ def test_on_a_cluster_a_job_takes_its_gpus_on_one_node_and_a_multi_node_job_on_d
     # one GPU taken on node 0: a 2-GPU job cannot straddle the nodes, it goes whole to node 1
     d = plan([QueuedJob(1, 2)], [RunningJob(9, (0,))], two_by_two)
     assert d.starts == [Start(1, (2, 3))]
+    d = plan([QueuedJob(1, 2)], [RunningJob(9, (0,)), RunningJob(10, (2,))], two_by_two)
+    assert d.waiting[1].startswith("needs 2 GPU(s) on one node, 2 usable now across the cluster")
     # 1 GPU on each of 2 nodes; 2 on each of 2 nodes
     assert plan([QueuedJob(2, 2, nodes=2)], [], two_by_two).starts == [Start(2, (0, 2))]
     assert plan([QueuedJob(3, 4, nodes=2)], [], two_by_two).starts == [Start(3, (0, 1, 2, 3))]
