@@ -25,7 +25,7 @@ from shared.handover import HandoverRefused, HandoverUnavailable, hand_over
 from shared.protocol import EventBody, JobDetail, JobInfo, OcrOutput, OcrOutputReply, Submit, TextDelta
 from tui.ftctl.args import Subparsers, add_submit_flags
 from tui.ftctl.follow import View, follow
-from tui.ftctl.output import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_OK, emit_json, err, job_exit, usage
+from tui.ftctl.output import EXIT_FAILED, EXIT_OK, emit_json, err, handover_failed, job_exit, usage
 
 ASK = "\0ask"  # --password without a value
 MAX_PASSWORD_BYTES = 4096
@@ -41,11 +41,10 @@ def cmd_submit_ocr(args: argparse.Namespace, c: Client) -> int:
         out_dir = writable_dir(Path(args.out_dir).expanduser().absolute()) if args.out_dir else None
         password = read_password(args, path)
         handed = hand_over(c.paths, path)
-    except (Problem, HandoverRefused) as exc:
+    except Problem as exc:
         return usage(str(exc))
-    except HandoverUnavailable as exc:
-        err.print(f"ftctl: {exc}", markup=False)
-        return EXIT_NO_DAEMON
+    except (HandoverRefused, HandoverUnavailable) as exc:
+        return handover_failed(exc)
     spec: dict[str, Any] = {"spool": handed.sha256, "name": handed.name, "force": args.force}
     for key, value in (("password", password), ("engine", args.engine), ("adapter", args.adapter),
                        ("max_pages", args.pages)):

@@ -88,6 +88,15 @@ def usage(message: str) -> int:
     return EXIT_USAGE
 
 
+def handover_failed(exc: Exception) -> int:
+    """Say why a file could not be handed over (shared/handover.py); returns the exit code: the file's fault
+    (HandoverRefused) is bad usage, a daemon that does not take it (HandoverUnavailable) is EXIT_NO_DAEMON."""
+    from shared.handover import HandoverUnavailable  # only the commands that hand files over need it
+
+    sys.stderr.write(f"ftctl: {exc}\n")
+    return EXIT_NO_DAEMON if isinstance(exc, HandoverUnavailable) else EXIT_USAGE
+
+
 def note(message: str) -> None:
     """One plain line on stderr (no Rich: quick commands stay quick)."""
     sys.stderr.write(message + "\n")

@@ -31,7 +31,7 @@ from shared.protocol import JobDetail, OcrEvalResult, OcrEvalResultReply, Submit
 from tui.ftctl.args import Subparsers, add_submit_flags
 from tui.ftctl.follow import follow
 from tui.ftctl.ocr import OcrView
-from tui.ftctl.output import EXIT_NO_DAEMON, EXIT_OK, emit_json, err, job_exit, out, usage
+from tui.ftctl.output import EXIT_OK, emit_json, err, handover_failed, job_exit, out, usage
 from tui.widgets.score_table import compare_table
 
 MAX_SIDECAR_BYTES = 16 * 1024 * 1024
@@ -67,11 +67,8 @@ def cmd_ocr_eval(args: argparse.Namespace, c: Client) -> int:
             with Handover(c.paths) as h:
                 docs = [{"pdf": h.file(pdf).sha256, "truth": h.file(md).sha256, "name": pdf.name}
                         for pdf, md in pairs]
-        except HandoverRefused as exc:
-            return usage(str(exc))
-        except HandoverUnavailable as exc:
-            err.print(f"ftctl: {exc}", markup=False)
-            return EXIT_NO_DAEMON
+        except (HandoverRefused, HandoverUnavailable) as exc:
+            return handover_failed(exc)
         spec: dict[str, Any] = {"docs": docs, "source": folder.name}
         what = f"{len(pairs)} document(s)"
     elif "/" not in args.source and not folder.exists():

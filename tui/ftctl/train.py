@@ -52,7 +52,16 @@ from shared.protocol import (
 )
 from tui.ftctl.args import Subparsers, add_submit_flags
 from tui.ftctl.follow import View, follow
-from tui.ftctl.output import EXIT_FAILED, EXIT_NO_DAEMON, EXIT_OK, EXIT_USAGE, emit_json, err, job_exit, out
+from tui.ftctl.output import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    emit_json,
+    err,
+    handover_failed,
+    job_exit,
+    out,
+)
 
 DATASET_ADD_TIMEOUT_S = 900.0  # checking every image of a big dataset takes a while
 MAX_LISTED_PROBLEMS = 10
@@ -283,12 +292,8 @@ def cmd_dataset_add(args: argparse.Namespace, c: Client) -> int:
                 err.print("ftctl: " + "; ".join(problems), markup=False)
                 return EXIT_USAGE
             manifest = _hand_over_manifest(handover, media) if media else None
-    except HandoverRefused as exc:
-        err.print(f"ftctl: {exc}", markup=False)
-        return EXIT_USAGE
-    except HandoverUnavailable as exc:
-        err.print(f"ftctl: {exc}", markup=False)
-        return EXIT_NO_DAEMON
+    except (HandoverRefused, HandoverUnavailable) as exc:
+        return handover_failed(exc)
     body = DatasetAddSpooled(name=args.name, records=records.sha256, records_name=file.name,
                              media=manifest or "", ranking=args.ranking, replace=args.replace)
     reply = c.call(body, DatasetsReply, timeout=max(args.timeout, DATASET_ADD_TIMEOUT_S))
@@ -367,12 +372,8 @@ def cmd_dataset_from_pages(args: argparse.Namespace, c: Client) -> int:
                 documents[name] = {"pdf": handover.file(folder / name).sha256,
                                    "md": handover.file(md).sha256 if md.exists() else ""}
             manifest = _hand_over_manifest(handover, documents, "documents.json")
-    except HandoverRefused as exc:
-        err.print(f"ftctl: {exc}", markup=False)
-        return EXIT_USAGE
-    except HandoverUnavailable as exc:
-        err.print(f"ftctl: {exc}", markup=False)
-        return EXIT_NO_DAEMON
+    except (HandoverRefused, HandoverUnavailable) as exc:
+        return handover_failed(exc)
     body = DatasetFromPages(name=args.name, documents=manifest, folder=str(folder), val=args.val, seed=args.seed,
                             replace=args.replace)
     reply = c.call(body, DatasetsReply, timeout=max(args.timeout, DATASET_ADD_TIMEOUT_S))
