@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.text_table import text_table
+
 PREDICT_RESULTS = "predict_results.json"
 # (row label, key in predict_results.json, format)
 METRICS = (
@@ -50,11 +52,4 @@ def compare_table(columns: Sequence[EvalColumn]) -> str:
     rows = [header]
     for label, key, fmt in METRICS:
         rows.append([label, *(fmt.format(c.metrics[key]) if key in c.metrics else "-" for c in columns)])
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    lines = []
-    for n, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))]
-        lines.append("  ".join(cells).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(rows)

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from shared.protocol import OcrEvalResultReply
+from shared.text_table import text_table
 
 # (row label, key in the totals, format): fractions shown as percent, agreement scores as 0..1
 METRICS = (
@@ -27,11 +28,4 @@ def compare_table(runs: Sequence[OcrEvalResultReply]) -> str:
             v = r.totals.get(key)
             cells.append("-" if v is None else fmt.format(v * scale))
         rows.append([label, *cells])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    lines = []
-    for n, row in enumerate(rows):
-        cells = [row[0].ljust(widths[0]), *(cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))]
-        lines.append("  ".join(cells).rstrip())
-        if n == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(rows)
