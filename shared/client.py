@@ -106,6 +106,15 @@ class RemoteError(Exception):
         self.message = message
 
 
+def request_frame(rid: int, body: RequestBody) -> bytes:
+    """The request as the daemon reads it. The daemon's own limits are checked here (RemoteError): a frame
+    libzmq would drop unanswered is never sent."""
+    try:
+        return encode_request(Request(id=rid, v=PROTOCOL_VERSION, body=body))
+    except ProtocolError as exc:
+        raise RemoteError(exc.code, exc.message) from None
+
+
 def unavailable_message(paths: Paths, why: str) -> str:
     return (f"ftmllmd is {why} (looked for {paths.ctl_socket}); start it with `systemctl start ftmllmd`, "
             f"or run `ftmllmd` in another terminal (`make run` in a checkout)")
@@ -265,11 +274,7 @@ class AsyncClient:
             check_listening(self.paths)
         sock = self._ensure_dealer()
         rid = next(self._ids)
-        try:
-            # the daemon's own limits, checked here: a frame libzmq would drop unanswered is never sent
-            frame = encode_request(Request(id=rid, v=PROTOCOL_VERSION, body=body))
-        except ProtocolError as exc:
-            raise RemoteError(exc.code, exc.message) from None
+        frame = request_frame(rid, body)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[rid] = fut
         await sock.send(frame)
@@ -463,10 +468,7 @@ class Client:
         with self._lock:
             sock = self._ensure_dealer()
             rid = next(self._ids)
-            try:
-                frame = encode_request(Request(id=rid, v=PROTOCOL_VERSION, body=body))
-            except ProtocolError as exc:
-                raise RemoteError(exc.code, exc.message) from None
+            frame = request_frame(rid, body)
             sock.send(frame)
             deadline = time.monotonic() + wait
             while True:
