@@ -139,6 +139,14 @@ def start_daemon(box: Box, name: str, **extra: dict[str, Any]) -> TrainDaemon:
     return d.start()  # type: ignore[return-value]
 
 
+def start_with_toml(name: str, toml: str) -> TrainDaemon:
+    """A daemon in a fresh home, configured by ``toml`` alone (no tiny model or trainer: what needs none)."""
+    home = Path(tempfile.mkdtemp(prefix=f"ft{name}", dir="/tmp"))
+    config = home / "ftmllm.toml"
+    config.write_text(toml)
+    return TrainDaemon(home=home, config=config).start()  # type: ignore[return-value]
+
+
 @contextlib.contextmanager
 def daemon_with_dataset(box: Box, name: str, **extra: dict[str, Any]) -> Iterator[TrainDaemon]:
     """:func:`start_daemon` with the tiny dataset added as ``tiny_sft`` (what a module's jobs train on);

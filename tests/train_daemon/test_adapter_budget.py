@@ -15,7 +15,7 @@ import pytest
 
 from daemon.engines.vlm.adapter_budget import BUDGET_FILE
 from tests.ocrtruth import DOCS, write_born_digital
-from tests.train_daemon.support import Box, TrainDaemon, start_daemon
+from tests.train_daemon.support import Box, TrainDaemon, start_daemon, start_with_toml
 
 pytestmark = pytest.mark.llamafactory
 
@@ -78,17 +78,13 @@ def test_deploy_refuses_an_adapter_trained_on_larger_pages_than_the_engine_serve
 
 def test_engine_load_refuses_an_adapter_folder_whose_budget_the_engine_cannot_serve() -> None:
     # no trainer here: an adapter folder with a recorded budget, and a daemon with a (not started) vLLM engine
-    home = Path(tempfile.mkdtemp(prefix="ftbudload", dir="/tmp"))
-    adapter = home / "adapter"
-    adapter.mkdir()
-    (adapter / BUDGET_FILE).write_text(json.dumps({"image_max_pixels": 1003520, "image_min_pixels": 1024,
-                                                   "datasets": {}}))
-    config = home / "ftmllm.toml"
-    config.write_text('[ocr]\nengine = "cpu"\n[hotfolder]\nenabled = false\n'
-                      '[vllm]\nmodel = "/nonexistent/model"\nmax_model_len = 1024\nmax_tokens = 256\n')
-    d = TrainDaemon(home=home, config=config)
-    d.start()
+    d = start_with_toml("budload", '[ocr]\nengine = "cpu"\n[hotfolder]\nenabled = false\n'
+                                   '[vllm]\nmodel = "/nonexistent/model"\nmax_model_len = 1024\nmax_tokens = 256\n')
     try:
+        adapter = d.home / "adapter"
+        adapter.mkdir()
+        (adapter / BUDGET_FILE).write_text(json.dumps({"image_max_pixels": 1003520, "image_min_pixels": 1024,
+                                                       "datasets": {}}))
         r = d.ftctl("engine", "load", "wide", str(adapter))
         assert r.returncode != 0 and "cannot be served as it was trained" in r.stderr, r.stderr
         assert "set vllm.max_model_len to at least" in r.stderr and len(r.stderr.strip().splitlines()) == 1

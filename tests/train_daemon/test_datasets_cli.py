@@ -14,7 +14,7 @@ import pytest
 from shared.client import RemoteError
 from shared.protocol import DatasetList, DatasetsReply, JobDetail, Submit
 from tests.engines import stack
-from tests.train_daemon.support import TrainDaemon
+from tests.train_daemon.support import TrainDaemon, start_with_toml
 
 MISSING_CLI = "/nonexistent/lf-venv/bin/llamafactory-cli"
 
@@ -22,11 +22,7 @@ MISSING_CLI = "/nonexistent/lf-venv/bin/llamafactory-cli"
 @pytest.fixture(scope="module")
 def plain() -> Iterator[TrainDaemon]:
     """A daemon whose [train] llamafactory_cli points nowhere."""
-    home = Path(tempfile.mkdtemp(prefix="ftds", dir="/tmp"))
-    config = home / "ftmllm.toml"
-    config.write_text(f'[train]\nllamafactory_cli = "{MISSING_CLI}"\n[hotfolder]\nenabled = false\n')
-    d = TrainDaemon(home=home, config=config)
-    d.start()
+    d = start_with_toml("ds", f'[train]\nllamafactory_cli = "{MISSING_CLI}"\n[hotfolder]\nenabled = false\n')
     try:
         yield d
     finally:

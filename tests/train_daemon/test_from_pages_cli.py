@@ -18,7 +18,7 @@ from daemon.train.from_pages import VAL_SUFFIX
 from shared.protocol import DatasetList, DatasetsReply
 from tests.daemon_proc import DaemonProc
 from tests.ocrtruth import DOCS, write_born_digital
-from tests.train_daemon.support import TrainDaemon
+from tests.train_daemon.support import TrainDaemon, start_with_toml
 from tests.trust.members import member_server
 
 PROMPT = (Path(__file__).resolve().parents[2] / "configs" / "prompts" / "default.txt").read_text().strip()
@@ -26,12 +26,8 @@ PROMPT = (Path(__file__).resolve().parents[2] / "configs" / "prompts" / "default
 
 @pytest.fixture(scope="module")
 def plain() -> Iterator[TrainDaemon]:
-    home = Path(tempfile.mkdtemp(prefix="ftfp", dir="/tmp"))
-    config = home / "ftmllm.toml"
-    config.write_text('[train]\nllamafactory_cli = "/nonexistent/llamafactory-cli"\n[hotfolder]\nenabled = false\n'
-                      "[ocr]\nworkers = 1\n")
-    d = TrainDaemon(home=home, config=config)
-    d.start()
+    d = start_with_toml("fp", '[train]\nllamafactory_cli = "/nonexistent/llamafactory-cli"\n[hotfolder]\n'
+                              'enabled = false\n[ocr]\nworkers = 1\n')
     try:
         yield d
     finally:
