@@ -52,13 +52,24 @@ def peak_rss_mb(pid: int) -> float:
     return 0.0
 
 
-def run(n: int, scratch: Path) -> dict[str, float]:
-    srcs = Path(tempfile.mkdtemp(prefix=f"src{n}-", dir=scratch))
-    files = [make_pdf(srcs / f"scan{k:06d}.pdf", k) for k in range(n)]
+def drop_of(n: int, scratch: Path, prefix: str) -> list[Path]:
+    """``n`` distinct one-page PDFs, made beside the inbox's file system, ready to be renamed in."""
+    srcs = Path(tempfile.mkdtemp(prefix=f"{prefix}{n}-", dir=scratch))
+    return [make_pdf(srcs / f"scan{k:06d}.pdf", k) for k in range(n)]
+
+
+def hot_folder_daemon() -> DaemonProc:
+    """A daemon (not started) with this bench's config: the cpu engine in legacy mode, the hot folder on."""
     d = DaemonProc()
-    cfg = d.home / "ftmllm.toml"
-    cfg.write_text(CONFIG)
-    d.config = cfg
+    d.config = d.home / "ftmllm.toml"
+    d.config.write_text(CONFIG)
+    return d
+
+
+def run(n: int, scratch: Path) -> dict[str, float]:
+    files = drop_of(n, scratch, "src")
+    srcs = files[0].parent
+    d = hot_folder_daemon()
     try:
         d.start()
         assert d.proc is not None
@@ -95,13 +106,9 @@ def run(n: int, scratch: Path) -> dict[str, float]:
 
 def killed_midway(n: int, scratch: Path, seed: int) -> int:
     """Drop ``n`` files, SIGKILL the daemon when a random share of them is done, restart it; the outputs."""
-    srcs = Path(tempfile.mkdtemp(prefix=f"kill{n}-", dir=scratch))
-    files = [make_pdf(srcs / f"scan{k:06d}.pdf", k) for k in range(n)]
+    files = drop_of(n, scratch, "kill")
     at = random.Random(seed).uniform(0.05, 0.95)
-    d = DaemonProc()
-    cfg = d.home / "ftmllm.toml"
-    cfg.write_text(CONFIG)
-    d.config = cfg
+    d = hot_folder_daemon()
     try:
         d.start()
         inbox, done = d.paths.inbox, d.paths.done
