@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import re
 import shutil
 import struct
 import uuid
@@ -44,6 +43,7 @@ from daemon.gpus.engine_port import GpuEngine
 from daemon.gpus.source import GpuSource
 from daemon.jobs.base import Caller
 from daemon.jobs.manager import RequestDenied
+from daemon.jobs.outputs import inside, under_jobs
 from daemon.ocr.engine import Engine, EngineChoice
 from daemon.ocr.errors import OcrError
 from daemon.ocr.pdfworker import PdfWorkerPool
@@ -58,6 +58,7 @@ from shared.protocol import (
     EngineCommand,
     EngineInfo,
     EngineReply,
+    JobInfo,
     TextDelta,
     ask_key,
 )
@@ -328,30 +329,31 @@ class EngineControl(Part):
         if caller.is_admin:
             return path
         real = os.path.realpath(path)
-        jobs = os.path.realpath(self.settings.paths.state_dir / "jobs")
-        if _inside(real, jobs):
-            parts = Path(os.path.relpath(real, jobs)).parts
-            try:
-                job = self.store.get_job(int(parts[0])) if parts and parts[0].isdigit() else None
-            except StoreError:
-                job = None
+        found = under_jobs(real, os.path.realpath(self.settings.paths.state_dir / "jobs"), self._job_or_none)
+        if found is not None:
+            job = found.job
             if job is not None and job.owner != caller.user:
                 raise RequestDenied("forbidden", f"{caller.user} cannot load the adapter in {path}: it is job "
                                                  f"{job.id}'s, which belongs to {job.owner}; ask {job.owner} or an "
                                                  "admin to deploy it")
-            if job is None or job.kind != "train" or parts[1:2] != ("output",) or len(parts) > 3 or (
-                    len(parts) == 3 and not _CHECKPOINT_RE.fullmatch(parts[2])):
+            if not found.adapter:
                 raise RequestDenied("forbidden", f"{path}: not the adapter of a train job; deploy one of yours "
                                                  "with `ftctl deploy JOB`")
             return real
         train = self.settings.config.train
-        if any(_inside(real, os.path.realpath(r)) for r in (*train.model_roots, *train.trusted_models) if r):
+        if any(inside(real, os.path.realpath(r)) for r in (*train.model_roots, *train.trusted_models) if r):
             return real
         shown = ", ".join(train.model_roots) or "none set"
         raise RequestDenied("forbidden", f"{caller.user} cannot load the adapter in {path}: the engine reads an "
                                          "adapter with the daemon's rights, so a member loads one of her train "
                                          f"jobs (`ftctl deploy JOB`) or one inside train.model_roots ({shown}); "
                                          "copy it there or ask an admin")
+
+    def _job_or_none(self, job_id: int) -> JobInfo | None:
+        try:
+            return self.store.get_job(job_id)
+        except StoreError:
+            return None
 
     def _check_budget(self, path: str) -> None:
         """An adapter trained at an image budget this engine cannot serve is refused with the setting to
@@ -444,13 +446,6 @@ class EngineControl(Part):
         r = await self.pool.render_page(path, page_no, None, dpi=self.settings.config.ocr.dpi, max_pixels=cap,
                                         timeout=self.settings.config.ocr.page_timeout_s)
         return r.png, r.width, r.height, "image/png"
-
-
-_CHECKPOINT_RE = re.compile(r"checkpoint-\d+")
-
-
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def image_dimensions(data: bytes) -> tuple[int, int] | None:

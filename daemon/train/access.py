@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.jobs.base import Caller
+from daemon.jobs.outputs import inside, under_jobs
 from shared.config import TrainConfig
 from shared.protocol import JobInfo
 
@@ -136,7 +137,6 @@ _FORCED = frozenset(("output_dir", "overwrite_output_dir", "report_to", "dataset
 TRUST_KEY = "trust_remote_code"
 
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
-_CHECKPOINT_RE = re.compile(r"^checkpoint-\d+$")
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,7 @@ def path_problems(params: Mapping[str, Any], *, policy: Policy, caller: Caller,
             problems.append(problem)
     if params.get(TRUST_KEY):
         trusted = [_real(t) for t in policy.trusted_models if t]
-        if model_real is None or not any(_inside(model_real, t) for t in trusted):
+        if model_real is None or not any(inside(model_real, t) for t in trusted):
             listed = ", ".join(policy.trusted_models) or "none listed"
             problems.append(f"{caller.user} cannot set {TRUST_KEY}: true for model {model}: it would run the Python "
                             f"in the model's folder as the daemon's user, and only folders in train.trusted_models "
@@ -239,7 +239,7 @@ def _model(value: str, caller: Caller, roots: list[str], policy: Policy) -> tupl
     real = _real(value)
     if not os.path.isdir(real):
         return None, real  # validate.py: "directory not found"
-    if any(_inside(real, r) for r in roots):
+    if any(inside(real, r) for r in roots):
         return None, real
     shown = ", ".join(policy.model_roots) or "none set"
     return (f"{caller.user} cannot read model_name_or_path {_shown(value, real)}: the trainer reads local models "
@@ -253,10 +253,9 @@ def _adapter(value: str, caller: Caller, roots: list[str], policy: Policy,
         return (f"adapter_name_or_path {value}: give a train job (--adapter JOB) or an absolute path inside "
                 "train.model_roots")
     real = _real(value)
-    jobs = _real(str(policy.jobs_dir))
-    if _inside(real, jobs):
-        parts = Path(os.path.relpath(real, jobs)).parts if real != jobs else ()
-        job = job_of(int(parts[0])) if parts and parts[0].isdigit() else None
+    found = under_jobs(real, _real(str(policy.jobs_dir)), job_of)
+    if found is not None:
+        job = found.job
         if job is None:
             return (f"{caller.user} cannot read adapter_name_or_path {_shown(value, real)}: it is not the output of "
                     "a train job; name the job with --adapter JOB")
@@ -264,12 +263,11 @@ def _adapter(value: str, caller: Caller, roots: list[str], policy: Policy,
             return (f"{caller.user} cannot read adapter_name_or_path {_shown(value, real)}: it is job {job.id}'s, "
                     f"which belongs to {job.owner}; use one of your own train jobs (--adapter JOB), or ask "
                     f"{job.owner} or an admin")
-        if job.kind != "train" or len(parts) < 2 or parts[1] != "output" or len(parts) > 3 or (
-                len(parts) == 3 and not _CHECKPOINT_RE.match(parts[2])):
+        if not found.adapter:
             return (f"adapter_name_or_path {_shown(value, real)}: not a train job's adapter; name the job with "
                     f"--adapter {job.id} (or one of its output/checkpoint-N folders)")
         return None
-    if not os.path.isdir(real) or any(_inside(real, r) for r in roots):
+    if not os.path.isdir(real) or any(inside(real, r) for r in roots):
         return None  # a missing folder: validate.py says "directory not found"
     shown = ", ".join(policy.model_roots) or "none set"
     return (f"{caller.user} cannot read adapter_name_or_path {_shown(value, real)}: an adapter is one of your "
@@ -296,10 +294,6 @@ def _deepspeed(value: str, deepspeed_dir: Path) -> str | None:
 
 def _real(path: str) -> str:
     return os.path.realpath(os.path.expanduser(path))
-
-
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
 
 
 def _shown(value: str, real: str) -> str:
