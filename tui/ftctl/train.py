@@ -296,6 +296,12 @@ def cmd_dataset_add(args: argparse.Namespace, c: Client) -> int:
         return handover_failed(exc)
     body = DatasetAddSpooled(name=args.name, records=records.sha256, records_name=file.name,
                              media=manifest or "", ranking=args.ranking, replace=args.replace)
+    return _send_dataset_request(c, args, body)
+
+
+def _send_dataset_request(c: Client, args: argparse.Namespace, body: DatasetAddSpooled | DatasetFromPages) -> int:
+    """What `dataset add` and `from-pages` end with once their files are handed over: the request (checking
+    every image takes a while) and its message."""
     reply = c.call(body, DatasetsReply, timeout=max(args.timeout, DATASET_ADD_TIMEOUT_S))
     if args.json:
         emit_json(reply)
@@ -376,12 +382,7 @@ def cmd_dataset_from_pages(args: argparse.Namespace, c: Client) -> int:
         return handover_failed(exc)
     body = DatasetFromPages(name=args.name, documents=manifest, folder=str(folder), val=args.val, seed=args.seed,
                             replace=args.replace)
-    reply = c.call(body, DatasetsReply, timeout=max(args.timeout, DATASET_ADD_TIMEOUT_S))
-    if args.json:
-        emit_json(reply)
-    else:
-        out.print(reply.message, markup=False)
-    return EXIT_OK
+    return _send_dataset_request(c, args, body)
 
 
 def cmd_dataset_list(args: argparse.Namespace, c: Client) -> int:
