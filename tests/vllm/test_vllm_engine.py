@@ -34,6 +34,7 @@ from shared.protocol import (
     TERMINAL_STATES,
     AskReply,
     AskSpooled,
+    Done,
     EngineCommand,
     EngineReply,
     Event,
@@ -43,6 +44,8 @@ from shared.protocol import (
     ListJobs,
     PageChanged,
     PagesReply,
+    PauseQueue,
+    ResumeQueue,
     ShowJob,
     TextDelta,
 )
@@ -398,7 +401,14 @@ def test_small_pdfs_submitted_at_once_fill_the_server_as_one_long_pdf_does(vd: V
 
     one = handed_over(c, big).job
     peak_one = peak_running(vd, all_ended([one.id]), JOB_TIMEOUT_S)
-    small = [handed_over(c, pdf).job.id for pdf in split_pages(big, work / "split")]
+    singles = split_pages(big, work / "split")
+    # at once: queued while the queue is paused, started together; submitted one by one into a running queue,
+    # the first pages were done before the last files were handed over, and the gauge was read only after
+    c.call(PauseQueue(), Done)
+    try:
+        small = [handed_over(c, pdf).job.id for pdf in singles]
+    finally:
+        c.call(ResumeQueue(), Done)
     peak_small = peak_running(vd, all_ended(small), JOB_TIMEOUT_S)
     states = {c.call(ShowJob(job_id=i), JobDetail).job.state for i in [one.id, *small]}
     assert states == {"succeeded"}, vd.logs()
