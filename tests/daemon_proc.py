@@ -67,7 +67,10 @@ class DaemonProc:
                 except DaemonUnavailable:
                     return False
 
-            wait_for(answers, timeout, "ftmllmd to answer hello")
+            try:
+                wait_for(answers, timeout, "ftmllmd to answer hello")
+            except AssertionError as exc:  # what it was doing instead
+                raise AssertionError(f"{exc}; its log ends:\n{self.log_text()[-3000:]}") from None
         finally:
             probe.close()
         return self

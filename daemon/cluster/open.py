@@ -3,6 +3,7 @@ the assembly: the Ray job client, the GPU source the allocator plans on, and the
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ from daemon.cluster.train import RayTrainKind
 from daemon.gpus.ray_source import RayGpus, check_cluster_config, require_ray
 from daemon.train.kind import KindName, TrainSetup
 from shared.config import ConfigError, Settings
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -53,6 +56,10 @@ def open_cluster(settings: Settings) -> RayCluster | None:
     require_ray()
     from ray.job_submission import JobSubmissionClient
 
+    if cfg.address.startswith("ray://"):
+        # seen to take from 3 s to more than 30 s on a busy head: say what the start waits for
+        log.info("asking the Ray cluster at %s for its dashboard's URL (a Ray Client session: Ray starts a "
+                 "server for it on the head); [cluster] address = \"http://head:8265\" skips this", cfg.address)
     try:
         # a ray:// address: Ray asks the cluster (a short Ray Client session) for its dashboard's URL
         client = JobSubmissionClient(cfg.address)

@@ -13,7 +13,9 @@
 * A job whose node dies ends FAILED without an exit code (its supervisor actor died with the node): that is
   :attr:`RayRun.node_lost`, not the trainer's failure. Where the node's machine lives on (only its raylet
   died), the wrapper sees the raylet or its parent, Ray's supervisor, go and kills the trainer: the job runs
-  again elsewhere from its checkpoint, and two trainers must never write one job's folder.
+  again elsewhere from its checkpoint, and two trainers must never write one job's folder. A supervisor that
+  exits takes the process it started with it, not that process's children: so that process only waits, and the
+  one that watches and holds the trainer is its child.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from typing import Any
 from daemon.children.process import StopHow, StopOutcome
 
 POLL_S = 0.5
+LOG_CATCH_UP_S = 10.0  # how long a job's end waits for the rest of its log
 # what the wrapper exits with when it stopped the trainer because its node left the cluster (EX_TEMPFAIL)
 NODE_LEFT_EXIT = 75
 NODE_ID_LABEL = "ray.io/node-id"  # every Ray node carries its id as this label
@@ -61,6 +64,14 @@ if port_file:  # a multi-node job: rank 0 picks a free port on its node and tell
     os.environ['MASTER_PORT'] = port
     print(f"ftmllm: node rank {os.environ.get('NODE_RANK')} of {os.environ.get('NNODES')}, master "
           f"{os.environ.get('MASTER_ADDR')}:{port}", flush=True)
+# When Ray's supervisor exits (it may, soon after its raylet is gone) the process it started is killed with it,
+# and that process's children are not: so that process only waits, and its child, the guard, runs the trainer
+# and watches the node (seen here: a trainer orphaned that way ran to its end on a node that had left).
+guard = os.fork()
+if guard:
+    _, status = os.waitpid(guard, 0)
+    rc = os.waitstatus_to_exitcode(status)
+    sys.exit(128 - rc if rc < 0 else rc)
 child = subprocess.Popen(sys.argv[1:])
 def under(root):
     kids = {}
@@ -101,14 +112,15 @@ def stat(pid):
         return int(fields[1]), None if fields[0] == 'Z' else fields[19]
     except (OSError, IndexError, ValueError):
         return None, None
-def orphaned(parent):
-    # Ray's supervisor (our parent) or its raylet (the supervisor's parent) gone: the node left the cluster and
-    # the job runs again elsewhere from its last checkpoint; a trainer left here would write into the same
-    # shared folder. (A supervisor outlives its killed raylet for as long as it likes.)
-    raylet = stat(parent)[0]
-    raylet_started = stat(raylet)[1] if raylet else None
+def orphaned(front):
+    # the process Ray started (our parent), Ray's supervisor (its parent) or the raylet (the supervisor's) gone:
+    # the node left the cluster and the job runs again elsewhere from its last checkpoint; a trainer left here
+    # would write into the same shared folder. (A supervisor outlives its killed raylet for as long as it likes.)
+    supervisor = stat(front)[0]
+    raylet = stat(supervisor)[0] if supervisor else None
+    watched = [(pid, stat(pid)[1]) for pid in (front, supervisor, raylet) if pid]
     while child.poll() is None:
-        if os.getppid() != parent or (raylet and stat(raylet)[1] != raylet_started):
+        if os.getppid() != front or any(stat(pid)[1] != started for pid, started in watched):
             print('ftmllm: the Ray node this job ran on left the cluster: stopping the trainer here', flush=True)
             left.append(True)
             for pid in reversed(under(child.pid)):
@@ -117,7 +129,7 @@ def orphaned(parent):
                 except ProcessLookupError:
                     pass
             return
-        time.sleep(1.0)
+        time.sleep(0.5)
 left = []
 threading.Thread(target=orphaned, args=(os.getppid(),), daemon=True).start()
 rc = child.wait()
@@ -152,6 +164,8 @@ class RayRun:
     exit_code: int | None = None
     _done: asyncio.Event | None = None
     _tasks: tuple[asyncio.Task[None], ...] = ()
+    _logged: int = 0  # characters of the job's log written to log_path
+    _caught_up: asyncio.Task[None] | None = None
 
     @classmethod
     async def submit(cls, client: Any, *, submission_id: str, command: str, gpus: int, env: Mapping[str, str],
@@ -165,6 +179,7 @@ class RayRun:
                                 runtime_env=runtime_env, entrypoint_num_gpus=gpus or None, entrypoint_num_cpus=1,
                                 entrypoint_label_selector={NODE_ID_LABEL: node_id} if node_id else None)
         run = cls(client=client, submission_id=submission_id, log_path=log_path, _done=asyncio.Event())
+        log_path.parent.mkdir(parents=True, exist_ok=True)
         run._tasks = (asyncio.create_task(run._watch(), name=f"ray-{submission_id}"),
                       asyncio.create_task(run._stream_log(), name=f"ray-log-{submission_id}"))
         return run
@@ -213,11 +228,23 @@ class RayRun:
             self._done.set()
 
     async def _stream_log(self) -> None:
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(Exception):  # a lost log stream must not end the job; its state decides
             async for chunk in self.client.tail_job_logs(self.submission_id):
-                with self.log_path.open("a", encoding="utf-8") as fh:
-                    fh.write(chunk)
+                self._append_log(chunk)
+
+    def _append_log(self, text: str) -> None:
+        with self.log_path.open("a", encoding="utf-8") as fh:
+            fh.write(text)
+        self._logged += len(text)
+
+    async def _catch_up_log(self) -> None:
+        """Ray's log stream can end short of the log (seen under load: a canceled trainer's last steps and its
+        save were missing although Ray had them): the whole log, asked once at the end, fills in the rest."""
+        with contextlib.suppress(Exception):  # its node, or the head, gone: what was streamed stays
+            full = await asyncio.wait_for(asyncio.to_thread(self.client.get_job_logs, self.submission_id),
+                                          LOG_CATCH_UP_S)
+            if len(full) > self._logged:
+                self._append_log(full[self._logged:])
 
     async def started(self) -> None:
         """Until Ray runs the command (or the job ended before): PENDING may last while Ray waits for GPUs."""
@@ -228,9 +255,12 @@ class RayRun:
     async def wait(self) -> int:
         assert self._done is not None
         await self._done.wait()
-        # the last lines: the log stream ends by itself once Ray has them all
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._tasks[1]), 10)
+        # the last lines: the log stream ends by itself once Ray has them all, and what it missed is asked for
+        await asyncio.wait({self._tasks[1]}, timeout=LOG_CATCH_UP_S)
+        self._tasks[1].cancel()
+        if self._caught_up is None:  # once, however many wait (a gang waits on each rank twice)
+            self._caught_up = asyncio.create_task(self._catch_up_log(), name=f"ray-log-end-{self.submission_id}")
+        await asyncio.shield(self._caught_up)
         rc = self.returncode
         assert rc is not None
         return rc
@@ -260,5 +290,5 @@ class RayRun:
             self.client.stop_job(self.submission_id)
 
     def close(self) -> None:
-        for task in self._tasks:
+        for task in (*self._tasks, *([self._caught_up] if self._caught_up else [])):
             task.cancel()

@@ -5,13 +5,18 @@ the adapter lands in shared_dir; a cancel stops it through Ray so that the adapt
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import shlex
+import sys
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from daemon.cluster.ray_jobs import RayRun
 from daemon.train.launch import saved_state
 from shared.protocol import JobInfo, Status, StatusReply
 from tests.cluster.conftest import ray_job
@@ -171,9 +176,12 @@ def test_a_job_over_two_nodes_runs_torchrun_across_them_with_one_ray_job_per_nod
 
 
 def test_a_ray_client_address_finds_the_clusters_dashboard(box: Box, ray_cluster: RayTestCluster) -> None:
-    d = start_daemon(box, "rayclient", cluster={"backend": "ray", "address": f"ray://{HEAD_IP}:{ray_cluster.client_port}",
-                                                "shared_dir": str(ray_cluster.root / "shared"),
-                                                "auth_token_file": str(ray_cluster.token_file)})
+    # the daemon's start waits for a Ray Client session, for which Ray first starts a server on the head: 3 s
+    # here alone, once more than 30 s in a full run (the daemon's log says what it waits for)
+    d = start_daemon(box, "rayclient", start_timeout=120.0,
+                     cluster={"backend": "ray", "address": f"ray://{HEAD_IP}:{ray_cluster.client_port}",
+                              "shared_dir": str(ray_cluster.root / "shared"),
+                              "auth_token_file": str(ray_cluster.token_file)})
     try:
         r = d.ftctl("status")
         assert r.returncode == 0, r.stderr
@@ -191,3 +199,30 @@ def test_the_cluster_refuses_a_client_without_its_token(ray_cluster: RayTestClus
     assert isinstance(ray_cluster.job_client().list_jobs(), list)
     with pytest.raises(Exception, match="Missing authentication token"):
         JobSubmissionClient(ray_cluster.address).list_jobs()
+
+
+def test_a_ray_jobs_log_is_whole_when_rays_log_stream_ends_short(ray_cluster: RayTestCluster, tmp_path: Path) -> None:
+    # seen under load: Ray's stream of a job's log ended without its last lines (a canceled trainer's last steps
+    # and save); here the real stream is cut after the first half, and the job's end fills in the rest once
+    go = tmp_path / "go"
+    code = ("import os, time\n"
+            "for i in range(1, 101): print(f'line {i}', flush=True)\n"
+            f"while not os.path.exists({str(go)!r}): time.sleep(0.05)\n"
+            "for i in range(101, 201): print(f'line {i}', flush=True)\n")
+    log = tmp_path / "job" / "job.log"
+
+    async def run() -> int:
+        r = await RayRun.submit(ray_cluster.job_client(), submission_id=f"log-{uuid.uuid4().hex[:8]}",
+                                command=shlex.join([sys.executable, "-c", code]), gpus=0, env={}, log_path=log)
+        try:
+            await asyncio.to_thread(wait_for, lambda: log.exists() and "line 100\n" in log.read_text(),
+                                    RUN_TIMEOUT_S, "the first half of the log through Ray's stream")
+            r._tasks[1].cancel()  # the stream ends here, short of the job's log
+            go.touch()
+            return await r.wait()
+        finally:
+            r.close()
+
+    assert asyncio.run(run()) == 0
+    lines = [ln for ln in log.read_text().splitlines() if ln.startswith("line ")]
+    assert lines == [f"line {i}" for i in range(1, 201)]  # each once, in order

@@ -133,10 +133,10 @@ class TrainDaemon(DaemonProc):
         return path.read_text(errors="replace")[-chars:] if path.exists() else "(no job.log)"
 
 
-def start_daemon(box: Box, name: str, **extra: dict[str, Any]) -> TrainDaemon:
+def start_daemon(box: Box, name: str, start_timeout: float = 30.0, **extra: dict[str, Any]) -> TrainDaemon:
     home = Path(tempfile.mkdtemp(prefix=f"ft{name}", dir="/tmp"))
     d = TrainDaemon(home=home, config=box.config(home / "ftmllm.toml", **extra))
-    return d.start()  # type: ignore[return-value]
+    return d.start(start_timeout)  # type: ignore[return-value]
 
 
 def start_with_toml(name: str, toml: str) -> TrainDaemon:
