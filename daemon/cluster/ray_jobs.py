@@ -33,13 +33,51 @@ from daemon.children.process import StopHow, StopOutcome
 
 POLL_S = 0.5
 LOG_CATCH_UP_S = 10.0  # how long a job's end waits for the rest of its log
-# what the wrapper exits with when it stopped the trainer because its node left the cluster (EX_TEMPFAIL)
+# what a wrapper exits with when it stopped its work because its node left the cluster (EX_TEMPFAIL)
 NODE_LEFT_EXIT = 75
 NODE_ID_LABEL = "ray.io/node-id"  # every Ray node carries its id as this label
 
-# Run as `python -c STOP_WRAPPER argv...` on the node (stdlib only: the node needs nothing of ftmllm).
-STOP_WRAPPER = r"""
+# The start of every Ray job's wrapper (this module's and daemon/cluster/replicas.py's), stdlib only: the node
+# needs nothing of ftmllm.
+NODE_GUARD = r"""
 import os, signal, subprocess, sys, threading, time
+watched = []  # (pid, start time): the process Ray started, Ray's supervisor (its parent), the raylet (its)
+def guarded():
+    # When Ray's supervisor exits (it may, soon after its raylet is gone) the process it started is killed with
+    # it, and that process's children are not: so that process only waits (deaf to Ray's SIGTERM, which reaches
+    # every process under it), and its child, the guard, runs the work and watches the node (seen here: a
+    # trainer orphaned that way ran to its end on a node that had left). Watched from before the work starts.
+    supervisor = os.getppid()
+    raylet = stat(supervisor)[0]
+    watched.extend((pid, stat(pid)[1]) for pid in (os.getpid(), supervisor, raylet) if pid)
+    guard = os.fork()
+    if guard:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _, status = os.waitpid(guard, 0)
+        rc = os.waitstatus_to_exitcode(status)
+        sys.exit(128 - rc if rc < 0 else rc)
+def stat(pid):
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            fields = f.read().rsplit(')', 1)[1].split()
+        # parent pid; start time, or None once it is a zombie (dead, not yet reaped by its own parent)
+        return int(fields[1]), None if fields[0] == 'Z' else fields[19]
+    except (OSError, IndexError, ValueError):
+        return None, None
+def watch_node(child, stop_here, what):
+    # one of the watched gone: the node left the cluster and the job runs again elsewhere; what it ran must not
+    # go on here (a trainer would write into the same shared folder; a replica would hold its GPU). A supervisor
+    # outlives its killed raylet for as long as it likes.
+    while child.poll() is None:
+        if any(stat(pid)[1] != started for pid, started in watched):
+            print(f'ftmllm: the Ray node this job ran on left the cluster: stopping {what} here', flush=True)
+            stop_here()
+            return
+        time.sleep(0.5)
+""" + f"NODE_LEFT_EXIT = {NODE_LEFT_EXIT}\n"
+
+# Run as `python -c STOP_WRAPPER argv...` on the node.
+STOP_WRAPPER = NODE_GUARD + r"""
 signal.signal(signal.SIGTERM, signal.SIG_IGN)  # inherited: Ray's SIGTERM reaches the trainer too
 # LLaMA-Factory runs `torchrun` by name: the one of its own venv, whatever the node's PATH
 os.environ['PATH'] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get('PATH', os.defpath)
@@ -64,14 +102,7 @@ if port_file:  # a multi-node job: rank 0 picks a free port on its node and tell
     os.environ['MASTER_PORT'] = port
     print(f"ftmllm: node rank {os.environ.get('NODE_RANK')} of {os.environ.get('NNODES')}, master "
           f"{os.environ.get('MASTER_ADDR')}:{port}", flush=True)
-# When Ray's supervisor exits (it may, soon after its raylet is gone) the process it started is killed with it,
-# and that process's children are not: so that process only waits, and its child, the guard, runs the trainer
-# and watches the node (seen here: a trainer orphaned that way ran to its end on a node that had left).
-guard = os.fork()
-if guard:
-    _, status = os.waitpid(guard, 0)
-    rc = os.waitstatus_to_exitcode(status)
-    sys.exit(128 - rc if rc < 0 else rc)
+guarded()
 child = subprocess.Popen(sys.argv[1:])
 def under(root):
     kids = {}
@@ -104,39 +135,20 @@ def stop(_sig, _frame):
             except ProcessLookupError:
                 pass
 signal.signal(signal.SIGTERM, stop)
-def stat(pid):
-    try:
-        with open(f'/proc/{pid}/stat') as f:
-            fields = f.read().rsplit(')', 1)[1].split()
-        # parent pid; start time, or None once it is a zombie (dead, not yet reaped by its own parent)
-        return int(fields[1]), None if fields[0] == 'Z' else fields[19]
-    except (OSError, IndexError, ValueError):
-        return None, None
-def orphaned(front):
-    # the process Ray started (our parent), Ray's supervisor (its parent) or the raylet (the supervisor's) gone:
-    # the node left the cluster and the job runs again elsewhere from its last checkpoint; a trainer left here
-    # would write into the same shared folder. (A supervisor outlives its killed raylet for as long as it likes.)
-    supervisor = stat(front)[0]
-    raylet = stat(supervisor)[0] if supervisor else None
-    watched = [(pid, stat(pid)[1]) for pid in (front, supervisor, raylet) if pid]
-    while child.poll() is None:
-        if os.getppid() != front or any(stat(pid)[1] != started for pid, started in watched):
-            print('ftmllm: the Ray node this job ran on left the cluster: stopping the trainer here', flush=True)
-            left.append(True)
-            for pid in reversed(under(child.pid)):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            return
-        time.sleep(0.5)
+def node_left():
+    left.append(True)
+    for pid in reversed(under(child.pid)):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 left = []
-threading.Thread(target=orphaned, args=(os.getppid(),), daemon=True).start()
+threading.Thread(target=watch_node, args=(child, node_left, 'the trainer'), daemon=True).start()
 rc = child.wait()
 if left:
     sys.exit(NODE_LEFT_EXIT)
 sys.exit(128 - rc if rc < 0 else rc)
-""".replace("NODE_LEFT_EXIT", str(NODE_LEFT_EXIT))
+"""
 
 
 def entrypoint(python: str, argv: Sequence[str]) -> str:

@@ -5,7 +5,8 @@ depth. This is the engine's :class:`daemon.engines.remote.Fleet`.
 * A replica is the local engine's command line (daemon/engines/vllm_command.py) with ``--host <node address>
   --port <free port>`` instead of ``--uds``: the daemon picks the node (alive, enough logical GPUs, fewest of
   its replicas; pinned by Ray's node-id label) and so knows its address; :data:`REPLICA_WRAPPER` on the node
-  binds a free port there, prints it, and runs vLLM in a process group of its own that it ends with itself.
+  binds a free port there, prints it, and runs vLLM in a process group of its own that it ends with itself, and
+  when the node leaves the cluster while its machine runs on (daemon/cluster/ray_jobs.py NODE_GUARD).
 * It serves pages once its ``/health`` answers and the runtime LoRA adapters loaded so far are loaded on it.
 * A replica whose Ray job ends (vLLM died, its node left) is dropped from the engine's list and another is
   submitted; pages in flight there broke off and the converter sends them again elsewhere.
@@ -30,7 +31,7 @@ from typing import Any
 
 import httpx
 
-from daemon.cluster.ray_jobs import RayRun, python_beside
+from daemon.cluster.ray_jobs import NODE_GUARD, RayRun, python_beside
 from daemon.engines.vllm_command import build_command, build_env, served_name_of
 from daemon.gpus.ray_source import RayNode, list_ray_nodes
 from shared.config import VllmConfig
@@ -41,28 +42,31 @@ LISTENING = "ftmllm-replica-listening "
 RECORD = "replicas.json"  # the submissions this daemon made, to stop them if it died meanwhile
 HEALTH_POLL_S = 1.0
 
-# Run as `python -c REPLICA_WRAPPER HOST vllm serve ...` on the node (stdlib only).
-REPLICA_WRAPPER = r"""
-import os, signal, socket, subprocess, sys
+# Run as `python -c REPLICA_WRAPPER HOST vllm serve ...` on the node.
+REPLICA_WRAPPER = NODE_GUARD + r"""
+import socket
 host = sys.argv[1]
 with socket.socket() as s:
     s.bind((host, 0))
     port = s.getsockname()[1]
 os.environ['VLLM_HOST_IP'] = host
+guarded()
 # its own group: vLLM's engine process outlives a killed API server unless the group is ended
 child = subprocess.Popen(sys.argv[2:] + ['--host', host, '--port', str(port)], start_new_session=True)
 print(f'ftmllm-replica-listening http://{host}:{port}', flush=True)
-def stop(_sig, _frame):
+def signal_group(sig):
     try:
-        os.killpg(child.pid, signal.SIGTERM)
+        os.killpg(child.pid, sig)
     except ProcessLookupError:
         pass
-signal.signal(signal.SIGTERM, stop)
+signal.signal(signal.SIGTERM, lambda _sig, _frame: signal_group(signal.SIGTERM))
+left = []
+threading.Thread(target=watch_node, daemon=True,
+                 args=(child, lambda: (left.append(True), signal_group(signal.SIGKILL)), 'the vLLM replica')).start()
 rc = child.wait()
-try:
-    os.killpg(child.pid, signal.SIGKILL)
-except ProcessLookupError:
-    pass
+signal_group(signal.SIGKILL)
+if left:
+    sys.exit(NODE_LEFT_EXIT)
 sys.exit(128 - rc if rc < 0 else rc)
 """
 
