@@ -19,7 +19,6 @@ import httpx
 import psutil
 import pytest
 
-from daemon.engines.vlm.server_metrics import parse_load
 from shared.protocol import EngineCommand, EngineReply, Event, PageChanged
 from tests.cluster.ray_cluster import WORKER_IP, RayTestCluster
 from tests.daemon_proc import ROOT, DaemonProc, wait_for
@@ -133,17 +132,26 @@ def test_two_replicas_on_ray_serve_a_pdf_and_one_killed_loses_no_page_and_is_rep
         killed: list[int] = []
         victims: list[str] = []
 
+        asks = fleet.proc.client(timeout=30)
+
+        def ours(url: str) -> int:
+            """The daemon's requests in flight on the replica at ``url`` (`ftctl engine status`: "N ours")."""
+            found = re.search(re.escape(url) + r": [^;]*?(\d+) ours",
+                              asks.call(EngineCommand(action="status"), EngineReply).message)
+            return int(found.group(1)) if found else 0
+
         def kill_when_a_page_is_done(trace: JobTrace, ev: Event) -> None:
             if not killed and isinstance(ev.body, PageChanged) and ev.body.page.state == "done":
-                # the replica with the most requests running (its /metrics is open): pages are in flight there
-                running = {sid: parse_load(httpx.get(url + "/metrics", timeout=10).text).running
-                           for sid, url in two.items()}
-                victim = max(sorted(running), key=lambda sid: running[sid])
-                if not running[victim]:  # between two pages on both (CI under load): at the next page then
-                    return
-                victims.append(victim)
-                os.kill(pids[victim], signal.SIGKILL)
-                killed.append(len(trace.pages_done()))
+                # a replica with a page of ours in flight: frozen before the daemon is asked, so that the page
+                # stays in flight until the kill (vLLM's own gauge lags; CI twice killed an idle replica)
+                for sid, url in sorted(two.items()):
+                    os.kill(pids[sid], signal.SIGSTOP)
+                    if ours(url):
+                        victims.append(sid)
+                        os.kill(pids[sid], signal.SIGKILL)
+                        killed.append(len(trace.pages_done()))
+                        return
+                    os.kill(pids[sid], signal.SIGCONT)
 
         trace = follow(c, lambda: submit_ocr(c, pdf).job, 600, on_event=kill_when_a_page_is_done)
         assert killed and killed[0] < 12, "the replica was not killed while pages were still to do"
